@@ -1,0 +1,1 @@
+"""The shared library: what every Tokenyard service needs and nothing service-specific."""
