@@ -10,12 +10,15 @@ Bit-compatible with the reference router (see the design notes, "Block and seque
 Only complete blocks are hashed; a trailing partial block has no stable identity.
 
 Hashing sits on every request's path, so the work per block is kept to one C call: the whole
-prompt is packed once with numpy, and the per-block slices are hashed from one ``memoryview``.
+prompt is packed once (``array('I')`` for lists, numpy for arrays), and the per-block slices are
+hashed from one ``memoryview`` without copies.
 """
 
 from __future__ import annotations
 
 import struct
+import sys
+from array import array
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -27,6 +30,9 @@ XXH3_SEED = 1337
 _U64_MASK = (1 << 64) - 1
 _PAIR = struct.Struct("<QQ")
 _xxh3_64 = xxhash.xxh3_64_intdigest
+_BIG_ENDIAN = sys.byteorder == "big"
+if array("I").itemsize != 4:  # pragma: no cover - every platform CPython supports today has 32-bit uint
+    raise ImportError("array('I') must be 32 bits wide for the block byte layout")
 
 
 def salt_hash(lora_name: str | None = None, cache_salt: str | None = None) -> int:
@@ -40,7 +46,16 @@ def salt_hash(lora_name: str | None = None, cache_salt: str | None = None) -> in
 
 
 def _token_bytes(tokens: Sequence[int] | np.ndarray) -> memoryview:
-    arr = np.asarray(tokens)
+    if not isinstance(tokens, np.ndarray):
+        # array('I') packs a list of ints about 3x faster than numpy and range-checks each one.
+        try:
+            packed = array("I", tokens)
+        except (OverflowError, TypeError):
+            raise ValueError("token ids must be integers in [0, 2**32)") from None
+        if _BIG_ENDIAN:
+            packed.byteswap()
+        return memoryview(packed).cast("B")
+    arr = tokens
     if arr.ndim != 1:
         raise ValueError("tokens must be a flat sequence of integers")
     if arr.size and (arr.dtype.kind not in "iu" or int(arr.min()) < 0 or int(arr.max()) > 0xFFFFFFFF):

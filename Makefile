@@ -1,0 +1,59 @@
+# Developer interface. Every target is a thin call to a tool; `make` alone lists them.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+
+.PHONY: help install proto lint fmt test test-all run up down status bench clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-10s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml tools/install.sh
+	bash tools/install.sh $(VENV)
+	@touch $@
+
+install: $(STAMP) ## create .venv and install the project, its dev tools, redis-server and buf
+
+proto: $(STAMP) ## regenerate Python code and type stubs from protos/
+	$(PY) tools/gen_protos.py
+
+lint: $(STAMP) ## ruff, mypy, buf lint and the generated-code drift check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy lib services tools bench tests
+	.tools/node_modules/.bin/buf lint protos
+	$(PY) tools/gen_protos.py --check
+
+fmt: $(STAMP) ## format and auto-fix
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: $(STAMP) ## the CI suite: unit, integration and a representative end-to-end subset
+	$(BIN)/pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+
+test-all: $(STAMP) ## everything, including the long end-to-end and soak tests
+	$(BIN)/pytest -m "not gpu" $(PYTEST_ARGS)
+
+run: $(STAMP) ## run a local deployment in the foreground (Ctrl-C stops it)
+	$(BIN)/tokenyard up
+
+up: $(STAMP) ## start a local deployment in the background
+	$(BIN)/tokenyard up --detach
+
+down: $(STAMP) ## stop the background deployment
+	$(BIN)/tokenyard down
+
+status: $(STAMP) ## list registered instances and their health
+	$(BIN)/tokenyard status
+
+bench: $(STAMP) ## run the benchmarks (tables on stdout, JSON in bench/results/)
+	$(PY) bench/hashing.py
+
+clean: ## remove the virtualenv, tools, caches and run state
+	rm -rf $(VENV) .tools .tokenyard .pytest_cache .mypy_cache .ruff_cache .hypothesis bench/results build dist
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

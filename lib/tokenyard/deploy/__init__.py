@@ -1,0 +1,1 @@
+"""Running and inspecting a local deployment: up, down, status, probe."""

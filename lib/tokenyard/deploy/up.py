@@ -1,0 +1,284 @@
+"""``tokenyard up``: a whole deployment as processes on one host, with directory discovery.
+
+Starts the router, planner, gms and N workers, waits until each reports SERVING, then starts the
+frontend. Child output is prefixed with its name. Ctrl-C or SIGTERM stops everything: SIGTERM to
+each child (frontend first, so no new requests arrive while workers drain), SIGKILL for any that
+outlive the grace period. If a child dies on its own, the deployment is stopped and the exit code
+is non-zero, since a half-running deployment is worse than a clear failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings
+
+from tokenyard.common.cli_settings import parse_settings
+from tokenyard.common.settings import default_discovery_url, settings_config
+from tokenyard.deploy.status import health_of
+
+
+class UpSettings(BaseSettings):
+    model_config = settings_config("up")
+    service_name: ClassVar[str] = "up"
+
+    engine: Literal["mocker", "cpu", "vllm", "trtllm"] = Field(default="mocker", description="Worker engine.")
+    workers: int = Field(default=2, ge=1, le=64, description="Number of workers.")
+    model: str = Field(default="SmolLM2-135M-Instruct", description="Model the workers serve.")
+    host: str = Field(default="127.0.0.1", description="Loopback address every process binds to.")
+    discovery: str = Field(default_factory=default_discovery_url, description="Discovery backend shared by all.")
+    http_port: int = Field(default=8000, ge=1, le=65535, description="Frontend OpenAI HTTP port.")
+    grpc_port: int = Field(default=8001, ge=1, le=65535, description="Frontend KServe gRPC port.")
+    router_port: int = Field(default=8100, ge=1, le=65535, description="Router gRPC port (/metrics on +1).")
+    planner_port: int = Field(default=8200, ge=1, le=65535, description="Planner gRPC port (/metrics on +1).")
+    gms_metrics_port: int = Field(default=8401, ge=1, le=65535, description="gms /metrics port.")
+    worker_port: int = Field(default=8300, ge=1, le=65535, description="First worker gRPC port (+1 each).")
+    worker_metrics_port: int = Field(default=9300, ge=1, le=65535, description="First worker /metrics port.")
+    ready_timeout: float = Field(default=300.0, gt=0, description="Seconds to wait for every service to be ready.")
+    grace_period: float = Field(default=10.0, ge=0, description="Seconds children get to stop on shutdown.")
+    state_dir: str = Field(default=".tokenyard", description="Folder for logs and the pid file of --detach.")
+    detach: bool = Field(default=False, description="Run in the background; stop it with `tokenyard down`.")
+    log_level: str = Field(default="info", description="Log level of every child.")
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    health_address: str
+    proc: asyncio.subprocess.Process | None = None
+    pump: asyncio.Task[None] | None = None
+    tail: list[str] = field(default_factory=list)
+
+
+def plan(s: UpSettings) -> list[Child]:
+    """Every process of the deployment, in start order (the frontend last)."""
+    base = [sys.executable, "-m", "tokenyard.cli"]
+    common = ["--host", s.host, "--discovery", s.discovery, "--log-level", s.log_level]
+    gms_socket = str(Path(s.state_dir).resolve() / "gms-0.sock")
+    children = [
+        Child("router", [*base, "router", *common, "--port", str(s.router_port),
+                         "--metrics-port", str(s.router_port + 1)], f"{s.host}:{s.router_port}"),
+        Child("planner", [*base, "planner", *common, "--port", str(s.planner_port),
+                          "--metrics-port", str(s.planner_port + 1)], f"{s.host}:{s.planner_port}"),
+        Child("gms", [*base, "gms", *common, "--socket", gms_socket,
+                      "--metrics-port", str(s.gms_metrics_port)], f"unix://{gms_socket}"),
+    ]
+    for i in range(s.workers):
+        port = s.worker_port + i
+        children.append(
+            Child(f"worker-{i}", [*base, "worker", *common, "--engine", s.engine, "--model", s.model,
+                                  "--port", str(port), "--metrics-port", str(s.worker_metrics_port + i)],
+                  f"{s.host}:{port}")
+        )
+    children.append(
+        Child("frontend", [*base, "frontend", *common, "--port", str(s.grpc_port), "--http-port", str(s.http_port),
+                           "--router", f"{s.host}:{s.router_port}"], f"{s.host}:{s.grpc_port}")
+    )
+    return children
+
+
+class Deployment:
+    def __init__(self, settings: UpSettings) -> None:
+        self.settings = settings
+        self.children = plan(settings)
+        self.width = max(len(c.name) for c in self.children)
+        self.stopping = asyncio.Event()
+        self.failed: str | None = None
+
+    async def _pump(self, child: Child) -> None:
+        assert child.proc is not None and child.proc.stdout is not None
+        prefix = f"{child.name:<{self.width}} | "
+        async for raw in child.proc.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            child.tail = [*child.tail[-19:], line]
+            sys.stdout.write(prefix + line + "\n")
+            sys.stdout.flush()
+
+    async def spawn(self, child: Child) -> None:
+        child.proc = await asyncio.create_subprocess_exec(
+            *child.argv,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            # Own session: Ctrl-C reaches only this supervisor, which stops children in order.
+            start_new_session=True,
+        )
+        child.pump = asyncio.create_task(self._pump(child))
+
+    async def wait_ready(self, children: Sequence[Child]) -> None:
+        deadline = time.monotonic() + self.settings.ready_timeout
+        pending = list(children)
+        while pending:
+            for child in list(pending):
+                assert child.proc is not None
+                if child.proc.returncode is not None:
+                    raise RuntimeError(f"{child.name} exited with code {child.proc.returncode} while starting")
+                if await health_of(child.health_address, 1.0) == "SERVING":
+                    pending.remove(child)
+            if self.stopping.is_set():
+                raise RuntimeError("interrupted while starting")
+            if pending and time.monotonic() > deadline:
+                names = ", ".join(c.name for c in pending)
+                raise RuntimeError(f"not ready after {self.settings.ready_timeout:.0f}s: {names}")
+            if pending:
+                await asyncio.sleep(0.2)
+
+    async def watch(self) -> None:
+        """Return when a child exits on its own."""
+        waits = {asyncio.create_task(c.proc.wait()): c for c in self.children if c.proc is not None}
+        done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for task in waits:
+            task.cancel()
+        child = waits[next(iter(done))]
+        if not self.stopping.is_set():
+            self.failed = f"{child.name} exited with code {child.proc.returncode if child.proc else '?'}"
+
+    async def stop(self) -> None:
+        for child in reversed(self.children):
+            if child.proc is not None and child.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    child.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.settings.grace_period + 5
+        for child in reversed(self.children):
+            if child.proc is None:
+                continue
+            try:
+                await asyncio.wait_for(child.proc.wait(), max(0.1, deadline - time.monotonic()))
+            except TimeoutError:
+                print(f"{child.name} did not stop in time; killing it", file=sys.stderr)
+                with contextlib.suppress(ProcessLookupError):
+                    child.proc.kill()
+                await child.proc.wait()
+            if child.pump is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await child.pump
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.stopping.set)
+        try:
+            backends = self.children[:-1]
+            for child in backends:
+                await self.spawn(child)
+            await self.wait_ready(backends)
+            await self.spawn(self.children[-1])
+            await self.wait_ready(self.children[-1:])
+        except RuntimeError as exc:
+            print(f"tokenyard up: error: {exc}", file=sys.stderr)
+            for child in self.children:
+                if child.proc is not None and child.proc.returncode not in (None, 0) and child.tail:
+                    print(f"--- last lines of {child.name} ---\n" + "\n".join(child.tail[-10:]), file=sys.stderr)
+            await self.stop()
+            return 1
+        self._announce()
+        watcher = asyncio.create_task(self.watch())
+        stopper = asyncio.create_task(self.stopping.wait())
+        await asyncio.wait({watcher, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        self.stopping.set()
+        watcher.cancel()
+        stopper.cancel()
+        print("stopping the deployment ...", flush=True)
+        await self.stop()
+        if self.failed:
+            print(f"tokenyard up: error: {self.failed}; the deployment was stopped", file=sys.stderr)
+            return 1
+        print("stopped", flush=True)
+        return 0
+
+    def _announce(self) -> None:
+        s = self.settings
+        ready = Path(s.state_dir) / "up.ready"
+        ready.parent.mkdir(parents=True, exist_ok=True)
+        ready.write_text(str(os.getpid()))
+        lines = [
+            "",
+            f"tokenyard is up: {s.workers} {s.engine} worker(s) serving {s.model!r}",
+            f"  OpenAI HTTP   http://{s.host}:{s.http_port}/v1   (/health, /metrics)",
+            f"  KServe gRPC   {s.host}:{s.grpc_port}",
+            f"  router        {s.host}:{s.router_port}   planner {s.host}:{s.planner_port}",
+            f"  discovery     {s.discovery}",
+            "",
+            "try:",
+            f"  curl -s http://{s.host}:{s.http_port}/v1/chat/completions -H 'content-type: application/json' \\",
+            f"    -d '{{\"model\": \"{s.model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"What is the capital of France?\"}}]}}'",
+            "  tokenyard status",
+            "",
+            "Ctrl-C stops everything.",
+            "",
+        ]
+        print("\n".join(lines), flush=True)
+
+
+def _pid_file(s: UpSettings) -> Path:
+    return Path(s.state_dir) / "up.pid"
+
+
+def _detach(s: UpSettings, argv: Sequence[str]) -> int:
+    state = Path(s.state_dir)
+    state.mkdir(parents=True, exist_ok=True)
+    (state / "up.ready").unlink(missing_ok=True)
+    log_path = state / "up.log"
+    args = [a for a in argv if a not in ("--detach",)]
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tokenyard.cli", "up", *args, "--no-detach"],
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+    _pid_file(s).write_text(str(proc.pid))
+    deadline = time.monotonic() + s.ready_timeout + 10
+    while time.monotonic() < deadline:
+        if (state / "up.ready").exists():
+            print(f"tokenyard is up in the background (pid {proc.pid}); logs: {log_path}; stop: tokenyard down")
+            return 0
+        if proc.poll() is not None:
+            print(f"tokenyard up: error: the deployment exited with code {proc.returncode}; see {log_path}",
+                  file=sys.stderr)
+            return 1
+        time.sleep(0.3)
+    print(f"tokenyard up: error: not ready in time; see {log_path}", file=sys.stderr)
+    return 1
+
+
+def main(argv: Sequence[str]) -> int:
+    settings, _ = parse_settings(UpSettings, argv, "tokenyard up", __doc__ or "")
+    if settings.detach:
+        return _detach(settings, argv)
+    return asyncio.run(Deployment(settings).run())
+
+
+def main_down(argv: Sequence[str]) -> int:
+    settings, _ = parse_settings(UpSettings, argv, "tokenyard down", "Stop a deployment started with --detach.")
+    pid_file = _pid_file(settings)
+    if not pid_file.exists():
+        print(f"tokenyard down: nothing to stop (no {pid_file})")
+        return 0
+    pid = int(pid_file.read_text().strip() or 0)
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pid_file.unlink(missing_ok=True)
+        print("tokenyard down: the deployment was not running")
+        return 0
+    deadline = time.monotonic() + settings.grace_period + 15
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            pid_file.unlink(missing_ok=True)
+            print("stopped")
+            return 0
+        time.sleep(0.2)
+    print(f"tokenyard down: error: pid {pid} still running", file=sys.stderr)
+    return 1
