@@ -26,7 +26,8 @@ class DemoSettings(ServiceSettings, MetricsPortSettings):
     knobs: Knobs = Field(default_factory=Knobs, description="Router knobs.")
 
 
-def test_every_field_has_a_flag_with_env_and_default(capsys: pytest.CaptureFixture[str]) -> None:
+def test_every_field_has_a_flag_with_env_and_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "400")  # argparse wraps help text to the terminal width
     parser = new_parser("tokenyard demo", "demo")
     add_settings_flags(parser, DemoSettings)
     text = parser.format_help()

@@ -85,7 +85,13 @@ class ServiceRuntime:
         self._metrics_port_setting = metrics_port
         self.metrics_port = 0
         self._metrics_address = metrics_address
-        self.discovery: Discovery | None = None
+        env = f"TOKENYARD_{service.upper()}_DISCOVERY"
+        try:
+            # Opening is cheap and connects lazily, so services can wire watches before start().
+            self.discovery: Discovery = open_discovery(settings.discovery, ttl=settings.discovery_ttl)
+        except DiscoveryError as exc:
+            raise StartupError(f"discovery {settings.discovery!r} (--discovery / {env}): {exc}") from None
+        self._discovery_open = True
         self._register = register
         # A unix:/path address (gms) replaces host:port for both binding and advertising.
         self._listen_override = listen_address
@@ -162,7 +168,6 @@ class ServiceRuntime:
     async def _register_instance(self) -> None:
         s = self.settings
         try:
-            self.discovery = open_discovery(s.discovery, ttl=s.discovery_ttl)
             self._instance = Instance(
                 instance_id=self.instance_id,
                 service=self.service,
@@ -206,14 +211,12 @@ class ServiceRuntime:
         if self._server is not None:
             await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
             self.metrics.up.labels(self.service).set(0)
-        if self.discovery is not None:
+        if self._instance is not None:
             try:
-                if self._instance is not None:
-                    await self.discovery.deregister(self._instance.instance_id)
-                await self.discovery.close()
+                await self.discovery.deregister(self._instance.instance_id)
             except DiscoveryError as exc:
                 log.warning("could not deregister (the lease will expire): %s", exc)
-            self.discovery = None
+            self._instance = None
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
@@ -223,6 +226,13 @@ class ServiceRuntime:
             except Exception:
                 log.exception("error while closing")
         self._closers.clear()
+        # Last: background tasks (watches) may use discovery until their closers ran.
+        if self._discovery_open:
+            try:
+                await self.discovery.close()
+            except DiscoveryError as exc:
+                log.warning("closing discovery: %s", exc)
+            self._discovery_open = False
         self.metrics.close()
 
     async def __aenter__(self) -> ServiceRuntime:

@@ -16,7 +16,7 @@ def default_socket() -> str:
     return str(Path(tempfile.gettempdir()) / f"tokenyard-{os.getuid()}" / "gms-0.sock")
 
 
-class GmsSettings(ServiceSettings, MetricsPortSettings):
+class GmsSettings(MetricsPortSettings, ServiceSettings):
     model_config = settings_config("gms")
     service_name: ClassVar[str] = "gms"
 

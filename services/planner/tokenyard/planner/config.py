@@ -9,7 +9,7 @@ from pydantic import Field
 from tokenyard.common.settings import MetricsPortSettings, ServiceSettings, settings_config
 
 
-class PlannerSettings(ServiceSettings, MetricsPortSettings):
+class PlannerSettings(MetricsPortSettings, ServiceSettings):
     model_config = settings_config("planner")
     service_name: ClassVar[str] = "planner"
 

@@ -15,7 +15,7 @@ class RouterMode(StrEnum):
     RANDOM = "random"
 
 
-class RouterSettings(ServiceSettings, MetricsPortSettings):
+class RouterSettings(MetricsPortSettings, ServiceSettings):
     model_config = settings_config("router")
     service_name: ClassVar[str] = "router"
 

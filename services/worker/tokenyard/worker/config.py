@@ -23,7 +23,7 @@ class WorkerRole(StrEnum):
     DECODE = "decode"
 
 
-class WorkerSettings(ServiceSettings, MetricsPortSettings):
+class WorkerSettings(MetricsPortSettings, ServiceSettings):
     model_config = settings_config("worker")
     service_name: ClassVar[str] = "worker"
 

@@ -1,0 +1,5 @@
+import sys
+
+from tokenyard.frontend.main import main
+
+sys.exit(main())

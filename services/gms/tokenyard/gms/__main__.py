@@ -1,0 +1,5 @@
+import sys
+
+from tokenyard.gms.main import main
+
+sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from tokenyard.planner.main import main
+
+sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from tokenyard.router.main import main
+
+sys.exit(main())

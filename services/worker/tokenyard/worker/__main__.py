@@ -1,0 +1,5 @@
+import sys
+
+from tokenyard.worker.main import main
+
+sys.exit(main())
