@@ -29,7 +29,9 @@ def naive(tokens: list[int], block_size: int) -> list[int]:
         out.append(
             local
             if not out
-            else xxhash.xxh3_64_intdigest(out[-1].to_bytes(8, "little") + local.to_bytes(8, "little"), seed=1337)
+            else xxhash.xxh3_64_intdigest(
+                out[-1].to_bytes(8, "little") + local.to_bytes(8, "little"), seed=1337
+            )
         )
     return out
 
@@ -53,9 +55,18 @@ def main() -> None:
         ours = timeit(lambda t=tokens: block_hashes(t, BLOCK_SIZE), 200)  # type: ignore[misc]
         base = timeit(lambda t=tokens: naive(t, BLOCK_SIZE), 20)  # type: ignore[misc]
         blocks = n // BLOCK_SIZE
-        rows.append({"tokens": n, "blocks": blocks, "tokenyard_us": ours * 1e6, "naive_us": base * 1e6,
-                     "speedup": base / ours})
-        print(f"{n:>8} {blocks:>7} {ours * 1e6:>13.1f} {base * 1e6:>10.1f} {base / ours:>7.1f}x {ours * 1e6 / blocks:>9.2f}")
+        rows.append(
+            {
+                "tokens": n,
+                "blocks": blocks,
+                "tokenyard_us": ours * 1e6,
+                "naive_us": base * 1e6,
+                "speedup": base / ours,
+            }
+        )
+        print(
+            f"{n:>8} {blocks:>7} {ours * 1e6:>13.1f} {base * 1e6:>10.1f} {base / ours:>7.1f}x {ours * 1e6 / blocks:>9.2f}"
+        )
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
     (out / "hashing.json").write_text(json.dumps({"block_size": BLOCK_SIZE, "rows": rows}, indent=2))

@@ -119,7 +119,10 @@ async def test_metrics_count_by_code(server: tuple[str, Metrics]) -> None:
         await _call(address, b"invalid")
     text = metrics.render()[0].decode()
     assert f'tokenyard_rpc_requests_total{{code="OK",method="/{SERVICE}/Unary",service="demo"}} 1.0' in text
-    assert f'tokenyard_rpc_requests_total{{code="INVALID_ARGUMENT",method="/{SERVICE}/Unary",service="demo"}} 1.0' in text
+    assert (
+        f'tokenyard_rpc_requests_total{{code="INVALID_ARGUMENT",method="/{SERVICE}/Unary",service="demo"}} 1.0'
+        in text
+    )
     assert 'tokenyard_rpc_in_flight{service="demo"} 0.0' in text
 
 

@@ -7,7 +7,7 @@ from typing import ClassVar
 import pytest
 from pydantic import BaseModel, Field
 
-from tokenyard.common.cli_settings import flag_specs, new_parser, add_settings_flags, parse_settings
+from tokenyard.common.cli_settings import add_settings_flags, flag_specs, new_parser, parse_settings
 from tokenyard.common.settings import LogLevel, MetricsPortSettings, ServiceSettings, settings_config
 
 pytestmark = pytest.mark.unit
@@ -43,7 +43,9 @@ def test_flag_beats_env_beats_default(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TOKENYARD_DEMO_PORT", "9000")
     monkeypatch.setenv("TOKENYARD_DEMO_LOG_LEVEL", "debug")
     monkeypatch.setenv("TOKENYARD_DEMO_KNOBS__CREDIT", "0.5")
-    settings, _ = parse_settings(DemoSettings, ["--port", "9100", "--no-knobs-tracking"], "tokenyard demo", "")
+    settings, _ = parse_settings(
+        DemoSettings, ["--port", "9100", "--no-knobs-tracking"], "tokenyard demo", ""
+    )
     assert settings.port == 9100
     assert settings.log_level is LogLevel.DEBUG
     assert settings.knobs.credit == 0.5
@@ -71,7 +73,9 @@ def test_invalid_value_names_flag_and_env(capsys: pytest.CaptureFixture[str]) ->
     assert "--port" in err and "TOKENYARD_DEMO_PORT" in err and "70000" in err
 
 
-def test_invalid_env_value_names_flag_and_env(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_invalid_env_value_names_flag_and_env(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("TOKENYARD_DEMO_DISCOVERY_TTL", "soon")
     err = _one_line_error(capsys, [])
     assert "TOKENYARD_DEMO_DISCOVERY_TTL" in err and "--discovery-ttl" in err

@@ -394,3 +394,8 @@ async def test_reregistering_replaces_the_previous_lease(store: str) -> None:
     reader = open_discovery(store)
     assert await reader.instances() == []
     await reader.close()
+
+
+def test_redis_options_in_the_query_string_are_checked_at_open() -> None:
+    with pytest.raises(DiscoveryError, match="socket_timeout"):
+        open_discovery("redis://127.0.0.1:6379/0?socket_timeout=soon")

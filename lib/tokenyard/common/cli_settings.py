@@ -71,7 +71,12 @@ def flag_specs(cls: type[BaseSettings]) -> list[FlagSpec]:
                 )
         else:
             specs.append(
-                FlagSpec(path=(name,), flag="--" + name.replace("_", "-"), env=f"{prefix}{name}".upper(), field=field)
+                FlagSpec(
+                    path=(name,),
+                    flag="--" + name.replace("_", "-"),
+                    env=f"{prefix}{name}".upper(),
+                    field=field,
+                )
             )
     return specs
 
@@ -124,7 +129,11 @@ def add_settings_flags(parser: argparse.ArgumentParser, cls: type[BaseSettings])
         dest = "__".join(spec.path)
         if ann is bool:
             target.add_argument(
-                spec.flag, dest=dest, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
+                spec.flag,
+                dest=dest,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help_text,
             )
             continue
         choices: list[str] | None = None

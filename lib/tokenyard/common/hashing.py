@@ -20,6 +20,7 @@ import struct
 import sys
 from array import array
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import xxhash
@@ -60,7 +61,8 @@ def _token_bytes(tokens: Sequence[int] | np.ndarray) -> memoryview:
         raise ValueError("tokens must be a flat sequence of integers")
     if arr.size and (arr.dtype.kind not in "iu" or int(arr.min()) < 0 or int(arr.max()) > 0xFFFFFFFF):
         raise ValueError("token ids must be integers in [0, 2**32)")
-    return memoryview(np.ascontiguousarray(arr, dtype="<u4")).cast("B")
+    packed_arr: Any = np.ascontiguousarray(arr, dtype="<u4")
+    return memoryview(packed_arr).cast("B")
 
 
 def local_block_hashes(

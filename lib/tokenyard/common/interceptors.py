@@ -87,27 +87,31 @@ class _Call:
         if self.metrics is not None:
             self.metrics.rpc_in_flight.labels(self.service).dec()
             self.metrics.rpc_requests.labels(self.service, self.method, self.code.name).inc()
-            self.metrics.rpc_duration.labels(self.service, self.method).observe(time.perf_counter() - self.started)
+            self.metrics.rpc_duration.labels(self.service, self.method).observe(
+                time.perf_counter() - self.started
+            )
         request_id_var.reset(self._token)
 
 
-class ServiceInterceptor(grpc.aio.ServerInterceptor):
+class ServiceInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     def __init__(self, service: str, metrics: Metrics | None = None) -> None:
         self._service = service
         self._metrics = metrics
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
         if handler is None or method.startswith(_QUIET_PREFIXES):
             return handler
         return self._wrap(handler, handler_call_details)
 
-    def _wrap(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+    def _wrap(
+        self, handler: grpc.RpcMethodHandler[Any, Any], details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         metrics, service, method = self._metrics, self._service, details.method
 
         def unary_response(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
@@ -127,7 +131,9 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         def stream_response(behavior: Callable[..., Any]) -> Callable[..., Any]:
             if inspect.isasyncgenfunction(behavior):
 
-                async def run_gen(request_or_iterator: Any, context: ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+                async def run_gen(
+                    request_or_iterator: Any, context: ServicerContext[Any, Any]
+                ) -> AsyncIterator[Any]:
                     call = _Call(method, details, metrics, service)
                     try:
                         async for item in behavior(request_or_iterator, context):
@@ -162,7 +168,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 response_serializer=handler.response_serializer,
             )
         return grpc.stream_stream_rpc_method_handler(
-            stream_response(handler.stream_stream),
+            stream_response(handler.stream_stream),  # type: ignore[arg-type]
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, TypeVar
 
 from tokenyard.common.cli_settings import parse_settings
 from tokenyard.common.logs import configure_logging
@@ -18,7 +18,7 @@ S = TypeVar("S", bound=ServiceSettings)
 
 def run_service(
     settings_cls: type[S],
-    serve: Callable[[S], Awaitable[None]],
+    serve: Callable[[S], Coroutine[Any, Any, None]],
     argv: Sequence[str] | None,
     *,
     description: str,

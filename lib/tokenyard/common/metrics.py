@@ -22,7 +22,25 @@ from prometheus_client import (
 )
 
 # RPC latencies span sub-millisecond routing decisions to minute-long generations.
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    300,
+)
 
 
 class Metrics:
@@ -51,7 +69,9 @@ class Metrics:
             ["service"],
             registry=self.registry,
         )
-        self.up = Gauge("tokenyard_up", "1 while the service reports SERVING.", ["service"], registry=self.registry)
+        self.up = Gauge(
+            "tokenyard_up", "1 while the service reports SERVING.", ["service"], registry=self.registry
+        )
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 

@@ -27,7 +27,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from tokenyard.common.discovery import Discovery, DiscoveryError, Instance, ModelCard, new_instance_id, open_discovery
+from tokenyard.common.discovery import (
+    Discovery,
+    DiscoveryError,
+    Instance,
+    ModelCard,
+    new_instance_id,
+    open_discovery,
+)
 from tokenyard.common.interceptors import ServiceInterceptor
 from tokenyard.common.metrics import Metrics
 from tokenyard.common.settings import ServiceSettings
@@ -96,7 +103,7 @@ class ServiceRuntime:
         # A unix:/path address (gms) replaces host:port for both binding and advertising.
         self._listen_override = listen_address
         self._servicers: list[tuple[AddServicer, Any, str]] = []
-        self._health = health.aio.HealthServicer()
+        self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._server: grpc.aio.Server | None = None
         self._stop = asyncio.Event()
         self._closers: list[Callable[[], Awaitable[None]]] = []
@@ -130,7 +137,9 @@ class ServiceRuntime:
     async def start(self) -> None:
         s = self.settings
         env = f"TOKENYARD_{self.service.upper()}"
-        server = grpc.aio.server(interceptors=[ServiceInterceptor(self.service, self.metrics)], options=SERVER_OPTIONS)
+        server = grpc.aio.server(
+            interceptors=[ServiceInterceptor(self.service, self.metrics)], options=SERVER_OPTIONS
+        )
         for add, servicer, _ in self._servicers:
             add(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -159,7 +168,9 @@ class ServiceRuntime:
             "%s listening on %s (gRPC), /metrics on %s; instance %d",
             self.service,
             self.address,
-            f"{s.host}:{self.metrics_port}" if self._metrics_port_setting is not None else self._metrics_address,
+            f"{s.host}:{self.metrics_port}"
+            if self._metrics_port_setting is not None
+            else self._metrics_address,
             self.instance_id,
         )
         if self._register:
@@ -186,7 +197,9 @@ class ServiceRuntime:
 
     def set_serving(self, serving: bool) -> None:
         """Health means ready: flip every service of this process at once."""
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         self.metrics.up.labels(self.service).set(1 if serving else 0)
         task = asyncio.get_running_loop().create_task(self._set_all(status))
         task.add_done_callback(_log_task_error)

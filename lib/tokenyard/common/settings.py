@@ -97,5 +97,8 @@ class MetricsPortSettings(BaseSettings):
     """For services that serve ``/metrics`` on a port of its own (all but the frontend)."""
 
     metrics_port: int = Field(
-        default=0, ge=0, le=65535, description="Port of the Prometheus /metrics endpoint (0 picks a free one)."
+        default=0,
+        ge=0,
+        le=65535,
+        description="Port of the Prometheus /metrics endpoint (0 picks a free one).",
     )

@@ -11,11 +11,11 @@ from typing import ClassVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import Field
+from pydantic_settings import BaseSettings
 
 from tokenyard.common.cli_settings import parse_settings
 from tokenyard.common.discovery import DiscoveryError, Instance, open_discovery
 from tokenyard.common.settings import default_discovery_url, settings_config
-from pydantic_settings import BaseSettings
 
 
 class StatusSettings(BaseSettings):

@@ -37,7 +37,9 @@ class UpSettings(BaseSettings):
     workers: int = Field(default=2, ge=1, le=64, description="Number of workers.")
     model: str = Field(default="SmolLM2-135M-Instruct", description="Model the workers serve.")
     host: str = Field(default="127.0.0.1", description="Loopback address every process binds to.")
-    discovery: str = Field(default_factory=default_discovery_url, description="Discovery backend shared by all.")
+    discovery: str = Field(
+        default_factory=default_discovery_url, description="Discovery backend shared by all."
+    )
     http_port: int = Field(default=8000, ge=1, le=65535, description="Frontend OpenAI HTTP port.")
     grpc_port: int = Field(default=8001, ge=1, le=65535, description="Frontend KServe gRPC port.")
     router_port: int = Field(default=8100, ge=1, le=65535, description="Router gRPC port (/metrics on +1).")
@@ -45,7 +47,9 @@ class UpSettings(BaseSettings):
     gms_metrics_port: int = Field(default=8401, ge=1, le=65535, description="gms /metrics port.")
     worker_port: int = Field(default=8300, ge=1, le=65535, description="First worker gRPC port (+1 each).")
     worker_metrics_port: int = Field(default=9300, ge=1, le=65535, description="First worker /metrics port.")
-    ready_timeout: float = Field(default=300.0, gt=0, description="Seconds to wait for every service to be ready.")
+    ready_timeout: float = Field(
+        default=300.0, gt=0, description="Seconds to wait for every service to be ready."
+    )
     grace_period: float = Field(default=10.0, ge=0, description="Seconds children get to stop on shutdown.")
     state_dir: str = Field(default=".tokenyard", description="Folder for logs and the pid file of --detach.")
     detach: bool = Field(default=False, description="Run in the background; stop it with `tokenyard down`.")
@@ -68,23 +72,75 @@ def plan(s: UpSettings) -> list[Child]:
     common = ["--host", s.host, "--discovery", s.discovery, "--log-level", s.log_level]
     gms_socket = str(Path(s.state_dir).resolve() / "gms-0.sock")
     children = [
-        Child("router", [*base, "router", *common, "--port", str(s.router_port),
-                         "--metrics-port", str(s.router_port + 1)], f"{s.host}:{s.router_port}"),
-        Child("planner", [*base, "planner", *common, "--port", str(s.planner_port),
-                          "--metrics-port", str(s.planner_port + 1)], f"{s.host}:{s.planner_port}"),
-        Child("gms", [*base, "gms", *common, "--socket", gms_socket,
-                      "--metrics-port", str(s.gms_metrics_port)], f"unix://{gms_socket}"),
+        Child(
+            "router",
+            [
+                *base,
+                "router",
+                *common,
+                "--port",
+                str(s.router_port),
+                "--metrics-port",
+                str(s.router_port + 1),
+            ],
+            f"{s.host}:{s.router_port}",
+        ),
+        Child(
+            "planner",
+            [
+                *base,
+                "planner",
+                *common,
+                "--port",
+                str(s.planner_port),
+                "--metrics-port",
+                str(s.planner_port + 1),
+            ],
+            f"{s.host}:{s.planner_port}",
+        ),
+        Child(
+            "gms",
+            [*base, "gms", *common, "--socket", gms_socket, "--metrics-port", str(s.gms_metrics_port)],
+            f"unix://{gms_socket}",
+        ),
     ]
     for i in range(s.workers):
         port = s.worker_port + i
         children.append(
-            Child(f"worker-{i}", [*base, "worker", *common, "--engine", s.engine, "--model", s.model,
-                                  "--port", str(port), "--metrics-port", str(s.worker_metrics_port + i)],
-                  f"{s.host}:{port}")
+            Child(
+                f"worker-{i}",
+                [
+                    *base,
+                    "worker",
+                    *common,
+                    "--engine",
+                    s.engine,
+                    "--model",
+                    s.model,
+                    "--port",
+                    str(port),
+                    "--metrics-port",
+                    str(s.worker_metrics_port + i),
+                ],
+                f"{s.host}:{port}",
+            )
         )
     children.append(
-        Child("frontend", [*base, "frontend", *common, "--port", str(s.grpc_port), "--http-port", str(s.http_port),
-                           "--router", f"{s.host}:{s.router_port}"], f"{s.host}:{s.grpc_port}")
+        Child(
+            "frontend",
+            [
+                *base,
+                "frontend",
+                *common,
+                "--port",
+                str(s.grpc_port),
+                "--http-port",
+                str(s.http_port),
+                "--router",
+                f"{s.host}:{s.router_port}",
+            ],
+            f"{s.host}:{s.grpc_port}",
+        )
     )
     return children
 
@@ -123,7 +179,9 @@ class Deployment:
             for child in list(pending):
                 assert child.proc is not None
                 if child.proc.returncode is not None:
-                    raise RuntimeError(f"{child.name} exited with code {child.proc.returncode} while starting")
+                    raise RuntimeError(
+                        f"{child.name} exited with code {child.proc.returncode} while starting"
+                    )
                 if await health_of(child.health_address, 1.0) == "SERVING":
                     pending.remove(child)
             if self.stopping.is_set():
@@ -179,7 +237,9 @@ class Deployment:
             print(f"tokenyard up: error: {exc}", file=sys.stderr)
             for child in self.children:
                 if child.proc is not None and child.proc.returncode not in (None, 0) and child.tail:
-                    print(f"--- last lines of {child.name} ---\n" + "\n".join(child.tail[-10:]), file=sys.stderr)
+                    print(
+                        f"--- last lines of {child.name} ---\n" + "\n".join(child.tail[-10:]), file=sys.stderr
+                    )
             await self.stop()
             return 1
         self._announce()
@@ -212,7 +272,7 @@ class Deployment:
             "",
             "try:",
             f"  curl -s http://{s.host}:{s.http_port}/v1/chat/completions -H 'content-type: application/json' \\",
-            f"    -d '{{\"model\": \"{s.model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"What is the capital of France?\"}}]}}'",
+            f'    -d \'{{"model": "{s.model}", "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}\'',
             "  tokenyard status",
             "",
             "Ctrl-C stops everything.",
@@ -234,17 +294,24 @@ def _detach(s: UpSettings, argv: Sequence[str]) -> int:
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "tokenyard.cli", "up", *args, "--no-detach"],
-            stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
     _pid_file(s).write_text(str(proc.pid))
     deadline = time.monotonic() + s.ready_timeout + 10
     while time.monotonic() < deadline:
         if (state / "up.ready").exists():
-            print(f"tokenyard is up in the background (pid {proc.pid}); logs: {log_path}; stop: tokenyard down")
+            print(
+                f"tokenyard is up in the background (pid {proc.pid}); logs: {log_path}; stop: tokenyard down"
+            )
             return 0
         if proc.poll() is not None:
-            print(f"tokenyard up: error: the deployment exited with code {proc.returncode}; see {log_path}",
-                  file=sys.stderr)
+            print(
+                f"tokenyard up: error: the deployment exited with code {proc.returncode}; see {log_path}",
+                file=sys.stderr,
+            )
             return 1
         time.sleep(0.3)
     print(f"tokenyard up: error: not ready in time; see {log_path}", file=sys.stderr)
@@ -259,7 +326,9 @@ def main(argv: Sequence[str]) -> int:
 
 
 def main_down(argv: Sequence[str]) -> int:
-    settings, _ = parse_settings(UpSettings, argv, "tokenyard down", "Stop a deployment started with --detach.")
+    settings, _ = parse_settings(
+        UpSettings, argv, "tokenyard down", "Stop a deployment started with --detach."
+    )
     pid_file = _pid_file(settings)
     if not pid_file.exists():
         print(f"tokenyard down: nothing to stop (no {pid_file})")

@@ -48,13 +48,16 @@ class RedisDiscovery(LeasedDiscovery):
         # Short timeouts: a dead Redis must surface as an error well within one lease, and a failed
         # command is retried once or twice so that a pooled connection broken by a restart reconnects.
         timeout = min(5.0, max(0.5, ttl / 2))
-        self._client: Redis = Redis.from_url(
-            url,
-            decode_responses=True,
-            socket_connect_timeout=timeout,
-            socket_timeout=timeout,
-            retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=2),
-        )
+        try:
+            self._client: Redis = Redis.from_url(
+                url,
+                decode_responses=True,
+                socket_connect_timeout=timeout,
+                socket_timeout=timeout,
+                retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=2),
+            )
+        except ValueError as exc:  # an option in the query string that redis-py rejects
+            raise DiscoveryError(f"discovery URL {self.url!r}: {exc}") from None
 
     # --- errors ------------------------------------------------------------------------------------
 

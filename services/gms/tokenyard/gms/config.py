@@ -24,8 +24,12 @@ class GmsSettings(MetricsPortSettings, ServiceSettings):
         default_factory=default_socket,
         description="Unix socket the gms serves gRPC on (one per device and tag).",
     )
-    metrics_port: int = Field(default=8401, ge=0, le=65535, description="Port of the Prometheus /metrics endpoint.")
-    device: str = Field(default="cpu", description="Memory the service manages: cpu (shared memory) or cuda:N.")
+    metrics_port: int = Field(
+        default=8401, ge=0, le=65535, description="Port of the Prometheus /metrics endpoint."
+    )
+    device: str = Field(
+        default="cpu", description="Memory the service manages: cpu (shared memory) or cuda:N."
+    )
 
     @field_validator("socket")
     @classmethod

@@ -38,11 +38,13 @@ async def serve(settings: GmsSettings) -> None:
     async with ServiceRuntime(
         settings, service="gms", metrics_port=settings.metrics_port, listen_address=f"unix://{path}"
     ) as runtime:
-        runtime.add_servicer(gms_pb2_grpc.add_GmsServiceServicer_to_server, GmsServicer(settings.device), SERVICE_NAME)
+        runtime.add_servicer(
+            gms_pb2_grpc.add_GmsServiceServicer_to_server, GmsServicer(settings.device), SERVICE_NAME
+        )
 
         async def remove_socket() -> None:
             with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+                path.unlink()  # noqa: ASYNC240 - one unlink at shutdown
 
         runtime.on_close(remove_socket)
         await runtime.start()

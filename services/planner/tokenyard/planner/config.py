@@ -14,7 +14,9 @@ class PlannerSettings(MetricsPortSettings, ServiceSettings):
     service_name: ClassVar[str] = "planner"
 
     port: int = Field(default=8200, ge=0, le=65535, description="gRPC port (planner, health, reflection).")
-    metrics_port: int = Field(default=8201, ge=0, le=65535, description="Port of the Prometheus /metrics endpoint.")
+    metrics_port: int = Field(
+        default=8201, ge=0, le=65535, description="Port of the Prometheus /metrics endpoint."
+    )
     adjustment_interval: float = Field(
         default=180.0, gt=0, description="Seconds between two scaling decisions."
     )

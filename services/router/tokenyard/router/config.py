@@ -20,8 +20,12 @@ class RouterSettings(MetricsPortSettings, ServiceSettings):
     service_name: ClassVar[str] = "router"
 
     port: int = Field(default=8100, ge=0, le=65535, description="gRPC port (router, health, reflection).")
-    metrics_port: int = Field(default=8101, ge=0, le=65535, description="Port of the Prometheus /metrics endpoint.")
-    mode: RouterMode = Field(default=RouterMode.ROUND_ROBIN, description="How a worker is chosen for a request.")
+    metrics_port: int = Field(
+        default=8101, ge=0, le=65535, description="Port of the Prometheus /metrics endpoint."
+    )
+    mode: RouterMode = Field(
+        default=RouterMode.ROUND_ROBIN, description="How a worker is chosen for a request."
+    )
     active_request_expiry: float = Field(
         default=300.0,
         gt=0,

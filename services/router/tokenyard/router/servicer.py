@@ -37,12 +37,14 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self._default = make_policy(default_mode)
         self._policies: dict[str, RoutingPolicy] = {default_mode: self._default}
 
-    def _policy(self, mode: int) -> RoutingPolicy:
+    def _policy(self, mode: router_pb2.RoutingMode.ValueType) -> RoutingPolicy:
         if mode == router_pb2.ROUTING_MODE_UNSPECIFIED:
             return self._default
         name = _MODE_NAMES.get(mode)
         if name is None:
-            raise Unimplemented(f"routing mode {router_pb2.RoutingMode.Name(mode)} is not available in this router")
+            raise Unimplemented(
+                f"routing mode {router_pb2.RoutingMode.Name(mode)} is not available in this router"
+            )
         if name not in self._policies:
             self._policies[name] = make_policy(name)
         return self._policies[name]
@@ -67,7 +69,9 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         chosen = policy.select(candidates, self._active)
         dp_rank = hints.dp_rank if hints.HasField("dp_rank") else 0
         if not request.dry_run:
-            self._active.add(ActiveRequest(request.request_id, chosen.instance_id, dp_rank, request.isl_tokens, 0))
+            self._active.add(
+                ActiveRequest(request.request_id, chosen.instance_id, dp_rank, request.isl_tokens, 0)
+            )
         card = chosen.model_card
         return router_pb2.RouteResponse(
             worker_id=chosen.instance_id,

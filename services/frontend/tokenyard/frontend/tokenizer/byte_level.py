@@ -18,7 +18,11 @@ BYTES_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 256, 257
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's map from a byte to a printable character: byte-level BPE vocabularies (GPT-2, SmolLM2,
     Llama 3, Qwen) spell their tokens in it, so that no token contains whitespace or control bytes."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     table = {b: chr(b) for b in printable}
     shift = 0
     for b in range(256):

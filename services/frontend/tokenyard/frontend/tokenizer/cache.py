@@ -31,6 +31,7 @@ def store_atomically(target: Path, files: Mapping[str, str]) -> None:
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; these files hold nothing secret
     try:
         for name, text in files.items():
             (staging / name).write_text(text, encoding="utf-8")

@@ -65,7 +65,9 @@ def _tojson(
     separators: tuple[str, str] | None = None,
     sort_keys: bool = False,
 ) -> str:
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
 
 @cache
@@ -84,7 +86,9 @@ class ChatTemplate:
         try:
             self._template = _environment().from_string(source)
         except TemplateSyntaxError as exc:
-            raise TokenizerError(f"chat template does not compile: {exc.message} (line {exc.lineno})") from exc
+            raise TokenizerError(
+                f"chat template does not compile: {exc.message} (line {exc.lineno})"
+            ) from exc
         self.source = source
         self._special_tokens = dict(special_tokens or {})
 

@@ -94,7 +94,7 @@ def _metadata_end(view: memoryview) -> int:
 
 
 def _skip_string(view: memoryview, offset: int) -> int:
-    (length,) = _U64.unpack_from(view, offset)
+    length: int = _U64.unpack_from(view, offset)[0]
     return offset + 8 + length
 
 
@@ -105,7 +105,7 @@ def _skip_value(view: memoryview, offset: int, kind: int) -> int:
         return _skip_string(view, offset)
     if kind == _ARRAY:
         (item_kind,) = _U32.unpack_from(view, offset)
-        (count,) = _U64.unpack_from(view, offset + 4)
+        count: int = _U64.unpack_from(view, offset + 4)[0]
         offset += 12
         if item_kind in _SCALAR_SIZES:
             return offset + count * _SCALAR_SIZES[item_kind]
@@ -151,6 +151,7 @@ def to_hf(vocab: GGUFVocab, where: str) -> tuple[Backend, dict[str, Any]]:
         raise TokenizerError(
             f"{where}: tokenizer.ggml.model {vocab.model!r} is not supported (only 'gpt2', byte-level BPE)"
         )
+    pre_tokenizer: pre_tokenizers.PreTokenizer
     if vocab.pre in _DIGITS_THEN_GPT2:
         pre_tokenizer = pre_tokenizers.Sequence(
             [
@@ -237,10 +238,11 @@ def load_gguf(path: Path, cache_root: Path | None = None) -> hf.HFTokenizer:
             cached,
             {
                 "tokenizer.json": backend.to_str(),
-                "tokenizer_config.json": json.dumps({**config, "source": str(path)}, ensure_ascii=False, indent=2),
+                "tokenizer_config.json": json.dumps(
+                    {**config, "source": str(path)}, ensure_ascii=False, indent=2
+                ),
             },
         )
     except OSError as exc:
         log.warning("cannot cache the tokenizer of %s in %s: %s", path, cached, exc)
     return hf.HFTokenizer(backend, config, name)
-

@@ -114,7 +114,7 @@ def from_json_text(text: str, config: Mapping[str, Any], name: str) -> HFTokeniz
 def load_tokenizer_json(path: Path) -> HFTokenizer:
     """A ``tokenizer.json`` file; the ``tokenizer_config.json`` beside it is used when present."""
     if (path.parent / "tokenizer_config.json").is_file():
-        return load_model_dir(path.parent, tokenizer_file=path)
+        return load_model_dir(path.parent, tokenizer_file=path, name=str(path))
     return from_json_text(_read_text(path), {}, str(path))
 
 
@@ -175,7 +175,9 @@ def _special_tokens(backend: Backend, config: Mapping[str, Any], name: str) -> S
             break
         eos = lookup(guess)
     if eos is None:
-        raise TokenizerError(f"{name}: cannot tell the end-of-sequence token (no eos_token in tokenizer_config.json)")
+        raise TokenizerError(
+            f"{name}: cannot tell the end-of-sequence token (no eos_token in tokenizer_config.json)"
+        )
     ids = frozenset(i for i, tok in backend.get_added_tokens_decoder().items() if tok.special)
     return SpecialTokens(
         eos=eos,
