@@ -11,7 +11,7 @@ from tokenyard.common.cli_settings import parse_settings
 from tokenyard.common.logs import configure_logging
 from tokenyard.common.service import StartupError
 from tokenyard.common.settings import ServiceSettings
-from tokenyard.common.tracing import setup_tracing
+from tokenyard.common.tracing import setup_tracing, shutdown_tracing
 
 S = TypeVar("S", bound=ServiceSettings)
 
@@ -36,4 +36,6 @@ def run_service(
     except KeyboardInterrupt:
         # A second Ctrl-C during shutdown: the first already asked for a graceful stop.
         return 130
+    finally:
+        shutdown_tracing()
     return 0

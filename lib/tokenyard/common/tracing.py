@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 _tracer: trace.Tracer | None = None
+_shutdown: list[Callable[[], object]] = []
 
 
 def setup_tracing(service: str) -> bool:
@@ -38,6 +39,7 @@ def setup_tracing(service: str) -> bool:
     provider = TracerProvider(resource=Resource.create({"service.name": f"tokenyard-{service}"}))
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     trace.set_tracer_provider(provider)
+    _shutdown.append(provider.shutdown)
     _tracer = trace.get_tracer("tokenyard")
     log.info("tracing on: exporting spans to %s", endpoint)
     return True
@@ -45,6 +47,20 @@ def setup_tracing(service: str) -> bool:
 
 def tracer() -> trace.Tracer | None:
     return _tracer
+
+
+def use_tracer(value: trace.Tracer | None) -> None:
+    """Install a tracer directly (tests use an in-memory exporter)."""
+    global _tracer
+    _tracer = value
+
+
+def shutdown_tracing() -> None:
+    """Flush spans still queued in the batch processor; called once when the process exits."""
+    global _tracer
+    while _shutdown:
+        _shutdown.pop()()
+    _tracer = None
 
 
 class _MetadataGetter(Getter[Iterable[tuple[str, str | bytes]]]):

@@ -160,7 +160,7 @@ class LeasedDiscovery(ABC):
                     failing = True
                     continue
             if failing:
-                log.warning(
+                log.info(
                     "discovery at %s answers again; lease of %s %d renewed",
                     self.url,
                     instance.service,

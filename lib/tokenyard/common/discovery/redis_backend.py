@@ -233,7 +233,7 @@ class RedisDiscovery(LeasedDiscovery):
                     backoff = min(backoff * 2, 2.0)
                     continue
                 if outage:
-                    log.warning("discovery at %s answers again; watch resumed", self.url)
+                    log.info("discovery at %s answers again; watch resumed", self.url)
                     outage = False
                     backoff = 0.1
                 for event in events:
