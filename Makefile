@@ -53,6 +53,7 @@ status: $(STAMP) ## list registered instances and their health
 
 bench: $(STAMP) ## run the benchmarks (tables on stdout, JSON in bench/results/)
 	$(PY) bench/hashing.py
+	$(PY) bench/mocker_calibration.py
 
 clean: ## remove the virtualenv, tools, caches and run state
 	rm -rf $(VENV) .tools .tokenyard .pytest_cache .mypy_cache .ruff_cache .hypothesis bench/results build dist

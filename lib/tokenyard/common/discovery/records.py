@@ -1,8 +1,9 @@
 """What an instance advertises in discovery, and its JSON form.
 
 Records cross process and language boundaries (Redis values, lease files, ``tokenyard status --json``),
-so parsing is strict: a record with a missing, unknown or mistyped field is rejected as a whole rather
-than half understood.
+so parsing is strict: a record with a missing or mistyped field is rejected as a whole rather than
+half understood. Unknown fields are ignored, like unknown protobuf fields, so that a newer release
+can add a field without older readers dropping its records during a rolling upgrade.
 """
 
 from __future__ import annotations
@@ -83,14 +84,12 @@ def _check_str(where: str, name: str, value: object) -> str:
 def _check_keys(
     where: str, doc: Mapping[str, Any], required: Iterable[str], optional: Iterable[str] = ()
 ) -> None:
-    required = tuple(required)
-    allowed = set(required) | set(optional)
+    # `optional` documents the fields a reader understands; keys beyond them are tolerated
+    # (forward compatibility, see the module docstring).
+    del optional
     missing = [k for k in required if k not in doc]
     if missing:
         raise _fail(where, f"missing field(s) {', '.join(missing)}")
-    unknown = sorted(k for k in doc if k not in allowed)
-    if unknown:
-        raise _fail(where, f"unknown field(s) {', '.join(unknown)}")
 
 
 @dataclass(frozen=True, slots=True)

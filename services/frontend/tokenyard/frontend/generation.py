@@ -1,0 +1,137 @@
+"""What a generation request is and what comes back, independent of the surface that carried it.
+
+The OpenAI and KServe surfaces translate their wire formats into a :class:`GenerationRequest`
+and render the :class:`Delta` values the core yields; the clients translate the worker's and
+router's protobufs into :class:`TokenChunk` and :class:`RouteDecision`. Nothing here knows a
+wire format.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum, StrEnum
+from typing import Any
+
+
+class Endpoint(StrEnum):
+    """Which surface a request came from (the ``endpoint`` label of the frontend metrics)."""
+
+    CHAT_COMPLETIONS = "chat_completions"
+    COMPLETIONS = "completions"
+    KSERVE_INFER = "kserve_infer"
+    KSERVE_STREAM_INFER = "kserve_stream_infer"
+
+
+class FinishReason(StrEnum):
+    STOP = "stop"
+    LENGTH = "length"
+    # The worker ended the request on its own account (a drain ran out of time).
+    CANCELLED = "cancelled"
+    # The engine gave up after streaming some tokens; the tokens sent stand.
+    ERROR = "error"
+
+
+class Outcome(Enum):
+    """How a request ended, as the router is told (exactly once per request)."""
+
+    FINISHED = "finished"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    """Absent values take the engine's defaults."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    repetition_penalty: float | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StopConditions:
+    # None: up to the context length.
+    max_tokens: int | None = None
+    min_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    # Applied by the frontend on the detokenized text; the matched string is not returned.
+    stop_strings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """One request as the core sees it. Exactly one of ``prompt``, ``prompt_token_ids`` and
+    ``messages`` is set."""
+
+    model: str
+    endpoint: Endpoint
+    stream: bool
+    prompt: str | None = None
+    prompt_token_ids: Sequence[int] | None = None
+    messages: Sequence[Mapping[str, Any]] | None = None
+    # Chat only: passed to the chat template.
+    tools: Sequence[Mapping[str, Any]] | None = None
+    template_kwargs: Mapping[str, Any] | None = None
+    add_generation_prompt: bool = True
+    sampling: Sampling = field(default_factory=Sampling)
+    stop: StopConditions = field(default_factory=StopConditions)
+    # Prepend the prompt text to the output (OpenAI completions ``echo``).
+    echo: bool = False
+    priority: int = 0
+    lora_name: str = ""
+    cache_salt: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """New output text. The last delta of a request has ``finish_reason`` and ``usage``."""
+
+    text: str
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RouteDecision:
+    worker_id: int
+    dp_rank: int
+    address: str
+    cached_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerRequest:
+    """What the chosen worker is asked to generate."""
+
+    request_id: str
+    model: str
+    token_ids: Sequence[int]
+    sampling: Sampling
+    stop: StopConditions
+    priority: int = 0
+    dp_rank: int | None = None
+    lora_name: str = ""
+    cache_salt: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenChunk:
+    """Tokens from the worker since its previous chunk; the last chunk has ``finish_reason``."""
+
+    token_ids: Sequence[int]
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
