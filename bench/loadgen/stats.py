@@ -24,7 +24,7 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
 
 @dataclass(frozen=True)
 class Distribution:
-    """In milliseconds."""
+    """In milliseconds for times; in their own unit for counts."""
 
     count: int
     mean: float
@@ -35,10 +35,10 @@ class Distribution:
     max: float
 
     @classmethod
-    def of_seconds(cls, values: Sequence[float]) -> Distribution | None:
+    def of(cls, values: Sequence[float], scale: float = 1.0) -> Distribution | None:
         if not values:
             return None
-        ms = sorted(v * 1000.0 for v in values)
+        ms = sorted(v * scale for v in values)
         return cls(
             count=len(ms),
             mean=sum(ms) / len(ms),
@@ -77,7 +77,7 @@ class Summary:
     tpot_ms: Distribution | None
     latency_ms: Distribution | None
     output_tokens_per_request: Distribution | None
-    """Token counts, not milliseconds, in the same shape."""
+    """Token counts, not milliseconds."""
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -97,7 +97,10 @@ def summarize(records: Sequence[RequestRecord], duration_s: float) -> Summary:
     cached_tokens = sum(r.cached_tokens or 0 for r in cached) if cached else None
     cached_prompt = sum(r.prompt_tokens or 0 for r in cached)
     output_tokens = sum(r.output_tokens for r in ok)
-    window = duration_s if duration_s > 0 else math.nan
+
+    def rate(amount: float) -> float:
+        return amount / duration_s if duration_s > 0 else 0.0
+
     tpots = [t for r in ok if (t := r.tpot_s) is not None]
     return Summary(
         requests_sent=len(records),
@@ -106,18 +109,18 @@ def summarize(records: Sequence[RequestRecord], duration_s: float) -> Summary:
         errors=dict(sorted(errors.items())),
         error_samples=samples,
         duration_s=duration_s,
-        request_throughput=len(ok) / window,
-        output_token_throughput=output_tokens / window,
-        prompt_token_throughput=prompt_tokens / window,
+        request_throughput=rate(len(ok)),
+        output_token_throughput=rate(output_tokens),
+        prompt_token_throughput=rate(prompt_tokens),
         prompt_tokens=prompt_tokens,
         output_tokens=output_tokens,
         cached_tokens=cached_tokens,
         cache_hit_rate=(cached_tokens / cached_prompt) if cached_tokens is not None and cached_prompt else None,
-        mean_concurrency=sum(r.latency_s for r in records) / window,
+        mean_concurrency=rate(sum(r.latency_s for r in records)),
         usage_missing=sum(1 for r in ok if r.completion_tokens is None),
-        ttft_ms=Distribution.of_seconds([r.ttft_s for r in ok if r.ttft_s is not None]),
-        itl_ms=Distribution.of_seconds([gap for r in ok for gap in r.itl_s]),
-        tpot_ms=Distribution.of_seconds(tpots),
-        latency_ms=Distribution.of_seconds([r.latency_s for r in ok]),
-        output_tokens_per_request=Distribution.of_seconds([r.output_tokens / 1000.0 for r in ok]),
+        ttft_ms=Distribution.of([r.ttft_s for r in ok if r.ttft_s is not None], 1000.0),
+        itl_ms=Distribution.of([gap for r in ok for gap in r.itl_s], 1000.0),
+        tpot_ms=Distribution.of(tpots, 1000.0),
+        latency_ms=Distribution.of([r.latency_s for r in ok], 1000.0),
+        output_tokens_per_request=Distribution.of([r.output_tokens for r in ok]),
     )

@@ -20,8 +20,7 @@ import numpy as np
 # Common English words that BPE vocabularies (GPT-2, Llama, SmolLM) hold as one token with their
 # leading space, so a text prompt of N words is close to N tokens. Close, not exact: the server's
 # usage.prompt_tokens is what results report.
-WORDS = tuple(
-    """
+_WORD_LIST = """
     the of and to in is it you that he was for on are with as his they be at one have this from
     or had by hot word but what some we can out other were all there when up use your how said an
     each she which do their time if will way about many then them write would like so these her
@@ -50,8 +49,8 @@ WORDS = tuple(
     minute strong special mind behind clear tail produce fact street inch multiply nothing course
     stay wheel full force blue object decide surface deep moon island foot system busy test record
     boat common gold possible plane stead dry wonder laugh thousand ago ran check game shape equate
-    """.split()
-)
+    """
+WORDS = tuple(_WORD_LIST.split())
 
 
 @dataclass(frozen=True)
@@ -117,7 +116,7 @@ class SharedPrefixWorkload:
         suffix_len: int,
         output_len: int,
         seed: int = 0,
-        tokens: TokenRange = TokenRange(),  # noqa: B008 - frozen, so sharing the default is safe
+        tokens: TokenRange = TokenRange(),
     ) -> None:
         if num_prefixes < 1:
             raise ValueError("num_prefixes must be at least 1")
@@ -210,7 +209,7 @@ class MooncakeWorkload:
         *,
         block_size: int = 512,
         seed: int = 0,
-        tokens: TokenRange = TokenRange(),  # noqa: B008 - frozen, so sharing the default is safe
+        tokens: TokenRange = TokenRange(),
         path: str = "",
     ) -> None:
         if block_size < 1:

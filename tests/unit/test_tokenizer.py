@@ -8,6 +8,7 @@ then GPT-2's split), fed with the vocabulary and merges read straight from the G
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -29,9 +30,9 @@ from tokenyard.frontend.tokenizer import (
     DetokenizeStream,
     Tokenizer,
     TokenizerError,
+    gguf_vocab,
     load_tokenizer,
 )
-from tokenyard.frontend.tokenizer import gguf_vocab
 from tokenyard.frontend.tokenizer.gguf_vocab import GGUFVocab, metadata_key, read_vocab
 from tokenyard.frontend.tokenizer.hf import HFTokenizer
 from tokenyard.frontend.tokenizer.registry import shipped_gguf_path
@@ -47,12 +48,12 @@ SMOL_SPECIALS = [
 UNICODE_SAMPLES = [
     "Hello, world!",
     "héllo wörld, ça va? Ångström naïve café",
-    "世界你好，这是中文。日本語のテキスト、한국어 텍스트",
+    "世界你好\uff0c这是中文。日本語のテキスト、한국어 텍스트",
     "emoji 🎉🎉 👍🏽 👨‍👩‍👧 ❤️ 🏳️‍🌈",
     "   leading spaces, trailing spaces   ",
     "tabs\tand\n\nnewlines\r\n  indented\n\t\tcode",
-    "numbers 1234567890 3.14159 ٣٤ ５ ² Ⅻ ½",
-    "mixed: ‘quotes’ «guillemets» — dashes… and NBSP\u00a0here\u3000wide",
+    "numbers 1234567890 3.14159 ٣٤ \uff15 ² Ⅻ ½",
+    "mixed: \u2018quotes\u2019 «guillemets» — dashes… and NBSP\u00a0here\u3000wide",
     "contractions: don't we'll they've I'm you'd it's",
     "combining e\u0301 and a\u0308 marks",
     "",
@@ -85,7 +86,9 @@ def _gpt2_split(text: str) -> Iterator[str]:
     """'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+"""
     i, n = 0, len(text)
     while i < n:
-        contraction = next((c for c in ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d") if text.startswith(c, i)), None)
+        contraction = next(
+            (c for c in ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d") if text.startswith(c, i)), None
+        )
         if contraction:
             yield contraction
             i += len(contraction)
@@ -128,7 +131,9 @@ class ReferenceBPE:
     def bpe(self, word: str) -> list[str]:
         parts = list(word)
         while len(parts) > 1:
-            rank, at = min((self.ranks.get(pair, math.inf), i) for i, pair in enumerate(zip(parts, parts[1:])))
+            rank, at = min(
+                (self.ranks.get(pair, math.inf), i) for i, pair in enumerate(itertools.pairwise(parts))
+            )
             if rank == math.inf:
                 break
             pair, merged, i = (parts[at], parts[at + 1]), [], 0
@@ -157,7 +162,7 @@ class ReferenceBPE:
 # A fixed alphabet whose letter/number/space classes are the same in every Unicode version in use.
 _ALPHABET = list(
     "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 \t\n\r.,;:!?'\"()[]{}<>-_=+*/\\|@#$%^&~`"
-    "éèàüßñçÅØœ αβΩ жЯ 世界中文字 ひらカナ 한글 🎉😀👍🏽\u200d❤\ufe0f \u0301 ٣５²Ⅻ½ \u00a0\u2003\u3000\u2028 ’«»—…"
+    "éèàüßñçÅØœ αβΩ жЯ 世界中文字 ひらカナ 한글 🎉😀👍🏽\u200d❤\ufe0f \u0301 ٣\uff15²Ⅻ½ \u00a0\u2003\u3000\u2028 \u2019«»—…"
 )
 
 
@@ -166,7 +171,7 @@ _ALPHABET = list(
 # from everything else must survive a round trip.
 _UNSPELLABLE = frozenset("\x04\x06\x13\x14\x16\x1d")
 _SPELLABLE_TEXT = st.text(
-    st.characters(exclude_categories=("Cs",)).filter(lambda c: c not in _UNSPELLABLE and ord(c) < 0x40000),
+    st.characters(codec="utf-8").filter(lambda c: c not in _UNSPELLABLE and ord(c) < 0x40000),
     max_size=60,
 )
 
@@ -255,7 +260,7 @@ def test_round_trip_and_reference_ids(smol: Tokenizer, reference: ReferenceBPE, 
 @given(st.text(alphabet=st.sampled_from(_ALPHABET), max_size=80))
 def test_ids_match_reference_bpe(smol: Tokenizer, reference: ReferenceBPE, text: str) -> None:
     assert smol.encode(text) == reference.encode(text)
-    assert smol.decode(smol.encode(text)) == text
+    assert smol.decode(smol.encode(text), skip_special_tokens=False) == text
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -369,8 +374,12 @@ def _stream(tok: Tokenizer, ids: list[int], chunks: list[int]) -> list[str]:
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.one_of(_SPELLABLE_TEXT, st.text(max_size=60)), st.lists(st.integers(1, 5), max_size=60), st.booleans())
-def test_stream_yields_exactly_the_decoded_text(smol: Tokenizer, text: str, chunks: list[int], single: bool) -> None:
+@given(
+    st.one_of(_SPELLABLE_TEXT, st.text(max_size=60)), st.lists(st.integers(1, 5), max_size=60), st.booleans()
+)
+def test_stream_yields_exactly_the_decoded_text(
+    smol: Tokenizer, text: str, chunks: list[int], single: bool
+) -> None:
     ids = smol.encode(text)
     full = smol.decode(ids)
     pieces = _stream(smol, ids, [] if single else chunks)
@@ -381,7 +390,9 @@ def test_stream_yields_exactly_the_decoded_text(smol: Tokenizer, text: str, chun
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.binary(max_size=40), st.lists(st.integers(1, 4), max_size=40))
-def test_stream_of_arbitrary_bytes_matches_decode(byte_tok: Tokenizer, data: bytes, chunks: list[int]) -> None:
+def test_stream_of_arbitrary_bytes_matches_decode(
+    byte_tok: Tokenizer, data: bytes, chunks: list[int]
+) -> None:
     ids = list(data)  # builtin:bytes: id == byte value, so any byte string, valid UTF-8 or not
     assert "".join(_stream(byte_tok, ids, chunks)) == byte_tok.decode(ids)
 
@@ -434,7 +445,10 @@ def test_model_directory(tmp_path: Path, smol: Tokenizer) -> None:
     config = {
         "eos_token": {"content": "<|endoftext|>", "special": True},
         "bos_token": None,
-        "chat_template": [{"name": "tool_use", "template": "tools"}, {"name": "default", "template": "D{{ eos_token }}"}],
+        "chat_template": [
+            {"name": "tool_use", "template": "tools"},
+            {"name": "default", "template": "D{{ eos_token }}"},
+        ],
     }
     tok = load_tokenizer(str(_hf_dir(tmp_path, smol, config)))
     assert tok.encode(UNICODE_SAMPLES[2]) == smol.encode(UNICODE_SAMPLES[2])
@@ -480,6 +494,7 @@ def _write_gguf(path: Path, **overrides: Any) -> Path:
         "pre": "smollm",
         "merges": ["h e", "l l", "he ll", "hell o", "Ġ hello"],
         "add_bos": False,
+        "add_eos": False,
         "template": "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}",
         **overrides,
     }
@@ -492,6 +507,7 @@ def _write_gguf(path: Path, **overrides: Any) -> Path:
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
     writer.add_add_bos_token(fields["add_bos"])
+    writer.add_add_eos_token(fields["add_eos"])
     writer.add_chat_template(fields["template"])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -507,6 +523,10 @@ def test_gguf_file_conversion(tmp_path: Path) -> None:
     assert tok.encode("hello") == [hello]
     assert tok.encode(" hello 42") == [hello + 1, 4 + ord(" "), 4 + ord("4"), 4 + ord("2")]
     assert tok.encode("hello", add_special_tokens=True) == [1, hello]
+    eos_too = load_tokenizer(
+        str(_write_gguf(tmp_path / "eos.gguf", add_eos=True)), cache_root=tmp_path / "cache"
+    )
+    assert eos_too.encode("hello", add_special_tokens=True) == [hello, 2]
     assert tok.encode("<tool><|im_end|>") == [3, 2]
     assert tok.decode([3, 2, hello]) == "<tool>hello"  # <tool> is an added token, not a special one
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "[user] hi\n"
@@ -538,6 +558,7 @@ def test_gguf_broken_cache_entry_is_rebuilt(tmp_path: Path) -> None:
     entry.mkdir(parents=True)
     (entry / "tokenizer.json").write_text("{not json")
     assert load_tokenizer(str(path), cache_root=cache).encode("hello") == [263]
+    assert json.loads((entry / "tokenizer.json").read_text())["model"]["type"] == "BPE"
 
 
 def test_gguf_unwritable_cache_still_loads(tmp_path: Path) -> None:
@@ -593,12 +614,12 @@ def test_unknown_references(ref: str, message: str) -> None:
 
 
 def test_directory_without_tokenizer(tmp_path: Path) -> None:
-    with pytest.raises(TokenizerError, match="no tokenizer.json"):
+    with pytest.raises(TokenizerError, match=r"no tokenizer\.json"):
         load_tokenizer(str(tmp_path))
 
 
 def test_invalid_tokenizer_json(tmp_path: Path) -> None:
     path = tmp_path / "tokenizer.json"
     path.write_text('{"model": {"type": "Nope"}}')
-    with pytest.raises(TokenizerError, match="not a valid tokenizer.json"):
+    with pytest.raises(TokenizerError, match=r"not a valid tokenizer\.json"):
         load_tokenizer(str(path))

@@ -1,27 +1,152 @@
-"""The OpenAI-compatible HTTP surface (``/v1/...``) plus ``/health`` and ``/metrics``."""
+"""The OpenAI-compatible HTTP surface (``/v1/...``) plus ``/health`` and ``/metrics``.
+
+Streaming responses are Server-Sent Events: one ``data: {json}`` per delta and a final
+``data: [DONE]``. The status line waits for the first delta, so that routing and worker errors
+before any output still get their HTTP status (503, 529, ...); an error after that is sent as a
+``data: {"error": ...}`` event. The server runs with handler cancellation: a client that closes
+its connection cancels the handler, which cancels the worker call.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
 import time
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from tokenyard.common.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Overloaded,
+    TokenyardError,
+    Unavailable,
+    Unimplemented,
+)
 from tokenyard.common.metrics import Metrics
-from tokenyard.frontend.models import ModelRegistry
+from tokenyard.frontend.core import Frontend, new_request_id
+from tokenyard.frontend.generation import Endpoint, GenerationRequest
+from tokenyard.frontend.openai_api import (
+    SSE_DONE,
+    ResponseWriter,
+    error_body,
+    parse_chat,
+    parse_completion,
+    sse,
+)
 
-REGISTRY_KEY = web.AppKey("registry", ModelRegistry)
+log = logging.getLogger(__name__)
+
+FRONTEND_KEY = web.AppKey("frontend", Frontend)
 METRICS_KEY = web.AppKey("metrics", Metrics)
 READY_KEY = web.AppKey("ready", list)
 
+# The HTTP status of each domain error, with the OpenAI error "type".
+_STATUS: tuple[tuple[type[TokenyardError], int, str], ...] = (
+    (InvalidArgument, 400, "invalid_request_error"),
+    (NotFound, 404, "not_found_error"),
+    # 529 is what Dynamo (and Anthropic) answer when every worker is busy.
+    (Overloaded, 529, "overloaded_error"),
+    (Unavailable, 503, "service_unavailable"),
+    (Cancelled, 499, "cancelled"),
+    (DeadlineExceeded, 504, "timeout_error"),
+    (Unimplemented, 501, "not_implemented"),
+    (FailedPrecondition, 500, "internal_error"),
+)
+_SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "Connection": "keep-alive"}
+
+
+def http_status(exc: BaseException) -> tuple[int, str, str]:
+    """``(status, type, message)`` for an error raised while serving a request."""
+    for cls, status, kind in _STATUS:
+        if isinstance(exc, cls):
+            return status, kind, str(exc) or kind
+    return 500, "internal_error", "internal error"
+
 
 def _error(status: int, message: str, kind: str = "invalid_request_error") -> web.Response:
-    return web.json_response({"error": {"message": message, "type": kind, "code": status}}, status=status)
+    return web.json_response(error_body(status, message, kind), status=status)
+
+
+def _error_from(exc: BaseException) -> web.Response:
+    status, kind, message = http_status(exc)
+    return _error(status, message, kind)
+
+
+async def _json_body(request: web.Request) -> object:
+    raw = await request.read()
+    if not raw:
+        raise InvalidArgument("the request body is empty; expected a JSON object")
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidArgument(f"the request body is not valid JSON: {exc}") from None
+
+
+Parser = Callable[[object], tuple[GenerationRequest, bool]]
+
+
+def _generate_handler(endpoint: Endpoint, parse: Parser) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        frontend = request.app[FRONTEND_KEY]
+        gen_request: GenerationRequest | None = None
+        try:
+            gen_request, include_usage = parse(await _json_body(request))
+        except TokenyardError as exc:
+            frontend.count_failure(None, exc, endpoint.value)
+            return _error_from(exc)
+        request_id = new_request_id()
+        try:
+            generation = await frontend.start(gen_request, request_id)
+        except TokenyardError as exc:
+            return _error_from(exc)
+        writer = ResponseWriter(endpoint, request_id, gen_request.model, include_usage)
+        async with generation:
+            if not gen_request.stream:
+                try:
+                    text, last = await generation.collect()
+                except TokenyardError as exc:
+                    return _error_from(exc)
+                return web.json_response(writer.full(text, last), dumps=_dumps)
+            try:
+                first = await generation.__anext__()
+            except TokenyardError as exc:
+                return _error_from(exc)
+            response = web.StreamResponse(headers=_SSE_HEADERS)
+            await response.prepare(request)
+            try:
+                delta = first
+                while True:
+                    await response.write(writer.chunk(delta))
+                    if delta.finish_reason is not None:
+                        if include_usage and delta.usage is not None:
+                            await response.write(writer.usage_chunk(delta.usage))
+                        break
+                    delta = await generation.__anext__()
+            except TokenyardError as exc:
+                status, kind, message = http_status(exc)
+                await response.write(sse(error_body(status, message, kind)))
+            except ConnectionResetError:
+                # The client left mid-stream; leaving the block cancels the worker call.
+                return response
+            await response.write(SSE_DONE)
+            await response.write_eof()
+            return response
+
+    return handle
+
+
+def _dumps(doc: object) -> str:
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
 
 
 async def health(request: web.Request) -> web.Response:
-    registry = request.app[REGISTRY_KEY]
     ready = bool(request.app[READY_KEY][0])
-    models = sorted(registry.models())
+    models = sorted(request.app[FRONTEND_KEY].models.models())
     body = {"status": "healthy" if ready else "starting", "models": models}
     return web.json_response(body, status=200 if ready else 503)
 
@@ -34,7 +159,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def list_models(request: web.Request) -> web.Response:
     now = int(time.time())
-    cards = request.app[REGISTRY_KEY].models()
+    cards = request.app[FRONTEND_KEY].models.models()
     data = [
         {"id": name, "object": "model", "created": now, "owned_by": "tokenyard", "max_model_len": card.context_length}
         for name, card in sorted(cards.items())
@@ -46,15 +171,30 @@ async def not_found(request: web.Request) -> web.Response:
     return _error(404, f"no route for {request.method} {request.path}", "not_found_error")
 
 
-def build_app(registry: ModelRegistry, metrics_: Metrics, ready: list[bool]) -> web.Application:
+@web.middleware
+async def _errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """aiohttp's own errors (a body over the size limit, a wrong method) in the OpenAI shape."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _error(exc.status, exc.reason, "invalid_request_error")
+
+
+def build_app(frontend: Frontend, metrics_: Metrics, ready: list[bool]) -> web.Application:
     # Prompts can be long; 32 MiB bounds a hostile body without refusing real ones.
-    app = web.Application(client_max_size=32 * 1024 * 1024)
-    app[REGISTRY_KEY] = registry
+    app = web.Application(client_max_size=32 * 1024 * 1024, middlewares=[_errors])
+    app[FRONTEND_KEY] = frontend
     app[METRICS_KEY] = metrics_
     app[READY_KEY] = ready
     app.router.add_get("/health", health)
     app.router.add_get("/live", health)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/models", list_models)
+    app.router.add_post("/v1/completions", _generate_handler(Endpoint.COMPLETIONS, parse_completion))
+    app.router.add_post("/v1/chat/completions", _generate_handler(Endpoint.CHAT_COMPLETIONS, parse_chat))
     app.router.add_route("*", "/{tail:.*}", not_found)
     return app

@@ -1,13 +1,18 @@
-"""The models this frontend can serve, learned from the workers' model cards in discovery."""
+"""The models this frontend can serve, learned from the workers' model cards in discovery.
+
+A model stays *known* after its last worker left: asking for it then is "temporarily
+unavailable" (503), not "no such model" (404), which is what a client retrying through a
+worker restart should hear.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tokenyard.common.discovery import Discovery, DiscoveryError, Instance, ModelCard, WatchEventKind
+from tokenyard.common.discovery import Instance, ModelCard, WatchEventKind
+from tokenyard.common.errors import NotFound, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -19,28 +24,40 @@ class ServedModel:
 
 
 class ModelRegistry:
-    """Live view of ``model name -> workers serving it``, kept by a discovery watch."""
+    """Live view of ``model name -> workers serving it``, fed with discovery events."""
 
-    def __init__(self, discovery: Discovery) -> None:
-        self._discovery = discovery
+    def __init__(self) -> None:
         self._models: dict[str, ServedModel] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._on_model: list[Callable[[ModelCard], None]] = []
+        self._on_worker_left: list[Callable[[Instance], None]] = []
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._watch(), name="model-registry")
+    def on_model(self, listener: Callable[[ModelCard], None]) -> None:
+        """Called with a model's card when the model first appears (or its card changes)."""
+        self._on_model.append(listener)
 
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+    def on_worker_left(self, listener: Callable[[Instance], None]) -> None:
+        self._on_worker_left.append(listener)
 
     def models(self) -> dict[str, ModelCard]:
+        """Models with at least one live worker."""
         return {name: m.card for name, m in self._models.items() if m.instances}
 
     def get(self, name: str) -> ServedModel | None:
         model = self._models.get(name)
         return model if model is not None and model.instances else None
+
+    def is_known(self, name: str) -> bool:
+        return name in self._models
+
+    def card(self, name: str) -> ModelCard:
+        """The card of a servable model; NotFound for a model never seen, Unavailable for one
+        whose workers are all gone."""
+        model = self._models.get(name)
+        if model is None:
+            raise NotFound(f"the model {name!r} does not exist")
+        if not model.instances:
+            raise Unavailable(f"no worker serves the model {name!r} at the moment")
+        return model.card
 
     def apply(self, kind: WatchEventKind, instance: Instance) -> None:
         card = instance.model_card
@@ -48,20 +65,22 @@ class ModelRegistry:
             return
         if kind is WatchEventKind.REMOVED:
             model = self._models.get(card.model)
-            if model is not None:
-                model.instances.pop(instance.instance_id, None)
+            if model is not None and model.instances.pop(instance.instance_id, None) is not None:
+                for listener in self._on_worker_left:
+                    listener(instance)
             return
-        model = self._models.setdefault(card.model, ServedModel(card))
-        model.instances[instance.instance_id] = instance
-        if model.card != card:
+        # Prefill-only workers take no requests from clients; they do not make a model servable.
+        if card.role == "prefill":
+            return
+        model = self._models.get(card.model)
+        changed = model is None or model.card != card
+        if model is None:
+            model = self._models[card.model] = ServedModel(card)
+            log.info("model %s available (tokenizer %s, block size %d)", card.model, card.tokenizer, card.block_size)
+        elif model.card != card:
             log.warning("workers of model %s advertise different cards; using the newest", card.model)
             model.card = card
-
-    async def _watch(self) -> None:
-        while True:
-            try:
-                async for event in self._discovery.watch("worker"):
-                    self.apply(event.kind, event.instance)
-            except DiscoveryError as exc:
-                log.warning("discovery watch failed, retrying: %s", exc)
-                await asyncio.sleep(1.0)
+        model.instances[instance.instance_id] = instance
+        if changed:
+            for listener in self._on_model:
+                listener(card)

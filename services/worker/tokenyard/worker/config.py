@@ -1,4 +1,11 @@
-"""Worker settings (env prefix ``TOKENYARD_WORKER_``)."""
+"""Worker settings (env prefix ``TOKENYARD_WORKER_``).
+
+The KV geometry (block size, blocks per rank, context length) is not a worker setting: it belongs
+to the engine, which reports it once started (``Engine.info()``), and the model card is built from
+that report. For the mocker it is set through the nested ``mocker`` group (``--mocker-block-size``,
+``TOKENYARD_WORKER_MOCKER__BLOCK_SIZE``, ...), so one knob decides both the engine's paging and the
+hashing that routers and frontends use.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,7 @@ from typing import ClassVar
 from pydantic import Field
 
 from tokenyard.common.settings import MetricsPortSettings, ServiceSettings, settings_config
+from tokenyard.worker.mocker.config import MockerConfig
 
 
 class EngineKind(StrEnum):
@@ -32,6 +40,36 @@ class WorkerSettings(MetricsPortSettings, ServiceSettings):
     engine: EngineKind = Field(default=EngineKind.MOCKER, description="Engine behind this worker.")
     role: WorkerRole = Field(default=WorkerRole.AGGREGATED, description="aggregated, prefill or decode.")
     model: str = Field(default="SmolLM2-135M-Instruct", min_length=1, description="Model name served to clients.")
-    block_size: int = Field(default=64, ge=1, le=4096, description="Tokens per KV block (hashing and paging).")
-    context_length: int = Field(default=8192, ge=16, description="Longest prompt plus output, in tokens.")
-    total_kv_blocks: int = Field(default=16384, ge=1, description="KV blocks per data-parallel rank.")
+    tokenizer: str = Field(
+        default="smollm2",
+        min_length=1,
+        description="Tokenizer and chat template the frontend uses for this model (published in the model card).",
+    )
+    kv_event_buffer: int = Field(
+        default=1024,
+        ge=1,
+        le=1_000_000,
+        description="KV events kept per dp_rank so that a resubscribing router can resume instead of "
+        "taking a snapshot.",
+    )
+    kv_subscriber_queue: int = Field(
+        default=4096,
+        ge=1,
+        le=1_000_000,
+        description="KV events queued per subscriber; a subscriber that falls further behind is resynced "
+        "with a fresh snapshot.",
+    )
+    load_interval: float = Field(
+        default=0.5,
+        gt=0,
+        le=60,
+        description="Seconds between load snapshots on KV event streams (and idle forward-pass heartbeats).",
+    )
+    max_in_flight: int = Field(
+        default=0,
+        ge=0,
+        description="Generate calls admitted at once; more are refused with RESOURCE_EXHAUSTED. 0: no limit.",
+    )
+    mocker: MockerConfig = Field(
+        default_factory=MockerConfig, description="Simulated engine (used when --engine mocker)."
+    )

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import mmap
+import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,13 +194,17 @@ def to_hf(vocab: GGUFVocab, where: str) -> tuple[Backend, dict[str, Any]]:
         return vocab.tokens[token_id] if token_id is not None and 0 <= token_id < len(vocab.tokens) else None
 
     bos, eos = text(vocab.bos_id), text(vocab.eos_id)
-    if (vocab.add_bos and bos is not None) or (vocab.add_eos and eos is not None):
-        around = [(bos, vocab.bos_id)] if vocab.add_bos and bos is not None else []
-        after = [(eos, vocab.eos_id)] if vocab.add_eos and eos is not None else []
-        single = " ".join([*(f"{t}:0" for t, _ in around), "$A:0", *(f"{t}:0" for t, _ in after)])
-        pair = " ".join([single, *(f"{t}:1" for t, _ in around), "$B:1", *(f"{t}:1" for t, _ in after)])
+    prefix = [bos] if vocab.add_bos and bos is not None else []
+    suffix = [eos] if vocab.add_eos and eos is not None else []
+    if prefix or suffix:
+
+        def sequence(piece: str, type_id: int) -> list[str]:
+            return [f"{t}:{type_id}" for t in [*prefix, piece, *suffix]]
+
         backend.post_processor = processors.TemplateProcessing(
-            single=single, pair=pair, special_tokens=[(t, i) for t, i in [*around, *after] if i is not None]
+            single=sequence("$A", 0),
+            pair=sequence("$A", 0) + sequence("$B", 1),
+            special_tokens=[(t, ids[t]) for t in dict.fromkeys([*prefix, *suffix])],
         )
     else:
         backend.post_processor = processors.ByteLevel(trim_offsets=False)
@@ -230,7 +235,8 @@ def load_gguf(path: Path, cache_root: Path | None = None) -> hf.HFTokenizer:
         try:
             return hf.load_model_dir(cached, name=name)
         except TokenizerError as exc:
-            log.warning("ignoring a broken tokenizer cache entry %s: %s", cached, exc)
+            log.warning("replacing a broken tokenizer cache entry %s: %s", cached, exc)
+            shutil.rmtree(cached, ignore_errors=True)
     log.info("converting the tokenizer of %s (cached in %s)", path, cached)
     backend, config = to_hf(read_vocab(path), name)
     try:

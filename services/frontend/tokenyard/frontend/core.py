@@ -1,0 +1,263 @@
+"""The one request pipeline behind both surfaces (OpenAI HTTP and KServe gRPC).
+
+validate → template and tokenize → block hashes → Route → Generate on the chosen worker →
+token chunks → incremental detokenization and stop strings → :class:`Delta` values.
+
+:meth:`Frontend.start` does everything up to opening the worker call and raises domain errors
+(InvalidArgument, NotFound, Unavailable, Overloaded) before anything was streamed, so that a
+surface can still answer with a status. The :class:`Generation` it returns must be closed
+(``async with`` or :meth:`Generation.aclose`): closing early, an error or a cancellation of the
+consuming task (a client that went away) cancels the worker call, which frees the request's KV
+blocks, and the router hears exactly once how the request ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator
+from types import TracebackType
+
+from tokenyard.common.errors import TokenyardError, Unavailable
+from tokenyard.common.logs import request_id_var
+from tokenyard.frontend.clients import RouterClient, WorkerClients, WorkerStream
+from tokenyard.frontend.generation import (
+    Delta,
+    FinishReason,
+    GenerationRequest,
+    Outcome,
+    Usage,
+    WorkerRequest,
+)
+from tokenyard.frontend.lifecycle import RequestLifecycle
+from tokenyard.frontend.metrics import FrontendMetrics, error_type
+from tokenyard.frontend.models import ModelRegistry
+from tokenyard.frontend.preprocess import Prepared, Preprocessor
+from tokenyard.frontend.stop_strings import StopStringMatcher
+from tokenyard.frontend.tokenizer import DetokenizeStream
+
+log = logging.getLogger(__name__)
+
+_OUTCOME_OF = {
+    FinishReason.STOP: Outcome.FINISHED,
+    FinishReason.LENGTH: Outcome.FINISHED,
+    FinishReason.CANCELLED: Outcome.CANCELLED,
+    FinishReason.ERROR: Outcome.FAILED,
+}
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Frontend:
+    def __init__(
+        self,
+        models: ModelRegistry,
+        preprocessor: Preprocessor,
+        router: RouterClient,
+        workers: WorkerClients,
+        metrics: FrontendMetrics,
+    ) -> None:
+        self.models = models
+        self._pre = preprocessor
+        self._router = router
+        self._workers = workers
+        self._metrics = metrics
+
+    async def start(self, request: GenerationRequest, request_id: str | None = None) -> Generation:
+        """Validate, tokenize, route and open the worker call; raises domain errors."""
+        started = time.perf_counter()
+        request_id = request_id or new_request_id()
+        token = request_id_var.set(request_id)
+        try:
+            card = self.models.card(request.model)
+            tokenizer = await self._pre.tokenizer(card.tokenizer)
+            prepared = self._pre.prepare(tokenizer, request, card)
+            decision = await self._router.route(
+                request_id=request_id,
+                model=request.model,
+                block_hashes=prepared.block_hashes,
+                isl_tokens=len(prepared.token_ids),
+                priority=request.priority,
+            )
+        except TokenyardError as exc:
+            self.count_failure(request, exc)
+            raise
+        finally:
+            request_id_var.reset(token)
+        lifecycle = RequestLifecycle(self._router, request_id)
+        worker_request = WorkerRequest(
+            request_id=request_id,
+            model=request.model,
+            token_ids=prepared.token_ids,
+            sampling=request.sampling,
+            stop=request.stop,
+            priority=request.priority,
+            dp_rank=decision.dp_rank,
+            lora_name=request.lora_name,
+            cache_salt=request.cache_salt,
+        )
+        try:
+            stream = self._workers.generate(decision.address, worker_request)
+        except Exception as exc:
+            lifecycle.finish(Outcome.FAILED, 0)
+            self.count_failure(request, exc)
+            raise
+        return Generation(
+            request, request_id, prepared, stream, lifecycle, DetokenizeStream(tokenizer), self._metrics, started
+        )
+
+    def count_failure(self, request: GenerationRequest | None, exc: BaseException, endpoint: str = "") -> None:
+        """Count a request that failed before it streamed anything (also parse errors of a surface)."""
+        if request is None:
+            self._metrics.count("", endpoint, False, "error", error_type(exc))
+            return
+        # Label values from client input stay bounded: unknown models are counted as "".
+        model = request.model if self.models.is_known(request.model) else ""
+        self._metrics.count(model, request.endpoint.value, request.stream, "error", error_type(exc))
+
+
+class Generation:
+    """The output of one request as :class:`Delta` values; the last has finish_reason and usage."""
+
+    def __init__(
+        self,
+        request: GenerationRequest,
+        request_id: str,
+        prepared: Prepared,
+        stream: WorkerStream,
+        lifecycle: RequestLifecycle,
+        detokenizer: DetokenizeStream,
+        metrics: FrontendMetrics,
+        started: float,
+    ) -> None:
+        self.request = request
+        self.request_id = request_id
+        self.prompt_tokens = len(prepared.token_ids)
+        self._prompt_text = prepared.prompt_text
+        self._stream = stream
+        self._lifecycle = lifecycle
+        self._detok = detokenizer
+        self._metrics = metrics
+        self._started = started
+        self._gen = self._run()
+
+    def __aiter__(self) -> Generation:
+        return self
+
+    async def __anext__(self) -> Delta:
+        return await self._gen.__anext__()
+
+    async def __aenter__(self) -> Generation:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._gen.aclose()
+        # A generation closed before it was ever iterated never entered _run's cleanup.
+        if not self._lifecycle.finished:
+            self._stream.cancel()
+            self._finish(Outcome.CANCELLED, 0, None)
+
+    async def collect(self) -> tuple[str, Delta]:
+        """The whole output text and the last delta (finish reason and usage)."""
+        parts: list[str] = []
+        last = Delta("")
+        async for delta in self:
+            parts.append(delta.text)
+            last = delta
+        return "".join(parts), last
+
+    def _finish(self, outcome: Outcome, output_tokens: int, exc: BaseException | None) -> None:
+        if not self._lifecycle.finish(outcome, output_tokens):
+            return
+        req = self.request
+        series = self._metrics.model(req.model)
+        series.inflight.dec()
+        series.duration.observe(time.perf_counter() - self._started)
+        if outcome is Outcome.FINISHED:
+            self._metrics.count(req.model, req.endpoint.value, req.stream, "success")
+        elif outcome is Outcome.CANCELLED:
+            self._metrics.count(req.model, req.endpoint.value, req.stream, "cancelled", "cancelled")
+        else:
+            self._metrics.count(
+                req.model, req.endpoint.value, req.stream, "error", error_type(exc) if exc else "internal"
+            )
+
+    async def _run(self) -> AsyncGenerator[Delta, None]:
+        req = self.request
+        series = self._metrics.model(req.model)
+        series.inflight.inc()
+        series.isl.observe(self.prompt_tokens)
+        matcher = StopStringMatcher(req.stop.stop_strings) if req.stop.stop_strings else None
+        detok = self._detok
+        output_tokens = 0
+        first_at = last_at = 0.0
+        outcome: Outcome | None = None
+        failure: BaseException | None = None
+        prefix = self._prompt_text if req.echo and self._prompt_text else ""
+        try:
+            async for chunk in self._stream:
+                if chunk.token_ids:
+                    last_at = time.perf_counter()
+                    if not output_tokens:
+                        first_at = last_at
+                        self._lifecycle.first_token()
+                        series.ttft.observe(first_at - self._started)
+                    output_tokens += len(chunk.token_ids)
+                    text = detok.push(chunk.token_ids)
+                else:
+                    text = ""
+                finish = chunk.finish_reason
+                usage = chunk.usage
+                if finish is not None:
+                    text += detok.flush()
+                    if matcher is not None:
+                        text, stopped = matcher.feed(text)
+                        if not stopped:
+                            text += matcher.flush()
+                elif matcher is not None and text:
+                    text, stopped = matcher.feed(text)
+                    if stopped:
+                        # Stop strings are the frontend's to apply: end the worker's request here.
+                        self._stream.cancel()
+                        finish = FinishReason.STOP
+                if finish is not None:
+                    usage = usage or Usage(self.prompt_tokens, output_tokens)
+                    outcome = _OUTCOME_OF[finish]
+                    self._observe_end(usage, output_tokens, first_at, last_at)
+                    # Tell the router before handing out the last delta: the consumer may
+                    # never come back for more.
+                    self._finish(outcome, output_tokens, None)
+                    yield Delta(prefix + text, finish, usage)
+                    return
+                if text:
+                    yield Delta(prefix + text)
+                    prefix = ""
+            raise Unavailable("the worker ended the stream without finishing the request")
+        except (asyncio.CancelledError, GeneratorExit):
+            if outcome is None:
+                outcome = Outcome.CANCELLED
+            raise
+        except BaseException as exc:
+            failure = exc
+            raise
+        finally:
+            if outcome is not Outcome.FINISHED:
+                self._stream.cancel()
+            self._finish(outcome or Outcome.FAILED, output_tokens, failure)
+
+    def _observe_end(self, usage: Usage, output_tokens: int, first_at: float, last_at: float) -> None:
+        series = self._metrics.model(self.request.model)
+        series.osl.observe(output_tokens)
+        series.output_tokens.inc(output_tokens)
+        series.cached.observe(usage.cached_tokens)
+        if output_tokens > 1:
+            series.itl.observe((last_at - first_at) / (output_tokens - 1))

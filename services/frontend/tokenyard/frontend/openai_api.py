@@ -1,0 +1,292 @@
+"""The OpenAI request bodies (``/v1/completions``, ``/v1/chat/completions``) and their responses.
+
+Bodies are validated with pydantic and turned into a :class:`GenerationRequest`. Unknown fields
+are ignored: peer routers (sglang-router, vllm-router) and SDKs add their own. Extensions beyond
+OpenAI follow vLLM's names: ``top_k``, ``min_p``, ``min_tokens``, ``repetition_penalty``,
+``stop_token_ids``, ``ignore_eos``, ``chat_template_kwargs``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tokenyard.common.errors import InvalidArgument
+from tokenyard.frontend.generation import (
+    Delta,
+    Endpoint,
+    FinishReason,
+    GenerationRequest,
+    Sampling,
+    StopConditions,
+    Usage,
+)
+
+# OpenAI's default for /v1/completions; chat has no default (up to the context length).
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+_U32 = 2**32 - 1
+_U64 = 2**64 - 1
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _SamplingBody(_Body):
+    model: str = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=_U32)
+    min_tokens: int = Field(default=0, ge=0, le=_U32)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    # vLLM's convention: -1 (or 0) means no top-k limit.
+    top_k: int | None = Field(default=None, ge=-1, le=_U32)
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    seed: int | None = Field(default=None, ge=-(2**63), le=_U64)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(default=None, gt=0)
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(default=1, ge=1)
+    logprobs: Any = None
+    priority: int = Field(default=0, ge=-(2**31), le=2**31 - 1)
+    cache_salt: str | None = None
+
+
+class CompletionBody(_SamplingBody):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+
+
+class ChatBody(_SamplingBody):
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=_U32)
+    tools: list[dict[str, Any]] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool = True
+    top_logprobs: int | None = None
+
+
+_B = TypeVar("_B", bound=_Body)
+
+
+def _validation_message(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "body"
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{where}: {err['msg']}{more}"
+
+
+def _parse(cls: type[_B], body: object) -> _B:
+    if not isinstance(body, dict):
+        raise InvalidArgument("the request body must be a JSON object")
+    try:
+        return cls.model_validate(body)
+    except ValidationError as exc:
+        raise InvalidArgument(_validation_message(exc)) from None
+
+
+def _common(body: _SamplingBody, max_tokens: int | None) -> dict[str, Any]:
+    if body.n != 1:
+        raise InvalidArgument("n: only one choice per request is supported")
+    if body.logprobs not in (None, False):
+        raise InvalidArgument("logprobs: log probabilities are not supported")
+    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    if any(t < 0 or t > _U32 for t in body.stop_token_ids or ()):
+        raise InvalidArgument("stop_token_ids: token ids must be in [0, 2**32)")
+    seed = body.seed
+    if seed is not None and seed < 0:
+        # Clients send signed 64-bit seeds; the engine takes the same bits unsigned.
+        seed &= _U64
+    return {
+        "model": body.model,
+        "stream": body.stream,
+        "sampling": Sampling(
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k if body.top_k and body.top_k > 0 else None,
+            min_p=body.min_p,
+            seed=seed,
+            repetition_penalty=body.repetition_penalty,
+            frequency_penalty=body.frequency_penalty,
+            presence_penalty=body.presence_penalty,
+        ),
+        "stop": StopConditions(
+            max_tokens=max_tokens,
+            min_tokens=body.min_tokens,
+            stop_token_ids=tuple(body.stop_token_ids or ()),
+            ignore_eos=body.ignore_eos,
+            stop_strings=stop,
+        ),
+        "priority": body.priority,
+        "cache_salt": body.cache_salt or "",
+    }
+
+
+def parse_completion(raw: object) -> tuple[GenerationRequest, bool]:
+    """``(request, include_usage)`` of a ``/v1/completions`` body."""
+    body = _parse(CompletionBody, raw)
+    prompt = body.prompt
+    text: str | None = None
+    token_ids: list[int] | None = None
+    if isinstance(prompt, str):
+        text = prompt
+    elif prompt and all(isinstance(p, int) for p in prompt):
+        token_ids = prompt  # type: ignore[assignment]
+    elif len(prompt) == 1:
+        only = prompt[0]
+        if isinstance(only, str):
+            text = only
+        else:
+            token_ids = only  # type: ignore[assignment]
+    elif not prompt:
+        raise InvalidArgument("prompt: must not be empty")
+    else:
+        raise InvalidArgument("prompt: only one prompt per request is supported")
+    max_tokens = body.max_tokens if body.max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS
+    request = GenerationRequest(
+        endpoint=Endpoint.COMPLETIONS,
+        prompt=text,
+        prompt_token_ids=token_ids,
+        echo=body.echo,
+        **_common(body, max_tokens),
+    )
+    return request, bool(body.stream_options and body.stream_options.include_usage)
+
+
+def _message_text(message: Mapping[str, Any], index: int) -> dict[str, Any]:
+    role = message.get("role")
+    if not isinstance(role, str) or not role:
+        raise InvalidArgument(f"messages.{index}.role: must be a non-empty string")
+    content = message.get("content")
+    if content is None or isinstance(content, str):
+        return dict(message)
+    if isinstance(content, list):
+        parts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise InvalidArgument(f"messages.{index}.content.{j}: only text parts are supported")
+            parts.append(part["text"])
+        return {**message, "content": "".join(parts)}
+    raise InvalidArgument(f"messages.{index}.content: must be a string or a list of text parts")
+
+
+def parse_chat(raw: object) -> tuple[GenerationRequest, bool]:
+    """``(request, include_usage)`` of a ``/v1/chat/completions`` body."""
+    body = _parse(ChatBody, raw)
+    if body.top_logprobs:
+        raise InvalidArgument("top_logprobs: log probabilities are not supported")
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    request = GenerationRequest(
+        endpoint=Endpoint.CHAT_COMPLETIONS,
+        messages=[_message_text(m, i) for i, m in enumerate(body.messages)],
+        tools=body.tools,
+        template_kwargs=body.chat_template_kwargs,
+        add_generation_prompt=body.add_generation_prompt,
+        **_common(body, max_tokens),
+    )
+    return request, bool(body.stream_options and body.stream_options.include_usage)
+
+
+# ---- responses ------------------------------------------------------------------------------
+
+
+def usage_json(usage: Usage) -> dict[str, Any]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+    }
+
+
+def _finish(reason: FinishReason | None) -> str | None:
+    if reason is None:
+        return None
+    # OpenAI clients know stop, length and content_filter; a worker-side abort is neither.
+    return "stop" if reason is FinishReason.CANCELLED else reason.value
+
+
+class ResponseWriter:
+    """Renders the deltas of one request in the OpenAI shape of its endpoint."""
+
+    def __init__(self, endpoint: Endpoint, request_id: str, model: str, include_usage: bool) -> None:
+        self.chat = endpoint is Endpoint.CHAT_COMPLETIONS
+        self.id = ("chatcmpl-" if self.chat else "cmpl-") + request_id
+        self.model = model
+        self.created = int(time.time())
+        self.include_usage = include_usage
+        self._object = "chat.completion.chunk" if self.chat else "text_completion"
+        self._role_sent = False
+
+    def full(self, text: str, last: Delta) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": 0, "finish_reason": _finish(last.finish_reason), "logprobs": None}
+        if self.chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        return {
+            "id": self.id,
+            "object": "chat.completion" if self.chat else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+            "usage": usage_json(last.usage) if last.usage else None,
+        }
+
+    def chunk(self, delta: Delta) -> bytes:
+        choice: dict[str, Any] = {"index": 0, "finish_reason": _finish(delta.finish_reason), "logprobs": None}
+        if self.chat:
+            content: dict[str, Any] = {"content": delta.text}
+            if not self._role_sent:
+                content["role"] = "assistant"
+                self._role_sent = True
+            choice["delta"] = content
+        else:
+            choice["text"] = delta.text
+        doc: dict[str, Any] = {
+            "id": self.id,
+            "object": self._object,
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+        }
+        if self.include_usage:
+            # With include_usage, every chunk carries "usage": null except the extra last one.
+            doc["usage"] = None
+        return sse(doc)
+
+    def usage_chunk(self, usage: Usage) -> bytes:
+        return sse(
+            {
+                "id": self.id,
+                "object": self._object,
+                "created": self.created,
+                "model": self.model,
+                "choices": [],
+                "usage": usage_json(usage),
+            }
+        )
+
+
+def sse(doc: Mapping[str, Any]) -> bytes:
+    return b"data: " + json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def error_body(status: int, message: str, kind: str) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": None, "code": status}}
+

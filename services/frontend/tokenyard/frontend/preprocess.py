@@ -1,0 +1,102 @@
+"""Before routing: the model's tokenizer, the chat template, token ids and KV block hashes.
+
+Tokenizers are named by the model card (``ModelCard.tokenizer``) and loaded once per reference,
+off the event loop (a GGUF vocabulary takes a moment to convert the first time). Requests that
+arrive while it loads wait for the same load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from tokenyard.common.discovery import ModelCard
+from tokenyard.common.errors import FailedPrecondition, InvalidArgument
+from tokenyard.common.hashing import local_block_hashes, salt_hash
+from tokenyard.frontend.generation import GenerationRequest
+from tokenyard.frontend.tokenizer import Tokenizer, TokenizerError, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    token_ids: Sequence[int]
+    # The prompt as text, for ``echo`` (None when the client sent token ids and no echo is needed).
+    prompt_text: str | None
+    # Local hashes of the prompt's complete blocks (what the router indexes by).
+    block_hashes: list[int]
+
+
+class Preprocessor:
+    def __init__(self, loader: Callable[[str], Tokenizer] = load_tokenizer) -> None:
+        self._loader = loader
+        self._loads: dict[str, asyncio.Future[Tokenizer]] = {}
+
+    def prefetch(self, ref: str) -> None:
+        """Start loading ``ref`` in the background (a model appeared in discovery)."""
+        if ref not in self._loads:
+            fut = self._start(ref)
+            # A failed prefetch is reported to the requests that need it, not here.
+            fut.add_done_callback(lambda f: f.exception() if not f.cancelled() else None)
+
+    def _start(self, ref: str) -> asyncio.Future[Tokenizer]:
+        fut = asyncio.ensure_future(asyncio.to_thread(self._loader, ref))
+        self._loads[ref] = fut
+        return fut
+
+    async def tokenizer(self, ref: str) -> Tokenizer:
+        fut = self._loads.get(ref)
+        if fut is None:
+            fut = self._start(ref)
+        try:
+            return await asyncio.shield(fut)
+        except TokenizerError as exc:
+            # Forget the failure so that a fixed deployment (a package installed) recovers
+            # without a restart; the next request tries again.
+            if self._loads.get(ref) is fut:
+                del self._loads[ref]
+            raise FailedPrecondition(str(exc)) from None
+
+    def prepare(self, tokenizer: Tokenizer, request: GenerationRequest, card: ModelCard) -> Prepared:
+        prompt_text: str | None
+        if request.messages is not None:
+            prompt_text = tokenizer.apply_chat_template(
+                [dict(m) for m in request.messages],
+                add_generation_prompt=request.add_generation_prompt,
+                tools=[dict(t) for t in request.tools] if request.tools else None,
+                template_kwargs=request.template_kwargs,
+            )
+            # The template already wrote whatever special tokens the model wants.
+            token_ids: Sequence[int] = tokenizer.encode(prompt_text, add_special_tokens=False)
+        elif request.prompt is not None:
+            prompt_text = request.prompt
+            token_ids = tokenizer.encode(prompt_text, add_special_tokens=True)
+        elif request.prompt_token_ids is not None:
+            token_ids = request.prompt_token_ids
+            vocab = tokenizer.vocab_size
+            if any(t < 0 or t >= vocab for t in token_ids):
+                raise InvalidArgument(f"prompt token ids must be in [0, {vocab})")
+            prompt_text = tokenizer.decode(token_ids, skip_special_tokens=False) if request.echo else None
+        else:
+            raise InvalidArgument("a prompt is required")
+        if not token_ids:
+            raise InvalidArgument("the prompt is empty")
+        _check_length(len(token_ids), request.stop.max_tokens, card.context_length)
+        seed = salt_hash(request.lora_name, request.cache_salt)
+        hashes = local_block_hashes(token_ids, card.block_size, seed)
+        return Prepared(token_ids, prompt_text, hashes)
+
+
+def _check_length(prompt_tokens: int, max_tokens: int | None, context_length: int) -> None:
+    if prompt_tokens >= context_length:
+        raise InvalidArgument(
+            f"the prompt has {prompt_tokens} tokens; this model's context length is {context_length}"
+        )
+    if max_tokens is not None and prompt_tokens + max_tokens > context_length:
+        raise InvalidArgument(
+            f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds this model's "
+            f"context length ({context_length})"
+        )

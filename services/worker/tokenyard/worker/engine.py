@@ -1,0 +1,244 @@
+"""The seam between a worker and the engine behind it (mocker now; cpu, vllm, trtllm later).
+
+Everything here is a plain domain type: the servicer translates protobuf to and from these, and
+an engine never sees a ``*_pb2`` message. Engines report failures with the domain errors of
+:mod:`tokenyard.common.errors`, which reach the client as gRPC status codes:
+
+* ``InvalidArgument`` - a request this engine can never serve (prompt too long, bad dp_rank, ...);
+* ``AlreadyExists`` - a request id that is already running here;
+* ``Unavailable`` - the engine is not running, or failed before the request produced a token;
+* ``Unimplemented`` - an optional capability (KV export/import) the engine does not have.
+
+Listeners passed to ``subscribe_*`` are called synchronously from the engine's own loop, in order;
+they must be quick and must not raise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
+
+from tokenyard.worker.kv_events import KvEventListener, KvStored
+
+
+class FinishReason(StrEnum):
+    STOP = "stop"
+    """An end-of-sequence or stop token."""
+    LENGTH = "length"
+    """``max_tokens`` reached, or the context length."""
+    CANCELLED = "cancelled"
+    """Ended by the worker (``abort``), e.g. when a drain's grace period ran out."""
+    ERROR = "error"
+    """The engine gave up on the request after it had produced tokens."""
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """None takes the engine's default."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    repetition_penalty: float | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class KvTransferParams:
+    """Where a decode worker pulls a prompt's KV from (disaggregated serving)."""
+
+    source_worker_id: int
+    source_dp_rank: int
+    source_address: str
+    transfer_id: str
+    block_hashes: tuple[int, ...]
+    """Sequence hashes of the prompt's complete blocks, in prompt order."""
+    num_tokens: int
+    engine_params: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class EngineRequest:
+    request_id: str
+    token_ids: tuple[int, ...]
+    max_tokens: int | None = None
+    """None: up to the context length."""
+    min_tokens: int = 0
+    stop_token_ids: frozenset[int] = frozenset()
+    ignore_eos: bool = False
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    priority: int = 0
+    dp_rank: int | None = None
+    lora_name: str = ""
+    cache_salt: str = ""
+    prefill_only: bool = False
+    kv_transfer: KvTransferParams | None = None
+    """Decode side: import the prompt's KV from here instead of computing it."""
+    annotations: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    """Prompt tokens the engine did not compute: prefix-cache hits plus imported KV."""
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateChunk:
+    """Every token ready since the previous chunk; the last chunk also says how the request ended."""
+
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+    queued_s: float | None = None
+    """Last chunk: seconds from acceptance until first scheduled; None if the engine does not know."""
+    kv_transfer: KvTransferParams | None = None
+    """Last chunk of a prefill-only request: what a decode worker needs (source fields left empty
+    for the worker to fill in)."""
+
+    @property
+    def last(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True, slots=True)
+class RankLoad:
+    dp_rank: int
+    active_blocks: int
+    total_blocks: int
+    waiting: int
+    running: int
+    active_prefill_tokens: int
+    timestamp_unix_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class KvSnapshot:
+    """One rank's whole cache: applying ``chains`` in order to an empty index reproduces the
+    rank's index after every event with id < ``next_event_id``. Parents come before children."""
+
+    dp_rank: int
+    next_event_id: int
+    chains: tuple[KvStored, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class StepRequests:
+    num_prefill_requests: int = 0
+    sum_prefill_tokens: int = 0
+    var_prefill_length: float = 0.0
+    sum_prefill_kv_tokens: int = 0
+    num_decode_requests: int = 0
+    sum_decode_kv_tokens: int = 0
+    var_decode_kv_tokens: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class StepMetrics:
+    """One engine iteration of one rank."""
+
+    dp_rank: int
+    wall_time_s: float
+    scheduled: StepRequests
+    queued: StepRequests
+    timestamp_unix_ns: int
+
+
+StepListener = Callable[[StepMetrics], None]
+
+
+@dataclass(frozen=True, slots=True)
+class EngineInfo:
+    """What the engine knows about itself once started; the model card is built from it."""
+
+    kind: str
+    dp_size: int
+    block_size: int
+    context_length: int
+    total_kv_blocks: int
+    """Device KV pool per rank, in blocks."""
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    eos_token_ids: tuple[int, ...]
+    publishes_kv_events: bool
+
+
+@dataclass(frozen=True, slots=True)
+class KvBlockLayout:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: str
+    layout_hash: int
+
+
+@dataclass(frozen=True, slots=True)
+class KvBlockExport:
+    layout: KvBlockLayout
+    blocks: tuple[tuple[int, bytes], ...]
+    """(sequence hash, K and V of every layer) per block, in the requested order."""
+
+
+class Engine(Protocol):
+    def info(self) -> EngineInfo:
+        """Geometry and limits; valid once :meth:`start` returned."""
+        ...
+
+    async def start(self) -> None:
+        """Load the model and start serving; raises on failure."""
+        ...
+
+    async def stop(self) -> None:
+        """Stop; requests still in flight end with ``cancelled``."""
+        ...
+
+    def generate(self, request: EngineRequest) -> AsyncIterator[GenerateChunk]:
+        """Stream the request's tokens. Closing the iterator (or cancelling its consumer) aborts
+        the request and frees its KV blocks."""
+        ...
+
+    def abort(self, request_id: str) -> bool:
+        """End a running request now; its stream ends with ``cancelled``. False if unknown."""
+        ...
+
+    def load(self) -> tuple[RankLoad, ...]:
+        """One entry per rank, by dp_rank."""
+        ...
+
+    def subscribe_kv_events(self, listener: KvEventListener) -> Callable[[], None]:
+        """Call ``listener`` for every later KV event of every rank; returns the unsubscribe function.
+        Subscribing before :meth:`start` sees every event from id 0."""
+        ...
+
+    def kv_snapshot(self, dp_rank: int) -> KvSnapshot:
+        """The rank's cache now, consistent with the events published so far."""
+        ...
+
+    def last_event_id(self, dp_rank: int) -> int:
+        """Id of the rank's newest KV event, -1 before the first."""
+        ...
+
+    def subscribe_steps(self, listener: StepListener) -> Callable[[], None]:
+        """Call ``listener`` after every engine step that did work."""
+        ...
+
+    async def export_kv_blocks(self, transfer_id: str, block_hashes: Sequence[int]) -> KvBlockExport:
+        """The bytes of blocks held for a transfer (all of them when ``block_hashes`` is empty).
+        Raises NotFound when the transfer or a block is no longer held."""
+        ...
+
+    async def release_kv_transfer(self, transfer_id: str) -> None:
+        """Let go of the blocks held for a transfer."""
+        ...
+
+    async def import_kv_blocks(self, params: KvTransferParams, blocks: KvBlockExport) -> None:
+        """Place blocks fetched from a prefill worker into this engine's cache."""
+        ...
