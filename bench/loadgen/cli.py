@@ -20,7 +20,7 @@ import shlex
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -43,6 +43,7 @@ from bench.loadgen.runner import LoadShape, run_load
 from bench.loadgen.stats import summarize
 from bench.loadgen.workload import (
     MooncakeWorkload,
+    RequestSpec,
     SharedPrefixWorkload,
     TokenRange,
     Workload,
@@ -109,64 +110,130 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     t = p.add_argument_group("target")
-    t.add_argument("--target", action="append", metavar="URL",
-                   help=f"server base URL (default {DEFAULT_TARGET}); give two for an A/B run")
-    t.add_argument("--endpoint", choices=("completions", "chat"), default="completions",
-                   help="/v1/completions or /v1/chat/completions (default completions)")
+    t.add_argument(
+        "--target",
+        action="append",
+        metavar="URL",
+        help=f"server base URL (default {DEFAULT_TARGET}); give two for an A/B run",
+    )
+    t.add_argument(
+        "--endpoint",
+        choices=("completions", "chat"),
+        default="completions",
+        help="/v1/completions or /v1/chat/completions (default completions)",
+    )
     t.add_argument("--model", help="model name (default: the first one /v1/models lists)")
-    t.add_argument("--header", action="append", type=_header, default=[], metavar="'NAME: VALUE'",
-                   help="extra request header, repeatable (routing hints, auth)")
-    t.add_argument("--extra-body", type=_json_object, default={}, metavar="JSON",
-                   help="JSON object merged into every request body")
-    t.add_argument("--prompt-format", choices=("text", "tokens"), default="text",
-                   help="prompts as pseudo-word text, or as token-id lists (completions only; exact lengths)")
-    t.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
-                   help="send ignore_eos and min_tokens so every request generates its full output length")
-    t.add_argument("--request-timeout", type=float, default=600.0, metavar="S", help="per request (default 600)")
+    t.add_argument(
+        "--header",
+        action="append",
+        type=_header,
+        default=[],
+        metavar="'NAME: VALUE'",
+        help="extra request header, repeatable (routing hints, auth)",
+    )
+    t.add_argument(
+        "--extra-body",
+        type=_json_object,
+        default={},
+        metavar="JSON",
+        help="JSON object merged into every request body",
+    )
+    t.add_argument(
+        "--prompt-format",
+        choices=("text", "tokens"),
+        default="text",
+        help="prompts as pseudo-word text, or as token-id lists (completions only; exact lengths)",
+    )
+    t.add_argument(
+        "--ignore-eos",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="send ignore_eos and min_tokens so every request generates its full output length",
+    )
+    t.add_argument(
+        "--request-timeout", type=float, default=600.0, metavar="S", help="per request (default 600)"
+    )
     w = p.add_argument_group("workload (synthetic shared prefixes, unless --trace)")
     w.add_argument("--num-prefixes", type=int, default=10, help="distinct shared prefixes (default 10)")
     w.add_argument("--prefix-len", type=int, default=512, help="tokens per shared prefix (default 512)")
     w.add_argument("--suffix-len", type=int, default=128, help="unique tokens after the prefix (default 128)")
     w.add_argument("--output-len", type=int, default=64, help="tokens to generate (default 64)")
     w.add_argument("--seed", type=int, default=0, help="workload and arrival seed (default 0)")
-    w.add_argument("--token-range", type=_token_range, default=TokenRange(), metavar="LOW:HIGH",
-                   help="token ids are drawn from [LOW, HIGH) (default 1000:30000)")
-    w.add_argument("--trace", type=Path, metavar="JSONL",
-                   help="replay a Mooncake trace (timestamp ms, input_length, output_length, hash_ids)")
+    w.add_argument(
+        "--token-range",
+        type=_token_range,
+        default=TokenRange(),
+        metavar="LOW:HIGH",
+        help="token ids are drawn from [LOW, HIGH) (default 1000:30000)",
+    )
+    w.add_argument(
+        "--trace",
+        type=Path,
+        metavar="JSONL",
+        help="replay a Mooncake trace (timestamp ms, input_length, output_length, hash_ids)",
+    )
     w.add_argument("--block-size", type=int, default=512, help="tokens per trace hash_id block (default 512)")
     w.add_argument("--fixed-schedule", action="store_true", help="send trace requests at their timestamps")
     w.add_argument("--speedup", type=float, default=1.0, help="replay the schedule this many times faster")
     lo = p.add_argument_group("load (default: --concurrency 8; bound: 100 requests, or the whole trace)")
     lo.add_argument("--concurrency", type=int, help="closed loop: keep N requests in flight")
     lo.add_argument("--rate", type=float, help="open loop: R requests per second")
-    lo.add_argument("--arrival", choices=("poisson", "constant"), default="poisson",
-                    help="inter-arrival times at --rate (default poisson)")
+    lo.add_argument(
+        "--arrival",
+        choices=("poisson", "constant"),
+        default="poisson",
+        help="inter-arrival times at --rate (default poisson)",
+    )
     lo.add_argument("--max-concurrency", type=int, help="open loop: cap on requests in flight")
     lo.add_argument("--num-requests", type=int, help="measured requests to send")
     lo.add_argument("--duration", type=float, metavar="S", help="stop sending after S seconds")
     lo.add_argument("--warmup", type=int, default=0, help="requests sent first and left out of the results")
     c = p.add_argument_group("server CPU")
-    c.add_argument("--pids", type=_pids, default=[], metavar="PID,PID", help="processes to account CPU time of")
-    c.add_argument("--measure-cpu-of", metavar="REGEX",
-                   help="account CPU time of the processes whose command line matches")
+    c.add_argument(
+        "--pids", type=_pids, default=[], metavar="PID,PID", help="processes to account CPU time of"
+    )
+    c.add_argument(
+        "--measure-cpu-of",
+        metavar="REGEX",
+        help="account CPU time of the processes whose command line matches",
+    )
     ab = p.add_argument_group("configurations (A/B)")
-    ab.add_argument("--ab", nargs=2, metavar=("FLAGS_A", "FLAGS_B"),
-                    help="two configurations, each a string of flags applied over the others")
+    ab.add_argument(
+        "--ab",
+        nargs=2,
+        metavar=("FLAGS_A", "FLAGS_B"),
+        help="two configurations, each a string of flags (or a file of them) applied over the others",
+    )
     ab.add_argument("--labels", help="comma-separated configuration names (default A,B,...)")
-    ab.add_argument("--ab-rounds", type=int, default=1, help="alternate the configurations N times (default 1)")
+    ab.add_argument(
+        "--ab-rounds", type=int, default=1, help="alternate the configurations N times (default 1)"
+    )
     ab.add_argument("--setup", metavar="CMD", help="shell command run before a configuration's run")
     ab.add_argument("--teardown", metavar="CMD", help="shell command run after a configuration's run")
     for side in ("a", "b"):
         ab.add_argument(f"--setup-{side}", metavar="CMD", help=f"--setup for configuration {side.upper()}")
-        ab.add_argument(f"--teardown-{side}", metavar="CMD", help=f"--teardown for configuration {side.upper()}")
-    ab.add_argument("--ready-timeout", type=float, default=120.0, metavar="S",
-                    help="after a setup command, wait this long for /v1/models to answer (default 120)")
+        ab.add_argument(
+            f"--teardown-{side}", metavar="CMD", help=f"--teardown for configuration {side.upper()}"
+        )
+    ab.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=120.0,
+        metavar="S",
+        help="after a setup command, wait this long for /v1/models to answer (default 120)",
+    )
     o = p.add_argument_group("output")
-    o.add_argument("--name", default="loadgen", help="results name: bench/results/NAME.json (default loadgen)")
+    o.add_argument(
+        "--name", default="loadgen", help="results name: bench/results/NAME.json (default loadgen)"
+    )
     o.add_argument("--output", type=Path, help="results path (overrides --name's)")
     o.add_argument("--save-requests", action="store_true", help="also write every request's measurements")
-    o.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
-                   help="live line on stderr: auto = on a terminal only (default)")
+    o.add_argument(
+        "--progress",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="live line on stderr: auto = on a terminal only (default)",
+    )
     return p
 
 
@@ -178,11 +245,17 @@ def _override_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def apply_overrides(base: argparse.Namespace, flags: str, parser: argparse.ArgumentParser) -> argparse.Namespace:
-    given = vars(_override_parser().parse_args(shlex.split(flags)))
+def apply_overrides(
+    base: argparse.Namespace, flags: str, parser: argparse.ArgumentParser
+) -> argparse.Namespace:
+    if flags.strip() and Path(flags.strip()).is_file():
+        flags = Path(flags.strip()).read_text()
+    given = vars(_override_parser().parse_args(shlex.split(flags, comments=True)))
     forbidden = sorted(k for k in given if k in INVOCATION_FLAGS)
     if forbidden:
-        parser.error(f"--ab configuration {flags!r} may not set {', '.join('--' + k.replace('_', '-') for k in forbidden)}")
+        parser.error(
+            f"--ab configuration {flags!r} may not set {', '.join('--' + k.replace('_', '-') for k in forbidden)}"
+        )
     merged = copy.deepcopy(base)
     if any(k in given for k in LOAD_MODES):
         # A configuration that picks a load mode replaces the base's, instead of conflicting with it.
@@ -211,11 +284,11 @@ class Config:
 
 def configurations(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> list[Config]:
     if ns.ab:
+        if ns.target and len(ns.target) > 1:
+            parser.error("with --ab, give one --target, or one inside each configuration")
         variants = [apply_overrides(ns, flags, parser) for flags in ns.ab]
-        for v in variants:
-            if v.target and len(v.target) > 1:
-                # Base and configuration both named a target: the configuration's wins.
-                v.target = v.target[-1:]
+        if any(v.target and len(v.target) > 1 for v in variants):
+            parser.error("an --ab configuration may name one --target")
     elif ns.target and len(ns.target) > 1:
         variants = []
         for target in ns.target:
@@ -256,7 +329,11 @@ def _validate(cfg: Config, parser: argparse.ArgumentParser) -> None:
 def make_workload(ns: argparse.Namespace) -> Workload:
     if ns.trace:
         workload = MooncakeWorkload(
-            load_trace(ns.trace), block_size=ns.block_size, seed=ns.seed, tokens=ns.token_range, path=str(ns.trace)
+            load_trace(ns.trace),
+            block_size=ns.block_size,
+            seed=ns.seed,
+            tokens=ns.token_range,
+            path=str(ns.trace),
         )
         if ns.fixed_schedule and not workload.has_timestamps:
             raise ValueError(f"{ns.trace}: --fixed-schedule needs a timestamp on every row")
@@ -334,6 +411,9 @@ class Outcome:
     cpu: dict[int, ProcessCpu] | None = None
     model: str = ""
     endpoint: str = ""
+    rounds: int = 0
+    specs: Iterator[RequestSpec] | None = None
+    """An endless workload goes on across rounds, so no round repeats another's prompts; a trace restarts."""
 
     def add_cpu(self, report: CpuReport) -> None:
         cpu = self.cpu if self.cpu is not None else {}
@@ -345,7 +425,9 @@ class Outcome:
     def cpu_report(self) -> CpuReport | None:
         if self.cpu is None:
             return None
-        return CpuReport(sum(p.seconds for p in self.cpu.values()), sorted(self.cpu.values(), key=lambda p: p.pid))
+        return CpuReport(
+            sum(p.seconds for p in self.cpu.values()), sorted(self.cpu.values(), key=lambda p: p.pid)
+        )
 
 
 async def run_config(cfg: Config, outcome: Outcome, progress_mode: ProgressMode, stop: asyncio.Event) -> None:
@@ -370,7 +452,9 @@ async def run_config(cfg: Config, outcome: Outcome, progress_mode: ProgressMode,
             )
             outcome.model, outcome.endpoint = model, endpoint.url
             send = partial(stream_request, session, endpoint)
-            specs = iter(workload)
+            if outcome.specs is None or workload.size is not None:
+                outcome.specs = iter(workload)
+            specs = outcome.specs
             if ns.warmup:
                 warm = LoadShape(concurrency=min(ns.warmup, shape.pool_size or 8), num_requests=ns.warmup)
                 await run_load(send, itertools.islice(specs, ns.warmup), warm, stop=stop)
@@ -389,6 +473,7 @@ async def run_config(cfg: Config, outcome: Outcome, progress_mode: ProgressMode,
                 outcome.add_cpu(meter.stop())
         outcome.records.extend(result.records)
         outcome.duration_s += result.duration_s
+        outcome.rounds += 1
     finally:
         if ns.teardown:
             await shell(cfg.label, "teardown", ns.teardown)
@@ -418,7 +503,11 @@ def config_json(cfg: Config, outcome: Outcome, rounds: int) -> dict[str, object]
 
 
 async def run_cli(argv: Sequence[str] | None = None, stop: asyncio.Event | None = None) -> int:
-    """Runs every configuration, prints the tables, writes the JSON; 0 when each had a successful request."""
+    """Runs every configuration, prints the tables, writes the JSON.
+
+    Exit status: 0 when every configuration had a successful request, 1 when one had none, 2 on a
+    setup or configuration error, 130 when interrupted (the runs that finished are still reported).
+    """
     parser = build_parser()
     args = list(sys.argv[1:] if argv is None else argv)
     ns = parser.parse_args(args)
@@ -435,15 +524,20 @@ async def run_cli(argv: Sequence[str] | None = None, stop: asyncio.Event | None 
     except (RuntimeError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    # An interrupted invocation reports the configurations that ran, not those it never reached.
+    ran = [cfg for cfg in configs if outcomes[cfg.label].rounds]
+    if not ran:
+        print("error: interrupted before any run finished", file=sys.stderr)
+        return 130
     reports = [
         RunReport(
             label=cfg.label,
-            config=config_json(cfg, outcomes[cfg.label], ns.ab_rounds),
+            config=config_json(cfg, outcomes[cfg.label], outcomes[cfg.label].rounds),
             summary=summarize(outcomes[cfg.label].records, outcomes[cfg.label].duration_s),
             cpu=outcomes[cfg.label].cpu_report(),
             records=outcomes[cfg.label].records,
         )
-        for cfg in configs
+        for cfg in ran
     ]
     for report in reports:
         print(run_table(report))
@@ -453,6 +547,8 @@ async def run_cli(argv: Sequence[str] | None = None, stop: asyncio.Event | None 
     path = ns.output or RESULTS_DIR / f"{ns.name}.json"
     write_results(path, ns.name, args, reports, ns.save_requests, created)
     print(f"results: {path}")
+    if stop.is_set():
+        return 130
     return 0 if all(r.summary.requests_ok for r in reports) else 1
 
 

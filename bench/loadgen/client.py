@@ -228,7 +228,9 @@ class StreamReader:
             _usage(rec, usage)
 
 
-async def stream_request(session: aiohttp.ClientSession, endpoint: Endpoint, spec: RequestSpec) -> RequestRecord:
+async def stream_request(
+    session: aiohttp.ClientSession, endpoint: Endpoint, spec: RequestSpec
+) -> RequestRecord:
     body = build_body(endpoint, spec)
     record = RequestRecord(index=spec.index, start_s=time.perf_counter())
     reader = StreamReader(record)
@@ -242,7 +244,7 @@ async def stream_request(session: aiohttp.ClientSession, endpoint: Endpoint, spe
                 reader.close(time.perf_counter())
     except TimeoutError:
         record.fail("timeout", "request timeout")
-    except aiohttp.ClientError as exc:
+    except (aiohttp.ClientError, OSError) as exc:
         record.fail(type(exc).__name__, str(exc)[:300])
     record.end_s = time.perf_counter()
     return record

@@ -55,9 +55,15 @@ def headline(run: RunReport) -> dict[str, float | None]:
         "output throughput (tok/s)": s.output_token_throughput,
         "prompt throughput (tok/s)": s.prompt_token_throughput,
         "cache hit rate (%)": None if s.cache_hit_rate is None else s.cache_hit_rate * 100.0,
+        "send rate (req/s)": s.send_rate,
         "mean concurrency": s.mean_concurrency,
     }
-    for name, dist in (("TTFT", s.ttft_ms), ("ITL", s.itl_ms), ("TPOT", s.tpot_ms), ("latency", s.latency_ms)):
+    for name, dist in (
+        ("TTFT", s.ttft_ms),
+        ("ITL", s.itl_ms),
+        ("TPOT", s.tpot_ms),
+        ("latency", s.latency_ms),
+    ):
         for field in ("mean", "p50", "p90", "p99"):
             metrics[f"{name} {field} (ms)"] = _dist(dist, field)
     metrics["CPU (s)"] = None if run.cpu is None else run.cpu.seconds
@@ -98,7 +104,7 @@ def run_table(run: RunReport) -> str:
     lines = [f"== {run.label}: {run.config.get('target')} ({run.config.get('load')}) =="]
     lines.append(
         f"requests   {s.requests_ok} ok, {s.requests_failed} failed, {s.duration_s:.2f} s, "
-        f"mean concurrency {s.mean_concurrency:.1f}"
+        f"sent at {s.send_rate:.2f} req/s, mean concurrency {s.mean_concurrency:.1f}"
     )
     lines.append(
         f"throughput {s.request_throughput:.2f} req/s, {s.output_token_throughput:.1f} output tok/s, "
@@ -113,17 +119,24 @@ def run_table(run: RunReport) -> str:
     if run.cpu is not None:
         per = run.cpu_ms_per_request
         lines.append(
-            f"server CPU {run.cpu.seconds:.2f} s over {len(run.cpu.processes)} processes"
+            f"server CPU {run.cpu.seconds:.2f} s over {len(run.cpu.processes)} process(es)"
             + ("" if per is None else f", {per:.1f} ms per request")
         )
     if s.usage_missing:
         lines.append(f"usage      missing on {s.usage_missing} requests: output tokens counted as chunks")
     lines.append(f"{'':12}{'mean':>10}{'p50':>10}{'p90':>10}{'p99':>10}{'max':>10}")
-    for name, d in (("TTFT ms", s.ttft_ms), ("ITL ms", s.itl_ms), ("TPOT ms", s.tpot_ms), ("latency ms", s.latency_ms)):
+    for name, d in (
+        ("TTFT ms", s.ttft_ms),
+        ("ITL ms", s.itl_ms),
+        ("TPOT ms", s.tpot_ms),
+        ("latency ms", s.latency_ms),
+    ):
         if d is None:
             lines.append(f"{name:12}{'-':>10}")
         else:
-            lines.append(f"{name:12}" + "".join(_num(getattr(d, f)) for f in ("mean", "p50", "p90", "p99", "max")))
+            lines.append(
+                f"{name:12}" + "".join(_num(getattr(d, f)) for f in ("mean", "p50", "p90", "p99", "max"))
+            )
     for error, count in s.errors.items():
         lines.append(f"error      {error}: {count}  {s.error_samples.get(error, '')[:100]!r}")
     return "\n".join(lines)
@@ -139,7 +152,9 @@ def comparison_table(runs: Sequence[RunReport]) -> str:
         cells = []
         for c in cols:
             v = values.get(c)
-            cells.append(f"{'-':>{width}}" if v is None else (f"{v:>{width}.3f}" if "/" in c else _num(v, width)))
+            cells.append(
+                f"{'-':>{width}}" if v is None else (f"{v:>{width}.3f}" if "/" in c else _num(v, width))
+            )
         lines.append(f"{name:30}" + "".join(cells))
     return "\n".join(lines)
 

@@ -68,6 +68,9 @@ class Summary:
     cache_hit_rate: float | None
     """sum(cached_tokens) / sum(prompt_tokens) over successful requests whose usage reports both;
     None when the server reports no cached tokens."""
+    send_rate: float
+    """Requests sent per second between the first and the last send: below the asked-for rate, the
+    client (or a --max-concurrency cap) could not keep up."""
     mean_concurrency: float
     """Sum of latencies over the window: the concurrency the server actually saw."""
     usage_missing: int
@@ -115,7 +118,10 @@ def summarize(records: Sequence[RequestRecord], duration_s: float) -> Summary:
         prompt_tokens=prompt_tokens,
         output_tokens=output_tokens,
         cached_tokens=cached_tokens,
-        cache_hit_rate=(cached_tokens / cached_prompt) if cached_tokens is not None and cached_prompt else None,
+        cache_hit_rate=(cached_tokens / cached_prompt)
+        if cached_tokens is not None and cached_prompt
+        else None,
+        send_rate=_send_rate(records),
         mean_concurrency=rate(sum(r.latency_s for r in records)),
         usage_missing=sum(1 for r in ok if r.completion_tokens is None),
         ttft_ms=Distribution.of([r.ttft_s for r in ok if r.ttft_s is not None], 1000.0),
@@ -124,3 +130,11 @@ def summarize(records: Sequence[RequestRecord], duration_s: float) -> Summary:
         latency_ms=Distribution.of([r.latency_s for r in ok], 1000.0),
         output_tokens_per_request=Distribution.of([r.output_tokens for r in ok]),
     )
+
+
+def _send_rate(records: Sequence[RequestRecord]) -> float:
+    if len(records) < 2:
+        return 0.0
+    starts = [r.start_s for r in records]
+    span = max(starts) - min(starts)
+    return (len(records) - 1) / span if span > 0 else 0.0

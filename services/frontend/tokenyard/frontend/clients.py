@@ -65,7 +65,9 @@ class RouterClient:
     cancelled request waits on them; :meth:`close` lets the pending ones finish.
     """
 
-    def __init__(self, address: str = "", *, route_timeout: float = 30.0, notify_timeout: float = 5.0) -> None:
+    def __init__(
+        self, address: str = "", *, route_timeout: float = 30.0, notify_timeout: float = 5.0
+    ) -> None:
         self._address = ""
         self._channel: grpc.aio.Channel | None = None
         self._stub: router_pb2_grpc.RouterServiceAsyncStub | None = None
@@ -152,7 +154,10 @@ class RouterClient:
                 await self._stub.NotifyFinished(request, timeout=self._notify_timeout)
                 return
             except grpc.RpcError as exc:
-                if attempt == 2 or exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                if attempt == 2 or exc.code() not in (
+                    grpc.StatusCode.UNAVAILABLE,
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                ):
                     log.warning("NotifyFinished %s failed: %s", request_id, exc.code())
                     return
 
@@ -162,7 +167,7 @@ class RouterClient:
         for task in list(self._retired):
             task.cancel()
         if self._channel is not None:
-            await self._channel.close()
+            await self._channel.close(None)
             self._channel = None
             self._stub = None
 
@@ -181,21 +186,22 @@ class WorkerStream:
     """One Generate call: an async iterator of :class:`TokenChunk`; :meth:`cancel` aborts it on
     the worker (which frees the request's KV blocks)."""
 
-    __slots__ = ("_call",)
+    __slots__ = ("_call", "_replies")
 
-    def __init__(self, call: grpc.aio.UnaryStreamCall[Any, Any]) -> None:
+    def __init__(
+        self, call: grpc.aio.UnaryStreamCall[worker_pb2.GenerateRequest, worker_pb2.GenerateResponse]
+    ) -> None:
         self._call = call
+        self._replies = call.__aiter__()
 
     def __aiter__(self) -> WorkerStream:
         return self
 
     async def __anext__(self) -> TokenChunk:
         try:
-            reply = await self._call.read()
+            reply = await self._replies.__anext__()
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
-        if reply is grpc.aio.EOF:
-            raise StopAsyncIteration
         if reply.finish_reason == worker_pb2.FINISH_REASON_UNSPECIFIED:
             return TokenChunk(reply.token_ids)
         usage = reply.usage
@@ -272,4 +278,4 @@ class WorkerClients:
             task.cancel()
         for channel in channels:
             with contextlib.suppress(Exception):
-                await channel.close()
+                await channel.close(None)

@@ -14,7 +14,10 @@ class FrontendSettings(ServiceSettings):
     service_name: ClassVar[str] = "frontend"
 
     port: int = Field(
-        default=8001, ge=0, le=65535, description="KServe v2 gRPC port (inference service, health, reflection)."
+        default=8001,
+        ge=0,
+        le=65535,
+        description="KServe v2 gRPC port (inference service, health, reflection).",
     )
     http_port: int = Field(
         default=8000, ge=0, le=65535, description="OpenAI HTTP port; also serves /health and /metrics."

@@ -107,10 +107,19 @@ class Frontend:
             self.count_failure(request, exc)
             raise
         return Generation(
-            request, request_id, prepared, stream, lifecycle, DetokenizeStream(tokenizer), self._metrics, started
+            request,
+            request_id,
+            prepared,
+            stream,
+            lifecycle,
+            DetokenizeStream(tokenizer),
+            self._metrics,
+            started,
         )
 
-    def count_failure(self, request: GenerationRequest | None, exc: BaseException, endpoint: str = "") -> None:
+    def count_failure(
+        self, request: GenerationRequest | None, exc: BaseException, endpoint: str = ""
+    ) -> None:
         """Count a request that failed before it streamed anything (also parse errors of a surface)."""
         if request is None:
             self._metrics.count("", endpoint, False, "error", error_type(exc))

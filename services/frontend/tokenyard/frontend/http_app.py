@@ -90,7 +90,9 @@ async def _json_body(request: web.Request) -> object:
 Parser = Callable[[object], tuple[GenerationRequest, bool]]
 
 
-def _generate_handler(endpoint: Endpoint, parse: Parser) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+def _generate_handler(
+    endpoint: Endpoint, parse: Parser
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handle(request: web.Request) -> web.StreamResponse:
         frontend = request.app[FRONTEND_KEY]
         gen_request: GenerationRequest | None = None
@@ -161,7 +163,13 @@ async def list_models(request: web.Request) -> web.Response:
     now = int(time.time())
     cards = request.app[FRONTEND_KEY].models.models()
     data = [
-        {"id": name, "object": "model", "created": now, "owned_by": "tokenyard", "max_model_len": card.context_length}
+        {
+            "id": name,
+            "object": "model",
+            "created": now,
+            "owned_by": "tokenyard",
+            "max_model_len": card.context_length,
+        }
         for name, card in sorted(cards.items())
     ]
     return web.json_response({"object": "list", "data": data})

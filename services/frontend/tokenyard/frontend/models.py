@@ -66,8 +66,8 @@ class ModelRegistry:
         if kind is WatchEventKind.REMOVED:
             model = self._models.get(card.model)
             if model is not None and model.instances.pop(instance.instance_id, None) is not None:
-                for listener in self._on_worker_left:
-                    listener(instance)
+                for left in self._on_worker_left:
+                    left(instance)
             return
         # Prefill-only workers take no requests from clients; they do not make a model servable.
         if card.role == "prefill":
@@ -76,7 +76,12 @@ class ModelRegistry:
         changed = model is None or model.card != card
         if model is None:
             model = self._models[card.model] = ServedModel(card)
-            log.info("model %s available (tokenizer %s, block size %d)", card.model, card.tokenizer, card.block_size)
+            log.info(
+                "model %s available (tokenizer %s, block size %d)",
+                card.model,
+                card.tokenizer,
+                card.block_size,
+            )
         elif model.card != card:
             log.warning("workers of model %s advertise different cards; using the newest", card.model)
             model.card = card

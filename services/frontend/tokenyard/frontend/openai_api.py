@@ -175,7 +175,11 @@ def _message_text(message: Mapping[str, Any], index: int) -> dict[str, Any]:
     if isinstance(content, list):
         parts = []
         for j, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            if (
+                not isinstance(part, dict)
+                or part.get("type") != "text"
+                or not isinstance(part.get("text"), str)
+            ):
                 raise InvalidArgument(f"messages.{index}.content.{j}: only text parts are supported")
             parts.append(part["text"])
         return {**message, "content": "".join(parts)}
@@ -229,6 +233,20 @@ class ResponseWriter:
         self.include_usage = include_usage
         self._object = "chat.completion.chunk" if self.chat else "text_completion"
         self._role_sent = False
+        # Every middle chunk differs only in its text: render the rest once per request.
+        head = json.dumps(
+            {"id": self.id, "object": self._object, "created": self.created, "model": model},
+            separators=(",", ":"),
+            ensure_ascii=False,
+        )
+        key = "delta" if self.chat else "text"
+        inner = '{"content":' if self.chat else ""
+        self._middle_head = (
+            f'data: {head[:-1]},"choices":[{{"index":0,"finish_reason":null,"logprobs":null,"{key}":{inner}'
+        )
+        self._middle_tail = (
+            ("}" if self.chat else "") + "}]" + (',"usage":null' if include_usage else "") + "}\n\n"
+        )
 
     def full(self, text: str, last: Delta) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": 0, "finish_reason": _finish(last.finish_reason), "logprobs": None}
@@ -246,6 +264,8 @@ class ResponseWriter:
         }
 
     def chunk(self, delta: Delta) -> bytes:
+        if delta.finish_reason is None and (self._role_sent or not self.chat):
+            return (self._middle_head + _json_string(delta.text) + self._middle_tail).encode()
         choice: dict[str, Any] = {"index": 0, "finish_reason": _finish(delta.finish_reason), "logprobs": None}
         if self.chat:
             content: dict[str, Any] = {"content": delta.text}
@@ -280,6 +300,9 @@ class ResponseWriter:
         )
 
 
+_json_string = json.encoder.encode_basestring
+
+
 def sse(doc: Mapping[str, Any]) -> bytes:
     return b"data: " + json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
 
@@ -289,4 +312,3 @@ SSE_DONE = b"data: [DONE]\n\n"
 
 def error_body(status: int, message: str, kind: str) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind, "param": None, "code": status}}
-

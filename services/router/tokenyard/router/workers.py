@@ -1,22 +1,86 @@
-"""The set of workers the router may choose from, kept current by a discovery watch."""
+"""The workers the router may choose from: discovery records, what each one told about itself
+(ranks, KV pool, batch budget), and the load it last reported per rank."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from tokenyard.common.discovery import Discovery, DiscoveryError, Instance, WatchEventKind
 
 log = logging.getLogger(__name__)
 
+POOL_ROLES: dict[str, tuple[str, ...]] = {
+    # Clients of the aggregated pool never get a prefill-only worker.
+    "": ("aggregated", "decode"),
+    "aggregated": ("aggregated",),
+    "prefill": ("prefill",),
+    "decode": ("decode",),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class LoadReport:
+    """One rank's load as the worker measured it."""
+
+    dp_rank: int
+    active_blocks: int
+    total_blocks: int
+    waiting_requests: int
+    running_requests: int
+    active_prefill_tokens: int
+    received_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerDetails:
+    """What a worker says about itself (WorkerService.Describe)."""
+
+    dp_size: int = 1
+    total_kv_blocks: int = 0
+    max_num_batched_tokens: int = 0
+    publishes_kv_events: bool = True
+
+
+@dataclass(slots=True)
+class WorkerState:
+    instance: Instance
+    details: WorkerDetails | None = None
+    loads: dict[int, LoadReport] = field(default_factory=dict)
+
+    @property
+    def worker_id(self) -> int:
+        return self.instance.instance_id
+
+    @property
+    def dp_size(self) -> int:
+        # Until described, rank 0 (every worker has it); reported loads reveal more ranks.
+        if self.details is not None:
+            return self.details.dp_size
+        return max(1, *(r + 1 for r in self.loads)) if self.loads else 1
+
+    @property
+    def block_size(self) -> int:
+        card = self.instance.model_card
+        return card.block_size if card is not None else 0
+
+    @property
+    def total_kv_blocks(self) -> int:
+        if self.details is not None and self.details.total_kv_blocks:
+            return self.details.total_kv_blocks
+        card = self.instance.model_card
+        return card.total_kv_blocks if card is not None else 0
+
 
 class WorkerSet:
-    """``instance id -> Instance`` of every registered worker, in registration order."""
+    """``instance id -> WorkerState`` of every registered worker, in registration order."""
 
     def __init__(self) -> None:
-        self._workers: dict[int, Instance] = {}
+        self._workers: dict[int, WorkerState] = {}
         self._listeners: list[Callable[[WatchEventKind, Instance], None]] = []
 
     def on_change(self, listener: Callable[[WatchEventKind, Instance], None]) -> None:
@@ -28,22 +92,34 @@ class WorkerSet:
                 return
             log.info("worker %d at %s left", instance.instance_id, instance.address)
         else:
-            if instance.instance_id not in self._workers:
+            state = self._workers.get(instance.instance_id)
+            if state is None:
                 log.info("worker %d at %s joined", instance.instance_id, instance.address)
-            self._workers[instance.instance_id] = instance
+                self._workers[instance.instance_id] = WorkerState(instance)
+            else:
+                state.instance = instance
         for listener in self._listeners:
             listener(kind, instance)
 
-    def get(self, instance_id: int) -> Instance | None:
+    def get(self, instance_id: int) -> WorkerState | None:
         return self._workers.get(instance_id)
 
-    def for_model(self, model: str) -> list[Instance]:
-        """Workers serving ``model`` that take requests from clients (not prefill-only ones)."""
+    def all(self) -> list[WorkerState]:
+        return list(self._workers.values())
+
+    def for_model(self, model: str, pool: str = "") -> list[WorkerState]:
+        """Workers serving ``model`` in ``pool`` ("" = what clients are served by)."""
+        roles = POOL_ROLES[pool]
         return [
             w
             for w in self._workers.values()
-            if w.model_card is not None and w.model_card.model == model and w.model_card.role != "prefill"
+            if (card := w.instance.model_card) is not None and card.model == model and card.role in roles
         ]
+
+    def serves(self, model: str) -> bool:
+        return any(
+            (card := w.instance.model_card) is not None and card.model == model for w in self._workers.values()
+        )
 
     def __len__(self) -> int:
         return len(self._workers)

@@ -36,10 +36,14 @@ class WorkerSettings(MetricsPortSettings, ServiceSettings):
     service_name: ClassVar[str] = "worker"
 
     port: int = Field(default=8300, ge=0, le=65535, description="gRPC port (worker, health, reflection).")
-    metrics_port: int = Field(default=9300, ge=0, le=65535, description="Port of the Prometheus /metrics endpoint.")
+    metrics_port: int = Field(
+        default=9300, ge=0, le=65535, description="Port of the Prometheus /metrics endpoint."
+    )
     engine: EngineKind = Field(default=EngineKind.MOCKER, description="Engine behind this worker.")
     role: WorkerRole = Field(default=WorkerRole.AGGREGATED, description="aggregated, prefill or decode.")
-    model: str = Field(default="SmolLM2-135M-Instruct", min_length=1, description="Model name served to clients.")
+    model: str = Field(
+        default="SmolLM2-135M-Instruct", min_length=1, description="Model name served to clients."
+    )
     tokenizer: str = Field(
         default="smollm2",
         min_length=1,

@@ -15,7 +15,7 @@ they must be quick and must not raise.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
@@ -200,7 +200,7 @@ class Engine(Protocol):
         """Stop; requests still in flight end with ``cancelled``."""
         ...
 
-    def generate(self, request: EngineRequest) -> AsyncIterator[GenerateChunk]:
+    def generate(self, request: EngineRequest) -> AsyncGenerator[GenerateChunk, None]:
         """Stream the request's tokens. Closing the iterator (or cancelling its consumer) aborts
         the request and frees its KV blocks."""
         ...

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import deque
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 
 from tokenyard.common.errors import InvalidArgument, Unavailable
@@ -155,7 +155,9 @@ class KvEventHub:
 class KvSubscription:
     """One subscriber's view: its initial items, then a bounded queue of live events and the latest loads."""
 
-    def __init__(self, hub: KvEventHub, ranks: tuple[int, ...], initial: list[KvStreamItem], max_queued: int) -> None:
+    def __init__(
+        self, hub: KvEventHub, ranks: tuple[int, ...], initial: list[KvStreamItem], max_queued: int
+    ) -> None:
         self.ranks = ranks
         self._hub = hub
         self._rank_set = frozenset(ranks)
@@ -214,7 +216,7 @@ class KvSubscription:
             self._wake.clear()
             await self._wake.wait()
 
-    async def items(self) -> AsyncIterator[KvStreamItem]:
+    async def items(self) -> AsyncGenerator[KvStreamItem, None]:
         """Every item until the hub closes; leaving the loop unsubscribes."""
         try:
             while batch := await self.next_items():

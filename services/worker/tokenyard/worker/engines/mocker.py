@@ -12,7 +12,7 @@ so exporting and importing blocks is not available.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
 
 from tokenyard.common.errors import AlreadyExists, InvalidArgument, Unavailable, Unimplemented
@@ -92,7 +92,7 @@ class MockerAdapter:
 
     # -- requests ---------------------------------------------------------------------------
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[GenerateChunk]:
+    async def generate(self, request: EngineRequest) -> AsyncGenerator[GenerateChunk, None]:
         if request.request_id in self._requests:
             raise AlreadyExists(f"request {request.request_id!r} is already running on this worker")
         prompt_len = len(request.token_ids)

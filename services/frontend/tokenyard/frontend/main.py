@@ -1,0 +1,13 @@
+"""Frontend: OpenAI HTTP and KServe v2 gRPC in, tokens from the workers the router picks out."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tokenyard.common.main import run_service
+from tokenyard.frontend.config import FrontendSettings
+from tokenyard.frontend.server import serve
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_service(FrontendSettings, serve, argv, description=__doc__ or "")

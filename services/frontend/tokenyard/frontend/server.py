@@ -1,0 +1,201 @@
+"""Frontend process wiring: discovery feed, model registry, router and worker clients, the KServe
+gRPC server (through the service skeleton) and the OpenAI HTTP server, in one event loop.
+
+``/metrics`` is served by the HTTP server, so the skeleton is told not to open a port for it.
+Both listeners drain together on shutdown: the HTTP server stops accepting and gives in-flight
+requests the grace period while the gRPC server does the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from types import TracebackType
+
+from aiohttp import web
+
+from tokenyard.common.discovery import Discovery, DiscoveryError, Instance, WatchEventKind
+from tokenyard.common.metrics import Metrics
+from tokenyard.common.service import ServiceRuntime, StartupError
+from tokenyard.frontend.clients import RouterClient, WorkerClients
+from tokenyard.frontend.config import FrontendSettings
+from tokenyard.frontend.core import Frontend
+from tokenyard.frontend.http_app import build_app
+from tokenyard.frontend.metrics import FrontendMetrics
+from tokenyard.frontend.models import ModelRegistry
+from tokenyard.frontend.preprocess import Preprocessor
+from tokenyard.frontend.servicer import SERVICE_NAME, KServeServicer
+from tokenyard.kserve.v2 import grpc_service_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class DiscoveryFeed:
+    """One discovery watch feeding the model registry (workers) and, unless the router address is
+    fixed, the router client (the first router registered; the next one when it leaves)."""
+
+    def __init__(self, discovery: Discovery, models: ModelRegistry, router: RouterClient | None) -> None:
+        self._discovery = discovery
+        self._models = models
+        self._router = router
+        self._routers: dict[int, str] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="discovery-feed")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def apply(self, kind: WatchEventKind, instance: Instance) -> None:
+        if instance.service == "worker":
+            self._models.apply(kind, instance)
+        elif instance.service == "router" and self._router is not None:
+            if kind is WatchEventKind.REMOVED:
+                self._routers.pop(instance.instance_id, None)
+            else:
+                self._routers[instance.instance_id] = instance.address
+            self._router.set_address(next(iter(self._routers.values()), ""))
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                async for event in self._discovery.watch():
+                    self.apply(event.kind, event.instance)
+            except DiscoveryError as exc:
+                log.warning("discovery watch failed, retrying in 1s: %s", exc)
+                await asyncio.sleep(1.0)
+
+
+def bind_http(settings: FrontendSettings) -> socket.socket:
+    """The OpenAI HTTP listening socket, bound before anything else starts so that a busy port
+    is a one-line startup error."""
+    host, port = settings.host, settings.http_port
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    # Rebinding right after a restart (sockets in TIME_WAIT) is fine; a live listener still
+    # makes bind() fail, as SO_REUSEADDR does not imply SO_REUSEPORT on Linux.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        reason = "address already in use" if exc.errno == 98 else (exc.strerror or str(exc))
+        raise StartupError(
+            f"cannot listen on {host}:{port} (--http-port / TOKENYARD_FRONTEND_HTTP_PORT, "
+            f"--host / TOKENYARD_FRONTEND_HOST): {reason}"
+        ) from None
+    sock.setblocking(False)
+    return sock
+
+
+class FrontendServer:
+    """One frontend, serving from ``__aenter__`` until ``__aexit__``."""
+
+    def __init__(self, settings: FrontendSettings) -> None:
+        self.settings = settings
+        self._http_sock = bind_http(settings)
+        self.http_port: int = self._http_sock.getsockname()[1]
+        metrics = Metrics("frontend")
+        try:
+            self.runtime = ServiceRuntime(
+                settings,
+                service="frontend",
+                metrics=metrics,
+                metrics_port=None,
+                metrics_address=f"{settings.advertised_host()}:{self.http_port}",
+            )
+        except BaseException:
+            self._http_sock.close()
+            raise
+        self.models = ModelRegistry()
+        self.preprocessor = Preprocessor()
+        self.router = RouterClient(settings.router)
+        self.workers = WorkerClients()
+        self.frontend = Frontend(
+            self.models, self.preprocessor, self.router, self.workers, FrontendMetrics(metrics.registry)
+        )
+        self._ready = [False]
+        self._runner = web.AppRunner(
+            build_app(self.frontend, metrics, self._ready),
+            # A client that closes its connection cancels its handler, and so its worker call.
+            handler_cancellation=True,
+            shutdown_timeout=settings.grace_period,
+            access_log=None,
+        )
+        self._feed = DiscoveryFeed(
+            self.runtime.discovery, self.models, None if settings.router else self.router
+        )
+        self._http_closing: asyncio.Task[None] | None = None
+
+    @property
+    def address(self) -> str:
+        """host:port of the KServe gRPC server."""
+        return self.runtime.address
+
+    async def __aenter__(self) -> FrontendServer:
+        await self.runtime.__aenter__()
+        try:
+            await self._start()
+        except BaseException as exc:
+            await self.runtime.__aexit__(type(exc), exc, exc.__traceback__)
+            self._http_sock.close()
+            raise
+        return self
+
+    async def _start(self) -> None:
+        self.models.on_model(lambda card: self.preprocessor.prefetch(card.tokenizer))
+        self.models.on_worker_left(lambda instance: self.workers.forget(instance.address))
+        self.runtime.add_servicer(
+            grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server,
+            KServeServicer(self.frontend),
+            SERVICE_NAME,
+        )
+        await self._runner.setup()
+        self.runtime.on_close(self._close)
+        await self.runtime.start()
+        site = web.SockSite(self._runner, self._http_sock, shutdown_timeout=self.settings.grace_period)
+        await site.start()
+        self._feed.start()
+        self._ready[0] = True
+        self.runtime.set_serving(True)
+        log.info(
+            "OpenAI HTTP on %s:%d; KServe gRPC on %s",
+            self.settings.host,
+            self.http_port,
+            self.runtime.address,
+        )
+
+    def begin_shutdown(self) -> None:
+        """Stop taking HTTP requests and drain them, while the skeleton drains gRPC."""
+        self._ready[0] = False
+        if self._http_closing is None:
+            self._http_closing = asyncio.create_task(self._runner.cleanup())
+
+    async def _close(self) -> None:
+        self.begin_shutdown()
+        assert self._http_closing is not None
+        await self._http_closing
+        await self._feed.close()
+        await self.router.close()
+        await self.workers.close()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.begin_shutdown()
+        try:
+            await self.runtime.__aexit__(exc_type, exc, tb)
+        finally:
+            self._http_sock.close()
+
+
+async def serve(settings: FrontendSettings) -> None:
+    async with FrontendServer(settings) as server:
+        await server.runtime.wait_for_shutdown()

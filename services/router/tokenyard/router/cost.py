@@ -1,0 +1,147 @@
+"""Worker cost (in blocks) and selection among candidates.
+
+For each eligible worker rank::
+
+    raw_prefill  = (active_prefill_tokens + isl) / block_size
+    decay        = 1 / (1 + credit_decay * ((prefill - min prefill over candidates) / block_size) / request_blocks)
+    credit       = overlap_credit * decay * device_overlap
+                   + host_weight * host_beyond_device + disk_weight * disk_beyond_host
+                   + shared_multiplier * external_beyond_device
+    cost         = prefill_load_scale * max(0, raw_prefill - credit)
+                   + active_blocks + blocks of the prompt not already active there
+                   + active_request_weight * active_requests
+
+Lower cost wins. Lower tiers are credited only for the blocks beyond what a faster tier already
+holds: a block cached on the device and also offloaded to host memory saves its prefill once.
+
+Selection: at temperature 0 the minimum, ties broken uniformly at random (never by order, or the
+first worker would take every tie); above 0, a softmax over min-max normalised costs.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True, slots=True)
+class CostKnobs:
+    overlap_score_credit: float = 1.0
+    credit_decay: float = 0.0
+    prefill_load_scale: float = 1.0
+    active_request_weight: float = 0.0
+    host_cache_hit_weight: float = 0.75
+    disk_cache_hit_weight: float = 0.25
+    shared_cache_multiplier: float = 0.0
+    temperature: float = 0.0
+    track_prefill_tokens: bool = True
+    track_active_blocks: bool = True
+
+    def with_overrides(
+        self,
+        overlap_score_credit: float | None = None,
+        prefill_load_scale: float | None = None,
+        temperature: float | None = None,
+    ) -> CostKnobs:
+        """These knobs with a request's overrides (None keeps the configured value)."""
+        if overlap_score_credit is None and prefill_load_scale is None and temperature is None:
+            return self
+        return replace(
+            self,
+            overlap_score_credit=self.overlap_score_credit if overlap_score_credit is None else overlap_score_credit,
+            prefill_load_scale=self.prefill_load_scale if prefill_load_scale is None else prefill_load_scale,
+            temperature=self.temperature if temperature is None else temperature,
+        )
+
+
+@dataclass(slots=True)
+class RankState:
+    """What the cost function knows about one candidate rank for one request."""
+
+    active_prefill_tokens: float = 0.0
+    active_blocks: float = 0.0
+    active_requests: int = 0
+    device_overlap: int = 0
+    host_overlap: int = 0
+    disk_overlap: int = 0
+    external_overlap: int = 0
+    # Leading prompt blocks already referenced by requests active there (they add no decode blocks).
+    active_overlap: int = 0
+
+
+def costs(states: Sequence[RankState], isl_tokens: int, block_size: int, knobs: CostKnobs) -> list[float]:
+    """The cost of each candidate for a prompt of ``isl_tokens`` tokens (``block_size`` per block)."""
+    if block_size <= 0:
+        raise ValueError("block_size must be positive")
+    request_blocks = -(-isl_tokens // block_size)
+    track_prefill = knobs.track_prefill_tokens
+    decay_on = track_prefill and knobs.credit_decay > 0 and request_blocks > 0
+    min_prefill = min((s.active_prefill_tokens for s in states), default=0.0) if decay_on else 0.0
+    out: list[float] = []
+    for s in states:
+        raw_prefill = (s.active_prefill_tokens + isl_tokens) / block_size if track_prefill else 0.0
+        decay = 1.0
+        if decay_on:
+            excess_blocks = (s.active_prefill_tokens - min_prefill) / block_size
+            decay = 1.0 / (1.0 + knobs.credit_decay * excess_blocks / request_blocks)
+        device = s.device_overlap
+        host_extra = max(0, s.host_overlap - device)
+        disk_extra = max(0, s.disk_overlap - max(device, s.host_overlap))
+        shared_extra = max(0, s.external_overlap - device)
+        credit = (
+            knobs.overlap_score_credit * decay * device
+            + knobs.host_cache_hit_weight * host_extra
+            + knobs.disk_cache_hit_weight * disk_extra
+            + knobs.shared_cache_multiplier * shared_extra
+        )
+        prefill = knobs.prefill_load_scale * max(0.0, raw_prefill - credit)
+        decode = 0.0
+        if knobs.track_active_blocks:
+            decode = s.active_blocks + max(0, request_blocks - s.active_overlap)
+        out.append(prefill + decode + knobs.active_request_weight * s.active_requests)
+    return out
+
+
+def select(costs: Sequence[float], temperature: float, rng: random.Random) -> int:
+    """Index of the chosen candidate (``costs`` is not empty)."""
+    if not costs:
+        raise ValueError("nothing to select from")
+    if temperature <= 0.0:
+        return select_min(costs, rng)
+    draw = rng.random()
+    acc = 0.0
+    probabilities = softmax_probabilities(costs, temperature)
+    for i, p in enumerate(probabilities):
+        acc += p
+        if draw < acc:
+            return i
+    return len(costs) - 1
+
+
+def select_min(values: Sequence[float], rng: random.Random) -> int:
+    """Index of a minimum, uniformly at random among equal minima (reservoir sampling)."""
+    best = 0
+    best_value = values[0]
+    ties = 1
+    for i in range(1, len(values)):
+        v = values[i]
+        if v < best_value:
+            best, best_value, ties = i, v, 1
+        elif v == best_value:
+            ties += 1
+            if rng.randrange(ties) == 0:
+                best = i
+    return best
+
+
+def softmax_probabilities(costs: Sequence[float], temperature: float) -> list[float]:
+    """The selection probabilities :func:`select` draws from at ``temperature`` > 0."""
+    lo, hi = min(costs), max(costs)
+    span = hi - lo
+    if span <= 0.0 or not math.isfinite(span):
+        return [1.0 / len(costs)] * len(costs)
+    weights = [math.exp(-((c - lo) / span) / temperature) for c in costs]
+    total = sum(weights)
+    return [w / total for w in weights]

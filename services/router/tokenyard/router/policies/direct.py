@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+from tokenyard.router.cost import select_min
+from tokenyard.router.policies.base import Candidate, RoutingContext
+
+
+class Direct:
+    """The caller pinned the worker (the router narrowed the candidates to its ranks); among
+    several ranks, the one with fewest active requests."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self._rng = rng
+
+    def name(self) -> str:
+        return "direct"
+
+    def select(self, candidates: Sequence[Candidate], ctx: RoutingContext) -> Candidate:
+        return candidates[select_min([c.state.active_requests for c in candidates], self._rng)]

@@ -1,0 +1,20 @@
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+from tokenyard.router.cost import select_min
+from tokenyard.router.policies.base import Candidate, RoutingContext
+
+
+class LeastLoaded:
+    """Fewest active requests; ties broken at random."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self._rng = rng
+
+    def name(self) -> str:
+        return "least-loaded"
+
+    def select(self, candidates: Sequence[Candidate], ctx: RoutingContext) -> Candidate:
+        return candidates[select_min([c.state.active_requests for c in candidates], self._rng)]

