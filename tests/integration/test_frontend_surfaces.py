@@ -1,49 +1,48 @@
-"""The frontend's two surfaces against an in-process deployment: a real router, a real mocker
-worker and the frontend, each a gRPC server on a loopback ephemeral port, meeting in in-memory
-discovery.
+"""The frontend's two surfaces against a small deployment: a router process, mocker workers and
+the frontend in this process, each a gRPC server on a loopback ephemeral port, meeting in a
+discovery directory.
 
 The mocker's tokens are a pure function of the request's seed and sequence position
 (tokenyard.worker.mocker.request), so a test that fixes the seed knows the exact text to expect.
-The in-process router also lets each test check that every request's end reached the router
-exactly once (its active set drains back to empty).
+Every test also checks that the requests it made ended cleanly: the worker holds no KV blocks,
+and the router had already been told of each request's first token and end (a late notification
+of ours is then a no-op: ``applied = false``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import io
 import json
 import struct
-import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import grpc
 import pytest
+import pytest_asyncio
 
+from tests.fixtures.processes import ServiceProcess, wait_for_instance
 from tests.fixtures.worker import MODEL, RunningWorker, eventually, running_worker
-from tokenyard.common.service import ServiceRuntime
 from tokenyard.frontend.config import FrontendSettings
 from tokenyard.frontend.server import FrontendServer
 from tokenyard.frontend.tokenizer import Tokenizer, load_tokenizer
 from tokenyard.kserve.v2 import grpc_service_pb2 as pb
 from tokenyard.kserve.v2 import grpc_service_pb2_grpc as pb_grpc
 from tokenyard.kserve.v2 import model_config_pb2 as mc
-from tokenyard.router.active import ActiveRequests
-from tokenyard.router.config import RouterSettings
-from tokenyard.router.servicer import SERVICE_NAME as ROUTER_SERVICE
-from tokenyard.router.servicer import RouterServicer
-from tokenyard.router.v1 import router_pb2_grpc
-from tokenyard.router.workers import WorkerSet, WorkerWatch
+from tokenyard.router.v1 import router_pb2, router_pb2_grpc
 from tokenyard.worker.mocker.config import MockerConfig
 from tokenyard.worker.mocker.request import pseudo_token
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
 # Speedup 0: steps never sleep. Blocks of 4 tokens, so short prompts fill blocks.
 FAST = MockerConfig(speedup_ratio=0, block_size=4, num_gpu_blocks=4096, max_model_len=4096)
 # Real time (milliseconds per step): long requests stay in flight while a test cancels them.
+SLOW_MODEL = "slow-model"
 REAL_TIME = MockerConfig(speedup_ratio=1, block_size=4, num_gpu_blocks=8192, max_model_len=8192)
 
 
@@ -57,13 +56,21 @@ def expected_text(tok: Tokenizer, seed: int, prompt_tokens: int, n: int) -> str:
     return tok.decode(ids)
 
 
+async def _holds(check: Callable[[], bool]) -> bool:
+    return check()
+
+
 @dataclass
 class Stack:
-    worker: RunningWorker
+    fast: RunningWorker
+    slow: RunningWorker
     frontend: FrontendServer
-    active: ActiveRequests
+    router: router_pb2_grpc.RouterServiceAsyncStub
     http: aiohttp.ClientSession
     channel: grpc.aio.Channel
+    discovery: str
+    # Request ids the frontend gave to HTTP requests of the current test (from response ids).
+    request_ids: list[str] = field(default_factory=list)
 
     @property
     def base(self) -> str:
@@ -73,10 +80,18 @@ class Stack:
     def kserve(self) -> pb_grpc.GRPCInferenceServiceAsyncStub:
         return pb_grpc.GRPCInferenceServiceStub(self.channel)
 
+    def _remember(self, doc: Any) -> None:
+        if isinstance(doc, dict) and isinstance(doc.get("id"), str):
+            rid = doc["id"].split("-", 1)[1]
+            if rid not in self.request_ids:
+                self.request_ids.append(rid)
+
     async def post(self, path: str, body: Any) -> tuple[int, Any]:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
         async with self.http.post(self.base + path, data=data) as r:
-            return r.status, await r.json(content_type=None)
+            doc = await r.json(content_type=None)
+        self._remember(doc)
+        return r.status, doc
 
     async def sse(self, path: str, body: dict[str, Any]) -> list[Any]:
         events: list[Any] = []
@@ -88,94 +103,100 @@ class Stack:
                     assert line.startswith(b"data: "), line
                     payload = line[6:].strip()
                     events.append("[DONE]" if payload == b"[DONE]" else json.loads(payload))
+        self._remember(events[0])
         return events
 
     async def drained(self) -> None:
-        """Every routed request's end reached the router, and the worker holds no blocks."""
-        await eventually(lambda: _true(len(self.active) == 0), "the router forgot every request")
-        await eventually(lambda: _zero(self.worker.active_blocks()), "the worker freed every block")
+        """Workers hold no blocks, and the router heard the end of every request made here."""
+        for worker in (self.fast, self.slow):
+            await eventually(lambda w=worker: _no_blocks(w), "the worker freed every block")
+        await self.frontend.router.flush()
+        for rid in self.request_ids:
+            late = await self.router.NotifyFinished(
+                router_pb2.NotifyFinishedRequest(request_id=rid, outcome=router_pb2.REQUEST_OUTCOME_FINISHED)
+            )
+            assert not late.applied, f"the router still tracked request {rid}"
+        self.request_ids.clear()
 
 
-async def _true(value: bool) -> bool:
-    return value
+async def _no_blocks(worker: RunningWorker) -> bool:
+    return await worker.active_blocks() == 0
 
 
-async def _zero(value: Any) -> bool:
-    return await value == 0
+@pytest.fixture(scope="module")
+def router_process(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    root = tmp_path_factory.mktemp("frontend-stack")
+    discovery = f"dir://{root / 'discovery'}"
+    proc = ServiceProcess(
+        ["router", "--port", "0", "--metrics-port", "0", "--discovery", discovery, "--mode", "round-robin"],
+        root / "router.log",
+    )
+    yield discovery, proc
+    proc.terminate()
+    proc.close()
 
 
-@asynccontextmanager
-async def running_router(discovery: str) -> AsyncIterator[tuple[ServiceRuntime, ActiveRequests]]:
-    """The router's own parts, wired as its server does, in this process."""
-    settings = RouterSettings(host="127.0.0.1", port=0, metrics_port=0, discovery=discovery, grace_period=0.5)
-    async with ServiceRuntime(settings, service="router", metrics_port=0) as runtime:
-        workers, active = WorkerSet(), ActiveRequests()
-        servicer = RouterServicer(workers, active, "round-robin")
-        runtime.add_servicer(router_pb2_grpc.add_RouterServiceServicer_to_server, servicer, ROUTER_SERVICE)
-        await runtime.start()
-        watch = WorkerWatch(runtime.discovery, workers)
-        watch.start()
-        runtime.set_serving(True)
-        try:
-            yield runtime, active
-        finally:
-            await watch.close()
-
-
-@asynccontextmanager
-async def running_stack(mocker: MockerConfig = FAST) -> AsyncIterator[Stack]:
-    discovery = f"memory://frontend-test-{uuid.uuid4().hex}"
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def stack(router_process: tuple[str, ServiceProcess]) -> AsyncIterator[Stack]:
+    discovery, proc = router_process
+    router = await wait_for_instance(discovery, "router", proc=proc)
     settings = FrontendSettings(host="127.0.0.1", port=0, http_port=0, discovery=discovery, grace_period=1.0)
     async with (
-        running_router(discovery) as (_, active),
-        running_worker(mocker, discovery=discovery) as worker,
+        running_worker(FAST, discovery=discovery) as fast,
+        running_worker(REAL_TIME, discovery=discovery, model=SLOW_MODEL) as slow,
         FrontendServer(settings) as frontend,
         aiohttp.ClientSession() as http,
         grpc.aio.insecure_channel(frontend.address) as channel,
+        grpc.aio.insecure_channel(router.address) as router_channel,
     ):
-        await eventually(lambda: _true(frontend.models.get(MODEL) is not None), "the frontend saw the worker")
-        await eventually(lambda: _true(frontend.router.address != ""), "the frontend found the router")
-        stack = Stack(worker, frontend, active, http, channel)
-        # The router's worker watch runs on its own schedule: wait until it routes.
-        await eventually(lambda: _routes(stack), "the router saw the worker")
-        yield stack
+        s = Stack(
+            fast, slow, frontend, router_pb2_grpc.RouterServiceStub(router_channel), http, channel, discovery
+        )
+        for model in (MODEL, SLOW_MODEL):
+            await eventually(
+                lambda m=model: _holds(lambda: frontend.models.get(m) is not None), f"{model} listed"
+            )
+            # The router's worker watch runs on its own schedule: wait until it routes.
+            await eventually(lambda m=model: _routes(s, m), f"the router routes {model}")
+        await s.drained()
+        yield s
 
 
-async def _routes(stack: Stack) -> bool:
-    status, _ = await stack.post("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 1})
+async def _routes(stack: Stack, model: str) -> bool:
+    status, _ = await stack.post("/v1/completions", {"model": model, "prompt": "hi", "max_tokens": 1})
     return status == 200
 
 
 # ---- OpenAI HTTP ----------------------------------------------------------------------------
 
 
-async def test_completion_text_is_the_detokenized_worker_output(tokenizer: Tokenizer) -> None:
-    async with running_stack() as s:
-        status, body = await s.post(
-            "/v1/completions", {"model": MODEL, "prompt": "The sky is", "max_tokens": 12, "seed": 5}
-        )
-        assert status == 200, body
-        usage = body["usage"]
-        prompt_tokens = len(tokenizer.encode("The sky is", add_special_tokens=True))
-        assert usage["prompt_tokens"] == prompt_tokens
-        assert usage["completion_tokens"] == 12
-        assert usage["total_tokens"] == prompt_tokens + 12
-        assert body["object"] == "text_completion"
-        assert body["choices"][0]["finish_reason"] == "length"
-        assert body["choices"][0]["text"] == expected_text(tokenizer, 5, prompt_tokens, 12)
-        await s.drained()
+async def test_completion_text_is_the_detokenized_worker_output(stack: Stack, tokenizer: Tokenizer) -> None:
+    s = stack
+    status, body = await s.post(
+        "/v1/completions", {"model": MODEL, "prompt": "The sky is", "max_tokens": 12, "seed": 5}
+    )
+    assert status == 200, body
+    usage = body["usage"]
+    prompt_tokens = len(tokenizer.encode("The sky is", add_special_tokens=True))
+    assert usage["prompt_tokens"] == prompt_tokens
+    assert usage["completion_tokens"] == 12
+    assert usage["total_tokens"] == prompt_tokens + 12
+    assert body["object"] == "text_completion"
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["choices"][0]["text"] == expected_text(tokenizer, 5, prompt_tokens, 12)
+    await s.drained()
 
 
-async def test_streaming_and_unary_chat_agree_and_report_usage(tokenizer: Tokenizer) -> None:
+async def test_streaming_and_unary_chat_agree_and_report_usage(stack: Stack, tokenizer: Tokenizer) -> None:
     messages = [{"role": "user", "content": "Tell me a story"}]
     body = {"model": MODEL, "messages": messages, "max_completion_tokens": 20, "seed": 11}
-    async with running_stack() as s:
-        status, unary = await s.post("/v1/chat/completions", body)
-        assert status == 200, unary
-        events = await s.sse(
-            "/v1/chat/completions", {**body, "stream": True, "stream_options": {"include_usage": True}}
-        )
-        await s.drained()
+    s = stack
+    status, unary = await s.post("/v1/chat/completions", body)
+    assert status == 200, unary
+    events = await s.sse(
+        "/v1/chat/completions", {**body, "stream": True, "stream_options": {"include_usage": True}}
+    )
+    await s.drained()
     prompt = tokenizer.apply_chat_template(messages)
     prompt_tokens = len(tokenizer.encode(prompt))
     text = expected_text(tokenizer, 11, prompt_tokens, 20)
@@ -195,35 +216,35 @@ async def test_streaming_and_unary_chat_agree_and_report_usage(tokenizer: Tokeni
     assert usage_chunk["usage"]["prompt_tokens"] == prompt_tokens
 
 
-async def test_streaming_without_include_usage_sends_no_usage() -> None:
-    async with running_stack() as s:
-        events = await s.sse(
-            "/v1/completions", {"model": MODEL, "prompt": "a", "max_tokens": 5, "stream": True}
-        )
+async def test_streaming_without_include_usage_sends_no_usage(stack: Stack) -> None:
+    s = stack
+    events = await s.sse("/v1/completions", {"model": MODEL, "prompt": "a", "max_tokens": 5, "stream": True})
     assert events[-1] == "[DONE]"
     assert all("usage" not in e for e in events[:-1])
     assert events[-2]["choices"][0]["finish_reason"] == "length"
 
 
-async def test_a_repeated_prompt_reports_cached_tokens() -> None:
+async def test_a_repeated_prompt_reports_cached_tokens(stack: Stack) -> None:
     prompt = "one two three four five six seven eight nine ten eleven twelve"
-    async with running_stack() as s:
-        _, first = await s.post("/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 2})
-        _, second = await s.post("/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 2})
+    s = stack
+    _, first = await s.post("/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 2})
+    _, second = await s.post("/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 2})
     assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
     cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
     assert 0 < cached < second["usage"]["prompt_tokens"]
 
 
-async def test_a_stop_string_cuts_the_output_and_frees_the_request(tokenizer: Tokenizer) -> None:
+async def test_a_stop_string_cuts_the_output_and_frees_the_request(
+    stack: Stack, tokenizer: Tokenizer
+) -> None:
     body = {"model": MODEL, "prompt": "Once", "max_tokens": 40, "seed": 3}
-    async with running_stack() as s:
-        _, full = await s.post("/v1/completions", body)
-        text = full["choices"][0]["text"]
-        stop = text[len(text) // 2 : len(text) // 2 + 3]
-        _, cut = await s.post("/v1/completions", {**body, "stop": [stop]})
-        events = await s.sse("/v1/completions", {**body, "stop": stop, "stream": True})
-        await s.drained()
+    s = stack
+    _, full = await s.post("/v1/completions", body)
+    text = full["choices"][0]["text"]
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    _, cut = await s.post("/v1/completions", {**body, "stop": [stop]})
+    events = await s.sse("/v1/completions", {**body, "stop": stop, "stream": True})
+    await s.drained()
     assert cut["choices"][0]["text"] == text[: text.index(stop)]
     assert cut["choices"][0]["finish_reason"] == "stop"
     streamed = "".join(e["choices"][0]["text"] for e in events[:-1])
@@ -231,18 +252,18 @@ async def test_a_stop_string_cuts_the_output_and_frees_the_request(tokenizer: To
     assert events[-2]["choices"][0]["finish_reason"] == "stop"
 
 
-async def test_echo_prepends_the_prompt() -> None:
-    async with running_stack() as s:
-        _, plain = await s.post(
-            "/v1/completions", {"model": MODEL, "prompt": "Echo me", "max_tokens": 4, "seed": 1}
-        )
-        _, echoed = await s.post(
-            "/v1/completions", {"model": MODEL, "prompt": "Echo me", "max_tokens": 4, "seed": 1, "echo": True}
-        )
+async def test_echo_prepends_the_prompt(stack: Stack) -> None:
+    s = stack
+    _, plain = await s.post(
+        "/v1/completions", {"model": MODEL, "prompt": "Echo me", "max_tokens": 4, "seed": 1}
+    )
+    _, echoed = await s.post(
+        "/v1/completions", {"model": MODEL, "prompt": "Echo me", "max_tokens": 4, "seed": 1, "echo": True}
+    )
     assert echoed["choices"][0]["text"] == "Echo me" + plain["choices"][0]["text"]
 
 
-async def test_token_id_prompts_and_stop_token_ids_reach_the_worker() -> None:
+async def test_token_id_prompts_and_stop_token_ids_reach_the_worker(stack: Stack) -> None:
     prompt = list(range(100, 120))
     seed = 9
     expected = [pseudo_token(seed, len(prompt) + k, FAST.vocab_size) for k in range(30)]
@@ -254,27 +275,27 @@ async def test_token_id_prompts_and_stop_token_ids_reach_the_worker() -> None:
         "seed": seed,
         "stop_token_ids": [expected[index]],
     }
-    async with running_stack() as s:
-        status, out = await s.post("/v1/completions", body)
+    s = stack
+    status, out = await s.post("/v1/completions", body)
     assert status == 200, out
     assert out["usage"]["prompt_tokens"] == 20
     assert out["usage"]["completion_tokens"] == index + 1
     assert out["choices"][0]["finish_reason"] == "stop"
 
 
-async def test_unknown_fields_are_ignored() -> None:
-    async with running_stack() as s:
-        status, out = await s.post(
-            "/v1/completions",
-            {
-                "model": MODEL,
-                "prompt": "x",
-                "max_tokens": 2,
-                "rid": "abc",
-                "return_text_in_logprobs": True,
-                "nvext": {},
-            },
-        )
+async def test_unknown_fields_are_ignored(stack: Stack) -> None:
+    s = stack
+    status, out = await s.post(
+        "/v1/completions",
+        {
+            "model": MODEL,
+            "prompt": "x",
+            "max_tokens": 2,
+            "rid": "abc",
+            "return_text_in_logprobs": True,
+            "nvext": {},
+        },
+    )
     assert status == 200, out
 
 
@@ -305,56 +326,80 @@ async def test_unknown_fields_are_ignored() -> None:
         ),
     ],
 )
-async def test_malformed_requests_get_400_with_an_openai_error(path: str, body: Any, fragment: str) -> None:
-    async with running_stack() as s:
-        status, out = await s.post(path, body)
-        # The server took no harm: the next request is served.
-        ok, _ = await s.post("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 1})
-        await s.drained()
+async def test_malformed_requests_get_400_with_an_openai_error(
+    stack: Stack, path: str, body: Any, fragment: str
+) -> None:
+    s = stack
+    status, out = await s.post(path, body)
+    # The server took no harm: the next request is served.
+    ok, _ = await s.post("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 1})
+    await s.drained()
     assert status == 400, out
     assert out["error"]["code"] == 400 and out["error"]["type"] == "invalid_request_error"
     assert fragment in out["error"]["message"]
     assert ok == 200
 
 
-async def test_unknown_model_is_404_and_unknown_path_is_404() -> None:
-    async with running_stack() as s:
-        status, out = await s.post("/v1/completions", {"model": "no-such-model", "prompt": "x"})
-        async with s.http.get(s.base + "/v2/nothing") as r:
-            path_status = r.status
+async def test_unknown_model_is_404_and_unknown_path_is_404(stack: Stack) -> None:
+    s = stack
+    status, out = await s.post("/v1/completions", {"model": "no-such-model", "prompt": "x"})
+    async with s.http.get(s.base + "/v2/nothing") as r:
+        path_status = r.status
     assert status == 404 and "no-such-model" in out["error"]["message"]
     assert path_status == 404
 
 
-async def test_oversized_body_is_413() -> None:
-    async with running_stack() as s:
-        status, out = await s.post("/v1/completions", b"{" + b" " * (33 * 1024 * 1024) + b"}")
+async def test_oversized_body_is_413(stack: Stack) -> None:
+    body = io.BytesIO(b"{" + b" " * (33 * 1024 * 1024) + b"}")
+    async with stack.http.post(stack.base + "/v1/completions", data=body) as r:
+        status, out = r.status, await r.json(content_type=None)
     assert status == 413
     assert out["error"]["code"] == 413
 
 
-async def test_a_client_that_disconnects_mid_stream_frees_the_worker_blocks() -> None:
-    body = {"model": MODEL, "prompt": "x " * 40, "max_tokens": 4000, "ignore_eos": True, "stream": True}
-    async with running_stack(REAL_TIME) as s:
-        response = await s.http.post(s.base + "/v1/completions", json=body)
-        assert response.status == 200
-        await response.content.readline()
-        assert await s.worker.active_blocks() > 0
-        assert len(s.active) == 1
-        response.close()
-        await s.drained()
+async def test_a_client_that_disconnects_mid_stream_frees_the_worker_blocks(stack: Stack) -> None:
+    body = {"model": SLOW_MODEL, "prompt": "x " * 40, "max_tokens": 4000, "ignore_eos": True, "stream": True}
+    s = stack
+    response = await s.http.post(s.base + "/v1/completions", json=body)
+    assert response.status == 200
+    first = json.loads((await response.content.readline())[6:])
+    s.request_ids.append(first["id"].split("-", 1)[1])
+    assert await s.slow.active_blocks() > 0
+    response.close()
+    # 4000 tokens at milliseconds per step would keep them for seconds: only the cancellation
+    # of the worker call frees them this soon.
+    await s.drained()
 
 
-async def test_health_models_and_metrics() -> None:
-    async with running_stack() as s:
-        async with s.http.get(s.base + "/health") as r:
-            health = await r.json()
-        async with s.http.get(s.base + "/v1/models") as r:
-            models = await r.json()
-        async with s.http.get(s.base + "/metrics") as r:
-            metrics = await r.text()
-    assert health["status"] == "healthy" and health["models"] == [MODEL]
-    assert [m["id"] for m in models["data"]] == [MODEL]
+async def test_a_client_that_gives_up_on_a_unary_request_frees_the_worker_blocks(stack: Stack) -> None:
+    body = {"model": SLOW_MODEL, "prompt": "x " * 40, "max_tokens": 4000, "ignore_eos": True}
+    s = stack
+    pending = asyncio.ensure_future(
+        s.http.post(
+            s.base + "/v1/chat/completions", json={**body, "messages": [{"role": "user", "content": "hi"}]}
+        )
+    )
+    await eventually(lambda: _busy(s.slow), "the worker took the request")
+    pending.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await pending
+    await s.drained()
+
+
+async def _busy(worker: RunningWorker) -> bool:
+    return await worker.active_blocks() > 0
+
+
+async def test_health_models_and_metrics(stack: Stack) -> None:
+    s = stack
+    async with s.http.get(s.base + "/health") as r:
+        health = await r.json()
+    async with s.http.get(s.base + "/v1/models") as r:
+        models = await r.json()
+    async with s.http.get(s.base + "/metrics") as r:
+        metrics = await r.text()
+    assert health["status"] == "healthy" and health["models"] == sorted([MODEL, SLOW_MODEL])
+    assert sorted(m["id"] for m in models["data"]) == sorted([MODEL, SLOW_MODEL])
     # The readiness probe of the fixture made one successful unary completion.
     assert (
         f'tokenyard_frontend_requests_total{{endpoint="completions",error_type="",model="{MODEL}",'
@@ -378,7 +423,7 @@ def _bytes_element(data: bytes) -> bytes:
 
 
 def _raw_request(
-    prompt: bytes, *extra: tuple[str, str, bytes], shape: tuple[int, ...] = (1,)
+    prompt: bytes, *extra: tuple[str, str, bytes], shape: tuple[int, ...] = (1,), model: str = MODEL
 ) -> pb.ModelInferRequest:
     tensor = pb.ModelInferRequest.InferInputTensor
     inputs = [tensor(name="text_input", datatype="BYTES", shape=shape)]
@@ -386,7 +431,7 @@ def _raw_request(
     for name, dtype, data in extra:
         inputs.append(tensor(name=name, datatype=dtype, shape=[1]))
         raw.append(data)
-    return pb.ModelInferRequest(model_name=MODEL, id="req-1", inputs=inputs, raw_input_contents=raw)
+    return pb.ModelInferRequest(model_name=model, id="req-1", inputs=inputs, raw_input_contents=raw)
 
 
 def _seed(request: pb.ModelInferRequest, seed: int) -> pb.ModelInferRequest:
@@ -407,7 +452,7 @@ def _max_tokens(n: int) -> tuple[str, str, bytes]:
     return ("max_tokens", "INT32", struct.pack("<i", n))
 
 
-async def test_kserve_infer_raw_and_typed_contents_agree(tokenizer: Tokenizer) -> None:
+async def test_kserve_infer_raw_and_typed_contents_agree(stack: Stack, tokenizer: Tokenizer) -> None:
     typed = pb.ModelInferRequest(
         model_name=MODEL,
         id="typed",
@@ -426,10 +471,10 @@ async def test_kserve_infer_raw_and_typed_contents_agree(tokenizer: Tokenizer) -
             ),
         ],
     )
-    async with running_stack() as s:
-        raw = await s.kserve.ModelInfer(_seed(_raw_request(b"Hello world", _max_tokens(7)), 21))
-        again = await s.kserve.ModelInfer(_seed(typed, 21))
-        await s.drained()
+    s = stack
+    raw = await s.kserve.ModelInfer(_seed(_raw_request(b"Hello world", _max_tokens(7)), 21))
+    again = await s.kserve.ModelInfer(_seed(typed, 21))
+    await s.drained()
     prompt_tokens = len(tokenizer.encode("Hello world", add_special_tokens=True))
     assert _outputs(raw) == {
         "text_output": expected_text(tokenizer, 21, prompt_tokens, 7),
@@ -440,24 +485,26 @@ async def test_kserve_infer_raw_and_typed_contents_agree(tokenizer: Tokenizer) -
     assert [t.shape for t in raw.outputs] == [[1], [1]]
 
 
-async def test_kserve_generation_options_arrive_as_inputs_parameters_or_json(tokenizer: Tokenizer) -> None:
+async def test_kserve_generation_options_arrive_as_inputs_parameters_or_json(
+    stack: Stack, tokenizer: Tokenizer
+) -> None:
     sampling = json.dumps({"max_tokens": 3, "seed": 4}).encode()
-    async with running_stack() as s:
-        as_json = await s.kserve.ModelInfer(
-            _raw_request(b"Hi", ("sampling_parameters", "BYTES", _bytes_element(sampling)))
-        )
-        as_params = _raw_request(b"Hi")
-        as_params.parameters["max_tokens"].int64_param = 3
-        as_params.parameters["seed"].uint64_param = 4
-        # Parameters clients add that mean nothing here, one with no value at all.
-        as_params.parameters["sequence_id"].uint64_param = 12
-        as_params.parameters["triton_enable_empty_final_response"].bool_param = True
-        as_params.parameters["custom"].double_param = 0.5
-        as_params.parameters["nothing"].CopyFrom(pb.InferParameter())
-        by_params = await s.kserve.ModelInfer(as_params)
-        with_input = await s.kserve.ModelInfer(
-            _seed(_raw_request(b"Hi", ("exclude_input_in_output", "BOOL", b"\x00"), _max_tokens(3)), 4)
-        )
+    s = stack
+    as_json = await s.kserve.ModelInfer(
+        _raw_request(b"Hi", ("sampling_parameters", "BYTES", _bytes_element(sampling)))
+    )
+    as_params = _raw_request(b"Hi")
+    as_params.parameters["max_tokens"].int64_param = 3
+    as_params.parameters["seed"].uint64_param = 4
+    # Parameters clients add that mean nothing here, one with no value at all.
+    as_params.parameters["sequence_id"].uint64_param = 12
+    as_params.parameters["triton_enable_empty_final_response"].bool_param = True
+    as_params.parameters["custom"].double_param = 0.5
+    as_params.parameters["nothing"].CopyFrom(pb.InferParameter())
+    by_params = await s.kserve.ModelInfer(as_params)
+    with_input = await s.kserve.ModelInfer(
+        _seed(_raw_request(b"Hi", ("exclude_input_in_output", "BOOL", b"\x00"), _max_tokens(3)), 4)
+    )
     prompt_tokens = len(tokenizer.encode("Hi", add_special_tokens=True))
     text = expected_text(tokenizer, 4, prompt_tokens, 3)
     assert _outputs(as_json)["text_output"] == text
@@ -465,11 +512,11 @@ async def test_kserve_generation_options_arrive_as_inputs_parameters_or_json(tok
     assert _outputs(with_input)["text_output"] == "Hi" + text
 
 
-async def test_kserve_default_max_tokens_is_16() -> None:
-    async with running_stack() as s:
-        before = _counter(s, "tokenyard_frontend_output_tokens_total")
-        await s.kserve.ModelInfer(_raw_request(b"Hi"))
-        assert _counter(s, "tokenyard_frontend_output_tokens_total") - before == 16
+async def test_kserve_default_max_tokens_is_16(stack: Stack) -> None:
+    s = stack
+    before = _counter(s, "tokenyard_frontend_output_tokens_total")
+    await s.kserve.ModelInfer(_raw_request(b"Hi"))
+    assert _counter(s, "tokenyard_frontend_output_tokens_total") - before == 16
 
 
 def _counter(s: Stack, name: str) -> float:
@@ -549,76 +596,80 @@ def _counter(s: Stack, name: str) -> float:
     ],
 )
 async def test_kserve_bad_requests_get_a_status(
-    request_: pb.ModelInferRequest, code: grpc.StatusCode, fragment: str
+    stack: Stack, request_: pb.ModelInferRequest, code: grpc.StatusCode, fragment: str
 ) -> None:
-    async with running_stack() as s:
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await s.kserve.ModelInfer(request_)
-        await s.drained()
+    s = stack
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await s.kserve.ModelInfer(request_)
+    await s.drained()
     assert info.value.code() == code
     assert fragment in (info.value.details() or "")
 
 
 async def test_kserve_stream_serves_requests_concurrently_and_reports_errors_in_band(
+    stack: Stack,
     tokenizer: Tokenizer,
 ) -> None:
     streaming = ("streaming", "BOOL", b"\x01")
     long_, bad, short, unary = (
-        _raw_request(b"long", streaming, _max_tokens(3000)),
-        _raw_request(b"bad", ("bogus", "BOOL", b"\x01")),
-        _raw_request(b"short", streaming, _max_tokens(3)),
-        _raw_request(b"unary", _max_tokens(5)),
+        _raw_request(b"long", streaming, _max_tokens(3000), model=SLOW_MODEL),
+        _raw_request(b"bad", ("bogus", "BOOL", b"\x01"), model=SLOW_MODEL),
+        _raw_request(b"short", streaming, _max_tokens(3), model=SLOW_MODEL),
+        _raw_request(b"unary", _max_tokens(5), model=SLOW_MODEL),
     )
     for request, rid in ((long_, "long"), (bad, "bad"), (short, "short"), (unary, "unary")):
         request.id = rid
-    async with running_stack(REAL_TIME) as s:
-        call = s.kserve.ModelStreamInfer(iter([long_, bad, short, unary]))
-        finals: list[str] = []
-        errors: dict[str, str] = {}
-        texts: dict[str, list[str]] = {}
-        async for response in call:
-            rid = response.infer_response.id
-            assert rid not in finals, f"a response for {rid} after its final one"
-            if response.error_message:
-                errors[rid] = response.error_message
-            else:
-                texts.setdefault(rid, []).append(_outputs(response.infer_response)["text_output"])
-            if response.infer_response.parameters["triton_final_response"].bool_param:
-                finals.append(rid)
-        await s.drained()
-    # The short requests did not wait for the long one that was sent first.
-    assert finals.index("short") < finals.index("long") and finals.index("unary") < finals.index("long")
-    assert sorted(finals) == ["bad", "long", "short", "unary"]
+    s = stack
+    call = s.kserve.ModelStreamInfer(iter([long_, bad, short, unary]))
+    finals: list[str] = []
+    errors: dict[str, str] = {}
+    texts: dict[str, list[str]] = {}
+    async for response in call:
+        rid = response.infer_response.id
+        assert rid not in finals, f"a response for {rid} after its final one"
+        if response.error_message:
+            errors[rid] = response.error_message
+        else:
+            texts.setdefault(rid, []).append(_outputs(response.infer_response)["text_output"])
+        if response.infer_response.parameters["triton_final_response"].bool_param:
+            finals.append(rid)
+        if len(finals) == 3:
+            break
+    # The others did not wait for the long request sent first, which is still running; leaving
+    # the stream cancels it.
+    assert sorted(finals) == ["bad", "short", "unary"]
+    call.cancel()
+    await s.drained()
     assert list(errors) == ["bad"] and "INVALID_ARGUMENT" in errors["bad"] and "bogus" in errors["bad"]
     assert len(texts["unary"]) == 1
-    assert len(texts["long"]) > 1
+    assert len(texts["short"]) >= 1
 
 
-async def test_kserve_stream_cancel_frees_the_worker_blocks() -> None:
-    request = _raw_request(b"x " * 40, ("streaming", "BOOL", b"\x01"), _max_tokens(4000))
-    async with running_stack(REAL_TIME) as s:
-        call = s.kserve.ModelStreamInfer(iter([request]))
-        first = await call.read()
-        assert isinstance(first, pb.ModelStreamInferResponse) and not first.error_message
-        assert await s.worker.active_blocks() > 0
-        call.cancel()
-        await s.drained()
+async def test_kserve_stream_cancel_frees_the_worker_blocks(stack: Stack) -> None:
+    request = _raw_request(b"x " * 40, ("streaming", "BOOL", b"\x01"), _max_tokens(4000), model=SLOW_MODEL)
+    s = stack
+    call = s.kserve.ModelStreamInfer(iter([request]))
+    first = await call.read()
+    assert isinstance(first, pb.ModelStreamInferResponse) and not first.error_message
+    assert await s.slow.active_blocks() > 0
+    call.cancel()
+    await s.drained()
 
 
-async def test_kserve_metadata_and_config_agree() -> None:
-    async with running_stack() as s:
-        k = s.kserve
-        live = await k.ServerLive(pb.ServerLiveRequest())
-        ready = await k.ServerReady(pb.ServerReadyRequest())
-        model_ready = await k.ModelReady(pb.ModelReadyRequest(name=MODEL))
-        other_ready = await k.ModelReady(pb.ModelReadyRequest(name="nope"))
-        server = await k.ServerMetadata(pb.ServerMetadataRequest())
-        meta = await k.ModelMetadata(pb.ModelMetadataRequest(name=MODEL))
-        config = (await k.ModelConfig(pb.ModelConfigRequest(name=MODEL))).config
-        stats = await k.ModelStatistics(pb.ModelStatisticsRequest(name=MODEL))
-        index = await k.RepositoryIndex(pb.RepositoryIndexRequest())
-        with pytest.raises(grpc.aio.AioRpcError) as missing:
-            await k.ModelConfig(pb.ModelConfigRequest(name="nope"))
+async def test_kserve_metadata_and_config_agree(stack: Stack) -> None:
+    s = stack
+    k = s.kserve
+    live = await k.ServerLive(pb.ServerLiveRequest())
+    ready = await k.ServerReady(pb.ServerReadyRequest())
+    model_ready = await k.ModelReady(pb.ModelReadyRequest(name=MODEL))
+    other_ready = await k.ModelReady(pb.ModelReadyRequest(name="nope"))
+    server = await k.ServerMetadata(pb.ServerMetadataRequest())
+    meta = await k.ModelMetadata(pb.ModelMetadataRequest(name=MODEL))
+    config = (await k.ModelConfig(pb.ModelConfigRequest(name=MODEL))).config
+    stats = await k.ModelStatistics(pb.ModelStatisticsRequest(name=MODEL))
+    index = await k.RepositoryIndex(pb.RepositoryIndexRequest())
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await k.ModelConfig(pb.ModelConfigRequest(name="nope"))
     assert live.live and ready.ready and model_ready.ready and not other_ready.ready
     assert server.name == "tokenyard"
     assert meta.name == MODEL and list(meta.versions) == ["1"]
@@ -641,21 +692,22 @@ async def test_kserve_metadata_and_config_agree() -> None:
     }
     assert [o.name for o in config.output] == ["text_output", "finish_reason"]
     assert [m.name for m in stats.model_stats] == [MODEL]
-    assert [(m.name, m.state) for m in index.models] == [(MODEL, "READY")]
+    assert sorted((m.name, m.state) for m in index.models) == sorted(
+        [(MODEL, "READY"), (SLOW_MODEL, "READY")]
+    )
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-async def test_a_model_whose_workers_left_is_unavailable_not_unknown() -> None:
-    async with running_stack() as s:
-        await s.worker.server.runtime.discovery.deregister(s.worker.server.runtime.instance_id)
-        await eventually(
-            lambda: _true(s.frontend.models.get(MODEL) is None), "the frontend saw the worker leave"
-        )
-        status, out = await s.post("/v1/completions", {"model": MODEL, "prompt": "x"})
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await s.kserve.ModelInfer(_raw_request(b"x"))
-        async with s.http.get(s.base + "/v1/models") as r:
-            listed = await r.json()
+async def test_a_model_whose_workers_left_is_unavailable_not_unknown(stack: Stack) -> None:
+    s = stack
+    async with running_worker(FAST, discovery=s.discovery, model="leaving-model"):
+        await eventually(lambda: _holds(lambda: s.frontend.models.get("leaving-model") is not None), "listed")
+    await eventually(lambda: _holds(lambda: s.frontend.models.get("leaving-model") is None), "gone")
+    status, out = await s.post("/v1/completions", {"model": "leaving-model", "prompt": "x"})
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await s.kserve.ModelInfer(_raw_request(b"x", model="leaving-model"))
+    async with s.http.get(s.base + "/v1/models") as r:
+        listed = await r.json()
     assert status == 503 and out["error"]["code"] == 503
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert listed["data"] == []
+    assert "leaving-model" not in [m["id"] for m in listed["data"]]

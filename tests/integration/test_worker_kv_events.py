@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 import pytest
 
-from tests.fixtures.worker import RunningWorker, generate_request, running_worker
+from tests.fixtures.worker import RunningWorker, eventually, generate_request, running_worker
 from tokenyard.worker.engine import KvSnapshot, RankLoad
 from tokenyard.worker.engines.mocker import MockerAdapter
 from tokenyard.worker.kv_events import KvRemoved, KvStored
@@ -239,7 +239,13 @@ async def test_load_snapshots_keep_coming_on_an_idle_stream() -> None:
     async with running_worker(FAST, load_interval=0.02) as w:
         stream = subscribe(w)
         kinds = [(await read(stream)).WhichOneof("payload") for _ in range(5)]
+        assert w.server.kv_events.subscriber_count == 1
         stream.cancel()
+
+        async def unsubscribed() -> bool:
+            return w.server.kv_events.subscriber_count == 0
+
+        await eventually(unsubscribed, "a disconnected subscriber is dropped")
     assert kinds == ["snapshot", "load", "load", "load", "load"]
 
 

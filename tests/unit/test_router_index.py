@@ -310,7 +310,9 @@ class StreamGen:
 
 
 @settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 2**32), jump=st.sampled_from([1, 2, 3, 5, 32]), alphabet=st.sampled_from([2, 4, 50]))
+@given(
+    seed=st.integers(0, 2**32), jump=st.sampled_from([1, 2, 3, 5, 32]), alphabet=st.sampled_from([2, 4, 50])
+)
 def test_positional_matches_radix_on_random_streams(seed: int, jump: int, alphabet: int) -> None:
     rng = random.Random(seed)
     gen = StreamGen(rng, alphabet=alphabet, max_len=12 if jump < 32 else 45)

@@ -8,7 +8,8 @@ on metric names, and ``/metrics`` shows exactly what this service exports.
 from __future__ import annotations
 
 import threading
-from wsgiref.simple_server import WSGIServer
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -18,7 +19,7 @@ from prometheus_client import (
     Histogram,
     ProcessCollector,
     generate_latest,
-    start_http_server,
+    make_wsgi_app,
 )
 
 # RPC latencies span sub-millisecond routing decisions to minute-long generations.
@@ -41,6 +42,17 @@ LATENCY_BUCKETS = (
     60,
     300,
 )
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+    # Fail on a busy port instead of sharing it (SO_REUSEADDR is fine: it only skips TIME_WAIT).
+    allow_reuse_address = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
+        """Scrapes every few seconds would flood stderr."""
 
 
 class Metrics:
@@ -80,7 +92,12 @@ class Metrics:
 
     def serve(self, host: str, port: int) -> int:
         """Serve ``/metrics`` over HTTP on a daemon thread; returns the bound port."""
-        server, thread = start_http_server(port, addr=host, registry=self.registry)
+        server = make_server(host, port, make_wsgi_app(self.registry), _ThreadingWSGIServer, _QuietHandler)
+        # A short poll interval keeps close() quick: shutdown() waits for the next poll.
+        thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="metrics-http", daemon=True
+        )
+        thread.start()
         self._server, self._thread = server, thread
         return int(server.server_port)
 

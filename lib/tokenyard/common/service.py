@@ -195,6 +195,18 @@ class ServiceRuntime:
             raise StartupError(f"discovery {s.discovery!r} (--discovery / {env}): {exc}") from None
         log.info("registered as %s %d at %s in %s", self.service, self.instance_id, self.address, s.discovery)
 
+    async def deregister(self) -> None:
+        """Leave discovery now (drain, shutdown); safe to call more than once."""
+        if self._instance is None:
+            return
+        instance, self._instance = self._instance, None
+        try:
+            await self.discovery.deregister(instance.instance_id)
+        except DiscoveryError as exc:
+            log.warning("could not deregister (the lease will expire): %s", exc)
+        else:
+            log.info("deregistered %s %d", self.service, instance.instance_id)
+
     def set_serving(self, serving: bool) -> None:
         """Health means ready: flip every service of this process at once."""
         status = (
@@ -224,12 +236,7 @@ class ServiceRuntime:
         if self._server is not None:
             await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
             self.metrics.up.labels(self.service).set(0)
-        if self._instance is not None:
-            try:
-                await self.discovery.deregister(self._instance.instance_id)
-            except DiscoveryError as exc:
-                log.warning("could not deregister (the lease will expire): %s", exc)
-            self._instance = None
+        await self.deregister()
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None

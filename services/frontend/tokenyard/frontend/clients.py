@@ -161,9 +161,13 @@ class RouterClient:
                     log.warning("NotifyFinished %s failed: %s", request_id, exc.code())
                     return
 
-    async def close(self) -> None:
+    async def flush(self) -> None:
+        """Wait until every notification sent so far was answered (or gave up)."""
         if self._pending:
-            await asyncio.wait(list(self._pending), timeout=self._notify_timeout)
+            await asyncio.wait(list(self._pending), timeout=2 * self._notify_timeout)
+
+    async def close(self) -> None:
+        await self.flush()
         for task in list(self._retired):
             task.cancel()
         if self._channel is not None:

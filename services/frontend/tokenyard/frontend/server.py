@@ -125,7 +125,7 @@ class FrontendServer:
         self._runner = web.AppRunner(
             build_app(self.frontend, metrics, self._ready),
             # A client that closes its connection cancels its handler, and so its worker call.
-            handler_cancellation=True,
+            handler_cancellation=False,
             shutdown_timeout=settings.grace_period,
             access_log=None,
         )
@@ -160,7 +160,7 @@ class FrontendServer:
         await self._runner.setup()
         self.runtime.on_close(self._close)
         await self.runtime.start()
-        site = web.SockSite(self._runner, self._http_sock, shutdown_timeout=self.settings.grace_period)
+        site = web.SockSite(self._runner, self._http_sock)
         await site.start()
         self._feed.start()
         self._ready[0] = True

@@ -40,9 +40,12 @@ class RankPressure:
 
 
 def rank_busy(p: RankPressure, t: BusyThresholds) -> bool:
-    if t.active_decode_blocks is not None and p.total_blocks > 0:
-        if p.decode_blocks / p.total_blocks > t.active_decode_blocks:
-            return True
+    if (
+        t.active_decode_blocks is not None
+        and p.total_blocks > 0
+        and p.decode_blocks / p.total_blocks > t.active_decode_blocks
+    ):
+        return True
     if t.active_prefill_tokens is not None and p.prefill_tokens > t.active_prefill_tokens:
         return True
     return (

@@ -50,7 +50,9 @@ class CostKnobs:
             return self
         return replace(
             self,
-            overlap_score_credit=self.overlap_score_credit if overlap_score_credit is None else overlap_score_credit,
+            overlap_score_credit=self.overlap_score_credit
+            if overlap_score_credit is None
+            else overlap_score_credit,
             prefill_load_scale=self.prefill_load_scale if prefill_load_scale is None else prefill_load_scale,
             temperature=self.temperature if temperature is None else temperature,
         )

@@ -23,8 +23,8 @@ block).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import struct
+from collections.abc import Sequence
 
 import xxhash
 
@@ -85,7 +85,9 @@ class PositionalIndex:
                 raise InvalidEvent(InvalidEvent.CONFLICT, f"{block_hash:#x} names another block")
             held = by_key.get(key)
             if held is not None and held != block_hash:
-                raise InvalidEvent(InvalidEvent.CONFLICT, f"block held as {held:#x}, stored as {block_hash:#x}")
+                raise InvalidEvent(
+                    InvalidEvent.CONFLICT, f"block held as {held:#x}, stored as {block_hash:#x}"
+                )
             keys.append(key)
         if not keys:
             return
@@ -183,7 +185,7 @@ class PositionalIndex:
         self._slots.release(rank)
 
     def remove_worker(self, worker_id: int) -> None:
-        for rank in [r for r in self._slots.keys() if r.worker_id == worker_id]:
+        for rank in [r for r in self._slots.members() if r.worker_id == worker_id]:
             self.clear(rank)
 
     # -- queries --------------------------------------------------------------------------------
@@ -194,7 +196,7 @@ class PositionalIndex:
         return {key(slot): score for slot, score in scores.items()}
 
     def ranks(self) -> list[WorkerRank]:
-        return self._slots.keys()
+        return self._slots.members()
 
     def num_blocks(self, rank: WorkerRank | None = None) -> int:
         if rank is None:

@@ -115,7 +115,7 @@ class SlotTable(Generic[K]):
         assert key is not None, f"slot {slot} is free"
         return key
 
-    def keys(self) -> list[K]:
+    def members(self) -> list[K]:
         return list(self._slots)
 
     def __len__(self) -> int:

@@ -59,7 +59,9 @@ class RadixIndex:
             if child is not None:
                 held = child.workers.get(rank)
                 if held is not None and held != block_hash:
-                    raise InvalidEvent(InvalidEvent.CONFLICT, f"block held as {held:#x}, stored as {block_hash:#x}")
+                    raise InvalidEvent(
+                        InvalidEvent.CONFLICT, f"block held as {held:#x}, stored as {block_hash:#x}"
+                    )
             known = lookup.get(block_hash)
             if known is not None and known is not child:
                 raise InvalidEvent(InvalidEvent.CONFLICT, f"{block_hash:#x} names another block")

@@ -118,7 +118,8 @@ class WorkerSet:
 
     def serves(self, model: str) -> bool:
         return any(
-            (card := w.instance.model_card) is not None and card.model == model for w in self._workers.values()
+            (card := w.instance.model_card) is not None and card.model == model
+            for w in self._workers.values()
         )
 
     def __len__(self) -> int:
@@ -150,3 +151,14 @@ class WorkerWatch:
             except DiscoveryError as exc:
                 log.warning("worker watch failed, retrying in 1s: %s", exc)
                 await asyncio.sleep(1.0)
+                await self._forget_departed()
+
+    async def _forget_departed(self) -> None:
+        # A new watch replays what is registered, not what left during the outage.
+        try:
+            live = {i.instance_id for i in await self._discovery.instances("worker")}
+        except DiscoveryError:
+            return
+        for state in self._workers.all():
+            if state.worker_id not in live:
+                self._workers.apply(WatchEventKind.REMOVED, state.instance)

@@ -99,7 +99,7 @@ class WorkerServer:
             intake=intake,
             kv_events=self.kv_events,
             forward_passes=self.forward_passes,
-            description=lambda: description,
+            description=description,
         )
         self.runtime.add_servicer(worker_pb2_grpc.add_WorkerServiceServicer_to_server, servicer, SERVICE_NAME)
         await self.runtime.start()
@@ -121,8 +121,7 @@ class WorkerServer:
     async def _leave(self) -> None:
         """Drain hook: stop being picked for new work."""
         self.runtime.set_serving(False)
-        await self.runtime.discovery.deregister(self.runtime.instance_id)
-        log.info("deregistered %d from discovery", self.runtime.instance_id)
+        await self.runtime.deregister()
 
     async def _tick_forever(self) -> None:
         """Load snapshots for event streams and metrics, idle heartbeats for the planner."""

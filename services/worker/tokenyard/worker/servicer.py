@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import aclosing
 from typing import Any
 
@@ -55,7 +55,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         intake: Intake,
         kv_events: KvEventHub,
         forward_passes: ForwardPassHub,
-        description: Callable[[], WorkerDescription],
+        description: WorkerDescription,
     ) -> None:
         self._engine = engine
         self._intake = intake
@@ -112,7 +112,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     async def Describe(
         self, request: worker_pb2.DescribeRequest, context: Context
     ) -> worker_pb2.DescribeResponse:
-        d = self._description()
+        d = self._description
         info = d.engine
         return worker_pb2.DescribeResponse(
             worker_id=d.worker_id,

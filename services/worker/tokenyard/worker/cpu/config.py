@@ -28,7 +28,9 @@ class CpuEngineConfig(BaseModel):
     # (hashing, events, index entries) are small next to the forward pass.
     block_size: int = Field(default=16, ge=1, le=1024, description="Tokens per KV block (the model card's).")
     kv_cache_gib: float = Field(
-        default=1.0, gt=0, description="Memory of the KV block pool in GiB (ignored when num_kv_blocks is set)."
+        default=1.0,
+        gt=0,
+        description="Memory of the KV block pool in GiB (ignored when num_kv_blocks is set).",
     )
     num_kv_blocks: int | None = Field(
         default=None, ge=1, description="KV blocks in the pool; unset: as many as kv_cache_gib holds."

@@ -40,7 +40,7 @@ from tokenyard.worker.cpu.kv_cache import BlockTable, KvGeometry, PagedKvCache
 from tokenyard.worker.cpu.model import LoadedModel, ModelLoadError, load_model
 from tokenyard.worker.cpu.runner import ModelRunner
 from tokenyard.worker.cpu.sampling import Sampler
-from tokenyard.worker.cpu.scheduler import Scheduled, Scheduler, Sequence as EngineSequence, TokenOutput
+from tokenyard.worker.cpu.scheduler import Scheduled, Scheduler, SequenceState, TokenOutput
 from tokenyard.worker.engine import (
     EngineInfo,
     EngineRequest,
@@ -73,7 +73,7 @@ def default_num_threads() -> int:
 
 @dataclass(slots=True)
 class _Stream:
-    seq: EngineSequence
+    seq: SequenceState
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     tokens: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
@@ -169,7 +169,9 @@ class CpuEngine:
             eos_token_ids=self._loaded.eos_token_ids,
         )
         self._runner = ModelRunner(self._loaded.model, cache)
-        layout_key = f"{g.num_layers}/{g.num_kv_heads}/{g.head_dim}/{cfg.block_size}/{KV_DTYPE}/kv-layer-major"
+        layout_key = (
+            f"{g.num_layers}/{g.num_kv_heads}/{g.head_dim}/{cfg.block_size}/{KV_DTYPE}/kv-layer-major"
+        )
         self._layout = KvBlockLayout(
             num_layers=g.num_layers,
             num_kv_heads=g.num_kv_heads,
@@ -406,10 +408,11 @@ class CpuEngine:
                 started = time.perf_counter()
                 tokens = await loop.run_in_executor(self._executor, runner.execute, inputs)
                 wall = time.perf_counter() - started
+                # Measured before finish_step appends the new tokens (which changes what `samples` says).
+                metrics = self._step_metrics(plan, wall) if self._step_listeners else None
                 outputs = sched.finish_step(plan, dict(zip(inputs.sample_seqs, tokens, strict=True)))
                 self._deliver(outputs)
-                if self._step_listeners:
-                    metrics = self._step_metrics(plan, wall)
+                if metrics is not None:
                     for listener in tuple(self._step_listeners):
                         listener(metrics)
         except asyncio.CancelledError:
@@ -437,7 +440,7 @@ class CpuEngine:
                 del self._streams[seq.request_id]
             stream.ready.set()
 
-    def _hold_for_transfer(self, seq: EngineSequence) -> KvTransferParams:
+    def _hold_for_transfer(self, seq: SequenceState) -> KvTransferParams:
         full = seq.prompt_len // self.config.block_size
         seq.hash_blocks(full)
         hashes = tuple(seq.seq_hashes[:full])

@@ -95,7 +95,12 @@ class PagedKvCache:
         self.block_size = geometry.block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.sink = sink
-        shape = (geometry.num_layers, num_blocks * geometry.block_size, geometry.num_kv_heads, geometry.head_dim)
+        shape = (
+            geometry.num_layers,
+            num_blocks * geometry.block_size,
+            geometry.num_kv_heads,
+            geometry.head_dim,
+        )
         self.k = torch.zeros(shape, dtype=torch.float32)
         self.v = torch.zeros(shape, dtype=torch.float32)
         self._blocks = [Block(i) for i in range(num_blocks)]
@@ -169,13 +174,13 @@ class PagedKvCache:
                 if self._free:
                     fresh.append(self._free.pop())
                     continue
-                block = self._evict_one()
-                if block is None:  # inactive blocks pinned by active children: not enough after all
+                victim = self._evict_one()
+                if victim is None:  # inactive blocks pinned by active children: not enough after all
                     self._free.extend(reversed(fresh))
                     self._unref_all(prefix)
                     return False
-                evicted.append(block[0])
-                fresh.append(block[1])
+                evicted.append(victim[0])
+                fresh.append(victim[1])
         finally:
             if evicted:
                 self._emit(KvRemoved(tuple(evicted)))

@@ -144,7 +144,7 @@ def convert_gguf(gguf_file: Path, target: Path) -> None:
     staging.chmod(0o755)  # mkdtemp makes it private; these files hold nothing secret
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-        model = AutoModelForCausalLM.from_pretrained(
+        model: Any = AutoModelForCausalLM.from_pretrained(
             gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32
         )
         # The tensors are dequantized already; without this transformers refuses to save a model it
@@ -192,7 +192,7 @@ def load_model(config: CpuEngineConfig, *, attn_implementation: str | None = Non
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # transformers leaves it unannotated
     started = time.perf_counter()
     weights_dir, gguf_file = resolve_weights(config)
     converted = False
@@ -204,7 +204,7 @@ def load_model(config: CpuEngineConfig, *, attn_implementation: str | None = Non
             raise ModelLoadError(f"cannot convert {gguf_file} into {weights_dir}: {exc}") from exc
         converted = True
     try:
-        model = AutoModelForCausalLM.from_pretrained(weights_dir, dtype=torch.float32)
+        model: Any = AutoModelForCausalLM.from_pretrained(weights_dir, dtype=torch.float32)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load the model in {weights_dir}: {exc}") from exc
     model.eval()

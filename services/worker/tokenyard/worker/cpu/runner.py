@@ -22,7 +22,7 @@ from tokenyard.worker.cpu.attention import (
 )
 from tokenyard.worker.cpu.kv_cache import PagedKvCache
 from tokenyard.worker.cpu.sampling import Sampler, sample
-from tokenyard.worker.cpu.scheduler import Scheduled, Sequence
+from tokenyard.worker.cpu.scheduler import Scheduled, SequenceState
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +33,7 @@ class StepInputs:
     batch: PagedBatch
     sample_rows: torch.Tensor
     """Rows whose logits are sampled: the last row of each request that computes its last token."""
-    sample_seqs: tuple[Sequence, ...]
+    sample_seqs: tuple[SequenceState, ...]
     samplers: tuple[Sampler, ...]
     prompts: tuple[Seq[int], ...]
     """Per sampled request: the prompt and the output so far, for penalties (empty when unused)."""
@@ -54,7 +54,7 @@ class ModelRunner:
         decode_rows: list[int] = []
         decode_slots: list[torch.Tensor] = []
         sample_rows: list[int] = []
-        sample_seqs: list[Sequence] = []
+        sample_seqs: list[SequenceState] = []
         for work in plan:
             seq, start, length = work.seq, work.start, work.length
             row = len(ids)
@@ -95,7 +95,8 @@ class ModelRunner:
             sample_seqs=tuple(sample_seqs),
             samplers=tuple(s.sampler for s in sample_seqs),
             prompts=tuple(
-                tuple(s.tokens[: s.prompt_len]) if p else () for s, p in zip(sample_seqs, penalized, strict=True)
+                tuple(s.tokens[: s.prompt_len]) if p else ()
+                for s, p in zip(sample_seqs, penalized, strict=True)
             ),
             outputs=tuple(tuple(s.output) if p else () for s, p in zip(sample_seqs, penalized, strict=True)),
         )

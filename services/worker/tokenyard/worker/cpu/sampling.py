@@ -83,7 +83,9 @@ def apply_penalties(
             penalty = sampler.repetition_penalty
             logits[seen] = torch.where(picked > 0, picked / penalty, picked * penalty)
     if output and (sampler.frequency_penalty != 0 or sampler.presence_penalty != 0):
-        counts = torch.bincount(torch.tensor([t for t in output if t < vocab], dtype=torch.int64), minlength=vocab)
+        counts = torch.bincount(
+            torch.tensor([t for t in output if t < vocab], dtype=torch.int64), minlength=vocab
+        )
         logits -= sampler.frequency_penalty * counts + sampler.presence_penalty * (counts > 0)
     return logits
 

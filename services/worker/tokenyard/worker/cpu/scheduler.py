@@ -29,7 +29,7 @@ from tokenyard.worker.cpu.sampling import Sampler
 from tokenyard.worker.engine import EngineRequest, FinishReason, Usage
 
 
-class Sequence:
+class SequenceState:
     """A request inside the engine: its tokens so far, its progress and its KV blocks."""
 
     def __init__(
@@ -83,30 +83,30 @@ class WaitingQueue:
     """Priority classes, highest first, each first in first out; preempted requests jump their class."""
 
     def __init__(self) -> None:
-        self._classes: dict[int, deque[Sequence]] = {}
+        self._classes: dict[int, deque[SequenceState]] = {}
         self._len = 0
 
     def __len__(self) -> int:
         return self._len
 
-    def __iter__(self) -> Iterator[Sequence]:
+    def __iter__(self) -> Iterator[SequenceState]:
         for priority in sorted(self._classes, reverse=True):
             yield from self._classes[priority]
 
-    def push_back(self, seq: Sequence) -> None:
+    def push_back(self, seq: SequenceState) -> None:
         self._classes.setdefault(seq.request.priority, deque()).append(seq)
         self._len += 1
 
-    def push_front(self, seq: Sequence) -> None:
+    def push_front(self, seq: SequenceState) -> None:
         self._classes.setdefault(seq.request.priority, deque()).appendleft(seq)
         self._len += 1
 
-    def peek(self) -> Sequence | None:
+    def peek(self) -> SequenceState | None:
         if not self._classes:
             return None
         return self._classes[max(self._classes)][0]
 
-    def remove(self, seq: Sequence) -> None:
+    def remove(self, seq: SequenceState) -> None:
         queue = self._classes[seq.request.priority]
         queue.remove(seq)
         self._len -= 1
@@ -118,7 +118,7 @@ class WaitingQueue:
 class Scheduled:
     """``length`` tokens of ``seq`` from position ``start`` are computed in this step."""
 
-    seq: Sequence
+    seq: SequenceState
     start: int
     length: int
 
@@ -130,7 +130,7 @@ class Scheduled:
 
 @dataclass(frozen=True, slots=True)
 class TokenOutput:
-    seq: Sequence
+    seq: SequenceState
     token_id: int
     finish_reason: FinishReason | None = None
 
@@ -152,11 +152,11 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.eos_token_ids = frozenset(eos_token_ids)
         self.waiting = WaitingQueue()
-        self.running: list[Sequence] = []
-        self.requests: dict[str, Sequence] = {}
+        self.running: list[SequenceState] = []
+        self.requests: dict[str, SequenceState] = {}
         self._order = 0
         self._in_flight: list[Scheduled] | None = None
-        self._deferred: list[Sequence] = []
+        self._deferred: list[SequenceState] = []
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -176,19 +176,19 @@ class Scheduler:
                 f"sequences are limited to {self.max_model_len} tokens"
             )
 
-    def add(self, request: EngineRequest, sampler: Sampler) -> Sequence:
+    def add(self, request: EngineRequest, sampler: Sampler) -> SequenceState:
         if request.request_id in self.requests:
             raise ValueError(f"request {request.request_id!r} is already in the engine")
         self.check(request)
         room = self.max_model_len - len(request.token_ids)
         max_tokens = room if request.max_tokens is None else min(request.max_tokens, room)
-        seq = Sequence(request, self._order, self.block_size, max_tokens, sampler)
+        seq = SequenceState(request, self._order, self.block_size, max_tokens, sampler)
         self._order += 1
         self.requests[request.request_id] = seq
         self.waiting.push_back(seq)
         return seq
 
-    def abort(self, request_id: str) -> Sequence | None:
+    def abort(self, request_id: str) -> SequenceState | None:
         """Drop a request wherever it is; its blocks go back now, or after the step in flight
         (whose forward pass may still be writing them). None if it is not here."""
         seq = self.requests.pop(request_id, None)
@@ -220,7 +220,7 @@ class Scheduler:
         """Pick this step's work and give it KV blocks. Every call must be followed by
         :meth:`finish_step` with the same list before the next one."""
         budget = self.max_num_batched_tokens
-        plan: dict[Sequence, Scheduled] = {}
+        plan: dict[SequenceState, Scheduled] = {}
         preempted = False
         for seq in list(self.running):
             if budget <= 0:
@@ -260,7 +260,7 @@ class Scheduler:
         self._in_flight = scheduled
         return scheduled
 
-    def _admit(self, seq: Sequence, budget: int) -> Scheduled | None:
+    def _admit(self, seq: SequenceState, budget: int) -> Scheduled | None:
         bs = self.block_size
         seq_len = len(seq.tokens)
         # At least the last token is computed, so the cache can cover at most seq_len - 1.
@@ -293,7 +293,7 @@ class Scheduler:
         return Scheduled(seq, start, n)
 
     @staticmethod
-    def _importable(seq: Sequence, hashes: list[int]) -> int:
+    def _importable(seq: SequenceState, hashes: list[int]) -> int:
         """How many leading blocks of ``hashes`` the request's imported KV provides."""
         if not seq.imported:
             return 0
@@ -304,14 +304,14 @@ class Scheduler:
             count += 1
         return count
 
-    def _preempt(self, victim: Sequence) -> None:
+    def _preempt(self, victim: SequenceState) -> None:
         self.running.remove(victim)
         self.cache.release(victim.table)
         victim.num_computed = 0
         victim.num_preemptions += 1
         self.waiting.push_front(victim)
 
-    def finish_step(self, scheduled: list[Scheduled], sampled: dict[Sequence, int]) -> list[TokenOutput]:
+    def finish_step(self, scheduled: list[Scheduled], sampled: dict[SequenceState, int]) -> list[TokenOutput]:
         """Account for the forward pass of ``scheduled``: commit completed blocks, append each
         sampled token (``sampled`` has one per sequence whose work :attr:`~Scheduled.samples`),
         finish what is done. Sequences aborted meanwhile are skipped."""
@@ -333,7 +333,7 @@ class Scheduler:
         self._deferred.clear()
         return outputs
 
-    def _append(self, seq: Sequence, token: int) -> TokenOutput:
+    def _append(self, seq: SequenceState, token: int) -> TokenOutput:
         req = seq.request
         seq.tokens.append(token)
         produced = seq.num_output
@@ -349,7 +349,7 @@ class Scheduler:
             self.finish(seq, keep_blocks=req.prefill_only)
         return TokenOutput(seq, token, reason)
 
-    def finish(self, seq: Sequence, *, keep_blocks: bool = False) -> None:
+    def finish(self, seq: SequenceState, *, keep_blocks: bool = False) -> None:
         """Take a finished sequence out; its blocks go back unless the caller keeps the table."""
         seq.finished = True
         self.running.remove(seq)

@@ -1,0 +1,372 @@
+"""The routing decision: eligible worker ranks, busy filtering, overlap and load, a policy's choice,
+and the request's lifecycle (recorded as active until its end).
+
+Errors (domain classes; the gRPC status in brackets, the frontend's HTTP status after it):
+
+* no worker registers the model: :class:`NotFound` [NOT_FOUND];
+* workers exist but the pool, allow-list, pin or rank leave none: :class:`Unavailable`
+  [UNAVAILABLE, 503];
+* eligible workers exist but every one is busy: :class:`Overloaded` [RESOURCE_EXHAUSTED, 529].
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from tokenyard.common.errors import InvalidArgument, NotFound, Overloaded, Unavailable
+from tokenyard.router.active import ActiveRequest, ActiveRequests, Outcome
+from tokenyard.router.approx import ApproximateRecorder
+from tokenyard.router.busy import BusyThresholds, RankPressure, worker_busy
+from tokenyard.router.cost import CostKnobs, RankState
+from tokenyard.router.index import InvalidEvent, Prompt, WorkerRank
+from tokenyard.router.metrics import RouterMetrics
+from tokenyard.router.policies import Candidate, RoutingContext, RoutingPolicy, make_policy
+from tokenyard.router.replicas import FirstToken, Freed, LifecycleEvent, Routed
+from tokenyard.router.tiers import Tier, TieredIndex
+from tokenyard.router.workers import LoadReport, WorkerSet, WorkerState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RouteHints:
+    """Per-request adjustments; None keeps the router's configuration."""
+
+    mode: str | None = None
+    overlap_score_credit: float | None = None
+    prefill_load_scale: float | None = None
+    temperature: float | None = None
+    pinned_worker_id: int | None = None
+    allowed_worker_ids: frozenset[int] = frozenset()
+    dp_rank: int | None = None
+    expected_output_tokens: int | None = None
+    priority: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RouteQuery:
+    request_id: str
+    model: str
+    # Local hashes of the prompt's complete blocks (salted), in order.
+    local_hashes: Sequence[int]
+    isl_tokens: int
+    # The same blocks' sequence hashes when the caller has them.
+    sequence_hashes: Sequence[int] | None = None
+    # "" (the client-facing pool), "aggregated", "prefill" or "decode".
+    pool: str = ""
+    hints: RouteHints = field(default_factory=RouteHints)
+    dry_run: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RouteDecision:
+    worker_id: int
+    dp_rank: int
+    address: str
+    overlap_blocks: int
+    cached_tokens: int
+    block_size: int
+    cost: float
+    mode: str
+
+
+@dataclass(frozen=True, slots=True)
+class RouterConfig:
+    default_mode: str = "kv"
+    knobs: CostKnobs = field(default_factory=CostKnobs)
+    busy: BusyThresholds = field(default_factory=BusyThresholds)
+    # Worker load reports older than this are ignored (seconds).
+    load_report_max_age: float = 10.0
+
+
+class Scheduler:
+    def __init__(
+        self,
+        workers: WorkerSet,
+        index: TieredIndex,
+        active: ActiveRequests,
+        config: RouterConfig | None = None,
+        *,
+        approx: ApproximateRecorder | None = None,
+        metrics: RouterMetrics | None = None,
+        rng: random.Random | None = None,
+        publish: Callable[[LifecycleEvent], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.workers = workers
+        self.index = index
+        self.active = active
+        self.config = config or RouterConfig()
+        self.approx = approx
+        self.metrics = metrics
+        self._rng = rng or random.Random()
+        self._publish = publish
+        self._clock = clock
+        self._policies: dict[str, RoutingPolicy] = {}
+        self.policy(self.config.default_mode)
+
+    def policy(self, mode: str) -> RoutingPolicy:
+        policy = self._policies.get(mode)
+        if policy is None:
+            try:
+                policy = self._policies[mode] = make_policy(mode, self._rng)
+            except ValueError as exc:
+                raise InvalidArgument(str(exc)) from None
+        return policy
+
+    # -- routing --------------------------------------------------------------------------------
+
+    def route(self, query: RouteQuery) -> RouteDecision:
+        try:
+            return self._route(query)
+        except (NotFound, Unavailable, Overloaded, InvalidArgument) as exc:
+            if self.metrics is not None:
+                reason = {
+                    NotFound: "not_found",
+                    Unavailable: "unavailable",
+                    Overloaded: "overloaded",
+                }.get(type(exc), "invalid")
+                self.metrics.rejections.labels(reason).inc()
+            raise
+
+    def _route(self, q: RouteQuery) -> RouteDecision:
+        t0 = time.perf_counter()
+        hints = q.hints
+        _validate(q)
+        mode = hints.mode or self.config.default_mode
+        policy = self.policy(mode)
+        if mode == "direct" and hints.pinned_worker_id is None:
+            raise InvalidArgument("routing mode direct needs pinned_worker_id")
+        knobs = self.config.knobs.with_overrides(
+            hints.overlap_score_credit, hints.prefill_load_scale, hints.temperature
+        )
+
+        workers = self._eligible_workers(q)
+        if not q.dry_run and self.active.get(q.request_id) is not None:
+            # A migration: the previous assignment stops counting before the new one is scored.
+            self._finish(q.request_id, publish=True)
+
+        prompt = Prompt(q.local_hashes, q.sequence_hashes or None)
+        chain = prompt.chain
+        t1 = time.perf_counter()
+        overlaps = self.index.find_matches(prompt) if len(prompt) else {}
+        active_overlap = self.active.overlap(chain) if len(prompt) else {}
+        t2 = time.perf_counter()
+
+        candidates = self._candidates(workers, q.hints.dp_rank, overlaps, active_overlap)
+        block_size = workers[0].block_size or 1
+        isl = q.isl_tokens or len(prompt) * block_size
+        ctx = RoutingContext(isl, block_size, -(-isl // block_size), knobs)
+        chosen = policy.select(candidates, ctx)
+        t3 = time.perf_counter()
+
+        overlap = chosen.state.device_overlap
+        cached_tokens = min(isl, overlap * block_size)
+        if not q.dry_run:
+            self.active.add(
+                ActiveRequest(
+                    q.request_id,
+                    chosen.worker_id,
+                    chosen.dp_rank,
+                    isl,
+                    cached_tokens,
+                    block_hashes=chain,
+                    expected_output_tokens=hints.expected_output_tokens,
+                )
+            )
+            if self.approx is not None and len(prompt):
+                try:
+                    self.approx.record(WorkerRank(chosen.worker_id, chosen.dp_rank), prompt)
+                except InvalidEvent as exc:  # the index holds this rank's blocks under other hashes
+                    log.debug("approximate record skipped: %s", exc)
+            if self._publish is not None:
+                self._publish(
+                    Routed(
+                        q.request_id,
+                        chosen.worker_id,
+                        chosen.dp_rank,
+                        chain,
+                        isl,
+                        cached_tokens,
+                        hints.expected_output_tokens,
+                    )
+                )
+        if self.metrics is not None:
+            self._observe(policy.name(), candidates, overlap, len(prompt), isl, (t0, t1, t2, t3))
+        return RouteDecision(
+            worker_id=chosen.worker_id,
+            dp_rank=chosen.dp_rank,
+            address=_address(self.workers.get(chosen.worker_id), chosen.address),
+            overlap_blocks=overlap,
+            cached_tokens=cached_tokens,
+            block_size=block_size,
+            cost=chosen.cost,
+            mode=policy.name(),
+        )
+
+    def _eligible_workers(self, q: RouteQuery) -> list[WorkerState]:
+        hints = q.hints
+        workers = self.workers.for_model(q.model, q.pool)
+        if not workers:
+            if not self.workers.serves(q.model):
+                raise NotFound(f"no worker serves model {q.model!r}")
+            raise Unavailable(f"no worker of model {q.model!r} is in the {q.pool or 'serving'} pool")
+        if hints.allowed_worker_ids:
+            workers = [w for w in workers if w.worker_id in hints.allowed_worker_ids]
+        if hints.pinned_worker_id is not None:
+            workers = [w for w in workers if w.worker_id == hints.pinned_worker_id]
+        if hints.dp_rank is not None:
+            workers = [w for w in workers if hints.dp_rank < w.dp_size]
+        if not workers:
+            raise Unavailable(f"no worker of model {q.model!r} is eligible (allowed, pinned or dp_rank)")
+        busy = self.config.busy
+        if busy.enabled:
+            free = [w for w in workers if not worker_busy(self._pressures(w), busy)]
+            if not free:
+                raise Overloaded(f"all {len(workers)} eligible workers of model {q.model!r} are busy")
+            workers = free
+        return workers
+
+    def _fresh(self, report: LoadReport | None) -> LoadReport | None:
+        if report is None or self._clock() - report.received_at > self.config.load_report_max_age:
+            return None
+        return report
+
+    def _pressures(self, w: WorkerState) -> list[RankPressure]:
+        out = []
+        details = w.details
+        for rank in range(w.dp_size):
+            load = self.active.load(w.worker_id, rank)
+            report = self._fresh(w.loads.get(rank))
+            out.append(
+                RankPressure(
+                    decode_blocks=max(load.active_blocks, report.active_blocks if report else 0),
+                    total_blocks=(
+                        report.total_blocks if report and report.total_blocks else w.total_kv_blocks
+                    ),
+                    prefill_tokens=max(
+                        load.active_prefill_tokens, report.active_prefill_tokens if report else 0
+                    ),
+                    max_batched_tokens=details.max_num_batched_tokens if details else 0,
+                )
+            )
+        return out
+
+    def _candidates(
+        self,
+        workers: list[WorkerState],
+        dp_rank: int | None,
+        overlaps: dict[Tier, dict[WorkerRank, int]],
+        active_overlap: dict[WorkerRank, int],
+    ) -> list[Candidate]:
+        device = overlaps.get(Tier.DEVICE, {})
+        host = overlaps.get(Tier.HOST_PINNED, {})
+        disk = overlaps.get(Tier.DISK, {})
+        external = overlaps.get(Tier.EXTERNAL, {})
+        loads = self.active.loads()
+        out: list[Candidate] = []
+        for w in workers:
+            ranks = (dp_rank,) if dp_rank is not None else range(w.dp_size)
+            for rank in ranks:
+                key = WorkerRank(w.worker_id, rank)
+                load = loads.get(key)
+                report = self._fresh(w.loads.get(rank))
+                state = RankState(
+                    active_prefill_tokens=max(
+                        load.active_prefill_tokens if load else 0,
+                        report.active_prefill_tokens if report else 0,
+                    ),
+                    active_blocks=max(
+                        load.active_blocks if load else 0, report.active_blocks if report else 0
+                    ),
+                    active_requests=max(
+                        load.active_requests if load else 0,
+                        report.running_requests + report.waiting_requests if report else 0,
+                    ),
+                    device_overlap=device.get(key, 0),
+                    host_overlap=host.get(key, 0),
+                    disk_overlap=disk.get(key, 0),
+                    external_overlap=external.get(key, 0),
+                    active_overlap=active_overlap.get(key, 0),
+                )
+                out.append(Candidate(w.worker_id, rank, w.instance.address, state))
+        return out
+
+    def _observe(
+        self,
+        mode: str,
+        candidates: list[Candidate],
+        overlap: int,
+        blocks: int,
+        isl: int,
+        marks: tuple[float, float, float, float],
+    ) -> None:
+        m = self.metrics
+        assert m is not None
+        t0, t1, t2, t3 = marks
+        m.decisions.labels(mode).inc()
+        m.stage("hashing", t1 - t0)
+        m.stage("index_lookup", t2 - t1)
+        m.stage("scoring", t3 - t2)
+        m.stage("total", time.perf_counter() - t0)
+        m.input_tokens.observe(isl)
+        if blocks:
+            m.kv_hit_rate.observe(overlap / blocks)
+            best = max(c.state.device_overlap for c in candidates)
+            if best > overlap:
+                m.non_max_overlap.inc()
+            m.overlap_blocks_lost.observe(best - overlap)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def first_token(self, request_id: str) -> bool:
+        req = self.active.get(request_id)
+        if req is None or not self.active.first_token(request_id):
+            return False
+        if self.metrics is not None and not req.origin:
+            self.metrics.time_to_first_token.observe(max(0.0, self._clock() - req.started_at))
+        if self._publish is not None:
+            self._publish(FirstToken(request_id))
+        return True
+
+    def finish(self, request_id: str, outcome: Outcome = Outcome.FINISHED) -> bool:
+        return self._finish(request_id, publish=True, outcome=outcome)
+
+    def _finish(self, request_id: str, *, publish: bool, outcome: Outcome = Outcome.FINISHED) -> bool:
+        if not self.active.finish(request_id, outcome):
+            return False
+        if publish and self._publish is not None:
+            self._publish(Freed(request_id))
+        return True
+
+    def forget_worker(self, worker_id: int) -> None:
+        """A worker left: its index entries, predicted load and approximate records go."""
+        self.index.remove_worker(worker_id)
+        self.active.drop_worker(worker_id)
+        if self.approx is not None:
+            self.approx.remove_worker(worker_id)
+
+
+def _validate(q: RouteQuery) -> None:
+    if not q.request_id:
+        raise InvalidArgument("request_id must be set")
+    if not q.model:
+        raise InvalidArgument("model must be set")
+    if q.sequence_hashes and len(q.sequence_hashes) != len(q.local_hashes):
+        raise InvalidArgument(
+            f"sequence_hashes must be empty or as many as block_hashes "
+            f"({len(q.sequence_hashes)} != {len(q.local_hashes)})"
+        )
+    h = q.hints
+    for name in ("overlap_score_credit", "prefill_load_scale", "temperature"):
+        value = getattr(h, name)
+        if value is not None and not value >= 0.0:
+            raise InvalidArgument(f"hints.{name} must be >= 0, got {value}")
+
+
+def _address(state: WorkerState | None, fallback: str) -> str:
+    return state.instance.address if state is not None else fallback
