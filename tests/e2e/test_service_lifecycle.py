@@ -37,6 +37,17 @@ SERVICES: dict[str, tuple[list[str], str, set[str]]] = {
         "tokenyard.gms.v1.GmsService",
         {"GetInfo", "Allocate", "Commit", "Lock"},
     ),
+    "worker": (
+        ["--port", "0", "--metrics-port", "0", "--mocker-speedup-ratio", "0"],
+        "tokenyard.worker.v1.WorkerService",
+        {"Generate", "SubscribeKvEvents", "Drain"},
+    ),
+    # The frontend serves /metrics on its HTTP port, which its record advertises.
+    "frontend": (
+        ["--port", "0", "--http-port", "0"],
+        "inference.GRPCInferenceService",
+        {"ModelInfer", "ModelStreamInfer", "ModelConfig", "ServerLive"},
+    ),
 }
 
 

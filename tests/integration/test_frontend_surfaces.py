@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import io
 import json
 import struct
@@ -109,7 +110,7 @@ class Stack:
     async def drained(self) -> None:
         """Workers hold no blocks, and the router heard the end of every request made here."""
         for worker in (self.fast, self.slow):
-            await eventually(lambda w=worker: _no_blocks(w), "the worker freed every block")
+            await eventually(functools.partial(_no_blocks, worker), "the worker freed every block")
         await self.frontend.router.flush()
         for rid in self.request_ids:
             late = await self.router.NotifyFinished(
@@ -153,13 +154,15 @@ async def stack(router_process: tuple[str, ServiceProcess]) -> AsyncIterator[Sta
             fast, slow, frontend, router_pb2_grpc.RouterServiceStub(router_channel), http, channel, discovery
         )
         for model in (MODEL, SLOW_MODEL):
-            await eventually(
-                lambda m=model: _holds(lambda: frontend.models.get(m) is not None), f"{model} listed"
-            )
+            await eventually(functools.partial(_listed, frontend, model), f"{model} listed")
             # The router's worker watch runs on its own schedule: wait until it routes.
-            await eventually(lambda m=model: _routes(s, m), f"the router routes {model}")
+            await eventually(functools.partial(_routes, s, model), f"the router routes {model}")
         await s.drained()
         yield s
+
+
+async def _listed(frontend: FrontendServer, model: str) -> bool:
+    return frontend.models.get(model) is not None
 
 
 async def _routes(stack: Stack, model: str) -> bool:
@@ -340,13 +343,16 @@ async def test_malformed_requests_get_400_with_an_openai_error(
     assert ok == 200
 
 
-async def test_unknown_model_is_404_and_unknown_path_is_404(stack: Stack) -> None:
+async def test_unknown_model_and_path_are_404_and_a_wrong_method_is_405(stack: Stack) -> None:
     s = stack
     status, out = await s.post("/v1/completions", {"model": "no-such-model", "prompt": "x"})
     async with s.http.get(s.base + "/v2/nothing") as r:
-        path_status = r.status
+        path_status, path_out = r.status, await r.json()
+    async with s.http.get(s.base + "/v1/completions") as r:
+        method_status, method_out = r.status, await r.json()
     assert status == 404 and "no-such-model" in out["error"]["message"]
-    assert path_status == 404
+    assert path_status == 404 and path_out["error"]["type"] == "not_found_error"
+    assert method_status == 405 and method_out["error"]["code"] == 405
 
 
 async def test_oversized_body_is_413(stack: Stack) -> None:
@@ -358,7 +364,7 @@ async def test_oversized_body_is_413(stack: Stack) -> None:
 
 
 async def test_a_client_that_disconnects_mid_stream_frees_the_worker_blocks(stack: Stack) -> None:
-    body = {"model": SLOW_MODEL, "prompt": "x " * 40, "max_tokens": 4000, "ignore_eos": True, "stream": True}
+    body = {"model": SLOW_MODEL, "prompt": "x " * 40, "max_tokens": 8000, "ignore_eos": True, "stream": True}
     s = stack
     response = await s.http.post(s.base + "/v1/completions", json=body)
     assert response.status == 200
@@ -366,13 +372,13 @@ async def test_a_client_that_disconnects_mid_stream_frees_the_worker_blocks(stac
     s.request_ids.append(first["id"].split("-", 1)[1])
     assert await s.slow.active_blocks() > 0
     response.close()
-    # 4000 tokens at milliseconds per step would keep them for seconds: only the cancellation
+    # 8000 tokens at milliseconds per step would keep them for seconds: only the cancellation
     # of the worker call frees them this soon.
     await s.drained()
 
 
 async def test_a_client_that_gives_up_on_a_unary_request_frees_the_worker_blocks(stack: Stack) -> None:
-    body = {"model": SLOW_MODEL, "prompt": "x " * 40, "max_tokens": 4000, "ignore_eos": True}
+    body = {"model": SLOW_MODEL, "prompt": "x " * 40, "max_tokens": 8000, "ignore_eos": True}
     s = stack
     pending = asyncio.ensure_future(
         s.http.post(
@@ -646,7 +652,7 @@ async def test_kserve_stream_serves_requests_concurrently_and_reports_errors_in_
 
 
 async def test_kserve_stream_cancel_frees_the_worker_blocks(stack: Stack) -> None:
-    request = _raw_request(b"x " * 40, ("streaming", "BOOL", b"\x01"), _max_tokens(4000), model=SLOW_MODEL)
+    request = _raw_request(b"x " * 40, ("streaming", "BOOL", b"\x01"), _max_tokens(8000), model=SLOW_MODEL)
     s = stack
     call = s.kserve.ModelStreamInfer(iter([request]))
     first = await call.read()
@@ -701,7 +707,7 @@ async def test_kserve_metadata_and_config_agree(stack: Stack) -> None:
 async def test_a_model_whose_workers_left_is_unavailable_not_unknown(stack: Stack) -> None:
     s = stack
     async with running_worker(FAST, discovery=s.discovery, model="leaving-model"):
-        await eventually(lambda: _holds(lambda: s.frontend.models.get("leaving-model") is not None), "listed")
+        await eventually(functools.partial(_listed, s.frontend, "leaving-model"), "listed")
     await eventually(lambda: _holds(lambda: s.frontend.models.get("leaving-model") is None), "gone")
     status, out = await s.post("/v1/completions", {"model": "leaving-model", "prompt": "x"})
     with pytest.raises(grpc.aio.AioRpcError) as info:

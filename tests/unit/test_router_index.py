@@ -206,6 +206,7 @@ class Pair:
             assert self.index.find_matches(Prompt(locals_), early) == expected, (locals_, early)
 
     def check_state(self) -> None:
+        self.index.check()
         assert sorted(self.index.ranks()) == sorted(self.oracle.ranks())
         assert self.index.num_blocks() == self.oracle.num_blocks()
         for rank in self.oracle.ranks():

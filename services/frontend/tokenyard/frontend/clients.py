@@ -114,7 +114,14 @@ class RouterClient:
         )
         try:
             reply = await stub.Route(request, timeout=self._route_timeout, metadata=outgoing_metadata())
+        except asyncio.CancelledError:
+            # The router may have recorded the request before the caller went away; finishing
+            # is idempotent there, so say it ended.
+            self.notify_finished(request_id, Outcome.CANCELLED, 0)
+            raise
         except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                self.notify_finished(request_id, Outcome.FAILED, 0)
             raise _router_error(exc) from None
         return RouteDecision(reply.worker_id, reply.dp_rank, reply.address, reply.cached_tokens)
 

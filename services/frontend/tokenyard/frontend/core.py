@@ -28,6 +28,7 @@ from tokenyard.frontend.generation import (
     FinishReason,
     GenerationRequest,
     Outcome,
+    RouteDecision,
     Usage,
     WorkerRequest,
 )
@@ -36,7 +37,7 @@ from tokenyard.frontend.metrics import FrontendMetrics, error_type
 from tokenyard.frontend.models import ModelRegistry
 from tokenyard.frontend.preprocess import Prepared, Preprocessor
 from tokenyard.frontend.stop_strings import StopStringMatcher
-from tokenyard.frontend.tokenizer import DetokenizeStream
+from tokenyard.frontend.tokenizer import DetokenizeStream, Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,16 @@ class Frontend:
         """Validate, tokenize, route and open the worker call; raises domain errors."""
         started = time.perf_counter()
         request_id = request_id or new_request_id()
+        # Within this scope, logs and outgoing calls (Route, Generate) carry the request id.
         token = request_id_var.set(request_id)
+        try:
+            return self._open(request, request_id, started, *await self._route(request, request_id))
+        finally:
+            request_id_var.reset(token)
+
+    async def _route(
+        self, request: GenerationRequest, request_id: str
+    ) -> tuple[Tokenizer, Prepared, RouteDecision]:
         try:
             card = self.models.card(request.model)
             tokenizer = await self._pre.tokenizer(card.tokenizer)
@@ -86,8 +96,17 @@ class Frontend:
         except TokenyardError as exc:
             self.count_failure(request, exc)
             raise
-        finally:
-            request_id_var.reset(token)
+        return tokenizer, prepared, decision
+
+    def _open(
+        self,
+        request: GenerationRequest,
+        request_id: str,
+        started: float,
+        tokenizer: Tokenizer,
+        prepared: Prepared,
+        decision: RouteDecision,
+    ) -> Generation:
         lifecycle = RequestLifecycle(self._router, request_id)
         worker_request = WorkerRequest(
             request_id=request_id,
@@ -218,7 +237,10 @@ class Generation:
                     last_at = time.perf_counter()
                     if not output_tokens:
                         first_at = last_at
-                        self._lifecycle.first_token()
+                        # A request done in its first chunk skips the call: finishing
+                        # releases its prefill load as well.
+                        if chunk.finish_reason is None:
+                            self._lifecycle.first_token()
                         series.ttft.observe(first_at - self._started)
                     output_tokens += len(chunk.token_ids)
                     text = detok.push(chunk.token_ids)

@@ -28,8 +28,8 @@ from tokenyard.common.errors import (
     Unimplemented,
 )
 from tokenyard.common.metrics import Metrics
-from tokenyard.frontend.core import Frontend, new_request_id
-from tokenyard.frontend.generation import Endpoint, GenerationRequest
+from tokenyard.frontend.core import Frontend, Generation, new_request_id
+from tokenyard.frontend.generation import Delta, Endpoint, GenerationRequest
 from tokenyard.frontend.openai_api import (
     SSE_DONE,
     ResponseWriter,
@@ -85,6 +85,8 @@ async def _json_body(request: web.Request) -> object:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidArgument(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidArgument("the request body is nested too deeply") from None
 
 
 Parser = Callable[[object], tuple[GenerationRequest, bool]]
@@ -118,28 +120,41 @@ def _generate_handler(
                 first = await generation.__anext__()
             except TokenyardError as exc:
                 return _error_from(exc)
-            response = web.StreamResponse(headers=_SSE_HEADERS)
-            await response.prepare(request)
+            response = _EventStream(headers=_SSE_HEADERS)
             try:
-                delta = first
-                while True:
-                    await response.write(writer.chunk(delta))
-                    if delta.finish_reason is not None:
-                        if include_usage and delta.usage is not None:
-                            await response.write(writer.usage_chunk(delta.usage))
-                        break
-                    delta = await generation.__anext__()
-            except TokenyardError as exc:
-                status, kind, message = http_status(exc)
-                await response.write(sse(error_body(status, message, kind)))
+                await response.prepare(request)
+                await _stream(response, generation, writer, first)
             except ConnectionResetError:
                 # The client left mid-stream; leaving the block cancels the worker call.
-                return response
-            await response.write(SSE_DONE)
-            await response.write_eof()
+                pass
             return response
 
     return handle
+
+
+class _EventStream(web.StreamResponse):
+    # The first event is ready when the stream opens: let the headers leave with it in one
+    # write instead of two (aiohttp's own Response does the same).
+    _send_headers_immediately = False
+
+
+async def _stream(
+    response: web.StreamResponse, generation: Generation, writer: ResponseWriter, first: Delta
+) -> None:
+    delta = first
+    try:
+        while delta.finish_reason is None:
+            await response.write(writer.chunk(delta))
+            delta = await generation.__anext__()
+        tail = writer.chunk(delta)
+        if writer.include_usage and delta.usage is not None:
+            tail += writer.usage_chunk(delta.usage)
+    except TokenyardError as exc:
+        # The status line is long gone: the error becomes an event, then the stream ends.
+        status, kind, message = http_status(exc)
+        tail = sse(error_body(status, message, kind))
+    # The last events, [DONE] and the end of the chunked body leave in one write.
+    await response.write_eof(tail + SSE_DONE)
 
 
 def _dumps(doc: object) -> str:
@@ -175,21 +190,22 @@ async def list_models(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": data})
 
 
-async def not_found(request: web.Request) -> web.Response:
-    return _error(404, f"no route for {request.method} {request.path}", "not_found_error")
-
-
 @web.middleware
 async def _errors(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """aiohttp's own errors (a body over the size limit, a wrong method) in the OpenAI shape."""
+    """aiohttp's own errors (no such path, a wrong method, a body over the size limit) and
+    unexpected ones in the OpenAI shape."""
     try:
         return await handler(request)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return _error(exc.status, exc.reason, "invalid_request_error")
+        kind = "not_found_error" if exc.status == 404 else "invalid_request_error"
+        return _error(exc.status, f"{exc.reason}: {request.method} {request.path}", kind)
+    except Exception:
+        log.exception("unhandled error serving %s %s", request.method, request.path)
+        return _error(500, "internal error", "internal_error")
 
 
 def build_app(frontend: Frontend, metrics_: Metrics, ready: list[bool]) -> web.Application:
@@ -204,5 +220,4 @@ def build_app(frontend: Frontend, metrics_: Metrics, ready: list[bool]) -> web.A
     app.router.add_get("/v1/models", list_models)
     app.router.add_post("/v1/completions", _generate_handler(Endpoint.COMPLETIONS, parse_completion))
     app.router.add_post("/v1/chat/completions", _generate_handler(Endpoint.CHAT_COMPLETIONS, parse_chat))
-    app.router.add_route("*", "/{tail:.*}", not_found)
     return app

@@ -53,12 +53,15 @@ class Preprocessor:
             fut = self._start(ref)
         try:
             return await asyncio.shield(fut)
-        except TokenizerError as exc:
+        except Exception as exc:
             # Forget the failure so that a fixed deployment (a package installed) recovers
             # without a restart; the next request tries again.
             if self._loads.get(ref) is fut:
                 del self._loads[ref]
-            raise FailedPrecondition(str(exc)) from None
+            if isinstance(exc, TokenizerError):
+                raise FailedPrecondition(str(exc)) from None
+            log.exception("loading the tokenizer %r failed", ref)
+            raise FailedPrecondition(f"tokenizer {ref!r} could not be loaded") from None
 
     def prepare(self, tokenizer: Tokenizer, request: GenerationRequest, card: ModelCard) -> Prepared:
         prompt_text: str | None
@@ -70,10 +73,10 @@ class Preprocessor:
                 template_kwargs=request.template_kwargs,
             )
             # The template already wrote whatever special tokens the model wants.
-            token_ids: Sequence[int] = tokenizer.encode(prompt_text, add_special_tokens=False)
+            token_ids: Sequence[int] = _encode(tokenizer, prompt_text, add_special_tokens=False)
         elif request.prompt is not None:
             prompt_text = request.prompt
-            token_ids = tokenizer.encode(prompt_text, add_special_tokens=True)
+            token_ids = _encode(tokenizer, prompt_text, add_special_tokens=True)
         elif request.prompt_token_ids is not None:
             token_ids = request.prompt_token_ids
             vocab = tokenizer.vocab_size
@@ -88,6 +91,18 @@ class Preprocessor:
         seed = salt_hash(request.lora_name, request.cache_salt)
         hashes = local_block_hashes(token_ids, card.block_size, seed)
         return Prepared(token_ids, prompt_text, hashes)
+
+
+def _encode(tokenizer: Tokenizer, text: str, *, add_special_tokens: bool) -> Sequence[int]:
+    try:
+        return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    except TypeError:
+        # JSON may carry lone surrogates ("\ud800"), which are not text a tokenizer can take.
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidArgument("the prompt is not valid Unicode (it contains a lone surrogate)") from None
+        raise
 
 
 def _check_length(prompt_tokens: int, max_tokens: int | None, context_length: int) -> None:

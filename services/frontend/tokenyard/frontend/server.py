@@ -125,7 +125,7 @@ class FrontendServer:
         self._runner = web.AppRunner(
             build_app(self.frontend, metrics, self._ready),
             # A client that closes its connection cancels its handler, and so its worker call.
-            handler_cancellation=False,
+            handler_cancellation=True,
             shutdown_timeout=settings.grace_period,
             access_log=None,
         )

@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 PLATFORM = "tokenyard"
 MODEL_VERSION = "1"
+# Responses buffered per ModelStreamInfer stream.
+STREAM_QUEUE = 256
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -141,10 +143,14 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     # ---- inference --------------------------------------------------------------------------
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
-        parsed = parse_infer_request(request)
-        if parsed.stream:
-            raise InvalidArgument("streaming is only available on ModelStreamInfer")
-        gen_request = build_request(parsed, Endpoint.KSERVE_INFER)
+        try:
+            parsed = parse_infer_request(request)
+            if parsed.stream:
+                raise InvalidArgument("streaming is only available on ModelStreamInfer")
+            gen_request = build_request(parsed, Endpoint.KSERVE_INFER)
+        except TokenyardError as exc:
+            self._frontend.count_failure(None, exc, Endpoint.KSERVE_INFER.value)
+            raise
         async with await self._frontend.start(gen_request, new_request_id()) as generation:
             text, last = await generation.collect()
         reason = last.finish_reason.value if last.finish_reason else ""
@@ -153,7 +159,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterable[pb.ModelInferRequest], context: Context
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        queue: asyncio.Queue[pb.ModelStreamInferResponse | _Marker] = asyncio.Queue()
+        # Bounded: a client that stops reading holds its requests back instead of growing
+        # this queue without end.
+        queue: asyncio.Queue[pb.ModelStreamInferResponse | _Marker] = asyncio.Queue(STREAM_QUEUE)
         tasks: set[asyncio.Task[None]] = set()
         spawned = 0
 
@@ -167,7 +175,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                     task.add_done_callback(tasks.discard)
             finally:
                 # After the last spawn: once this arrives, `spawned` is final.
-                queue.put_nowait(_READER_DONE)
+                await queue.put(_READER_DONE)
 
         reader = asyncio.create_task(read_requests())
         reader_done = False
@@ -196,7 +204,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             await self._respond(request, queue)
         finally:
-            queue.put_nowait(_REQUEST_DONE)
+            await queue.put(_REQUEST_DONE)
 
     async def _respond(
         self, request: pb.ModelInferRequest, queue: asyncio.Queue[pb.ModelStreamInferResponse | _Marker]
@@ -207,14 +215,14 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             gen_request = build_request(parsed, Endpoint.KSERVE_STREAM_INFER)
         except TokenyardError as exc:
             self._frontend.count_failure(None, exc, Endpoint.KSERVE_STREAM_INFER.value)
-            queue.put_nowait(_stream_error(model, rid, exc))
+            await queue.put(_stream_error(model, rid, exc))
             return
         try:
             async with await self._frontend.start(gen_request, new_request_id()) as generation:
                 if not gen_request.stream:
                     text, last = await generation.collect()
                     reason = last.finish_reason.value if last.finish_reason else ""
-                    queue.put_nowait(
+                    await queue.put(
                         pb.ModelStreamInferResponse(
                             infer_response=infer_response(model, rid, text, reason, True)
                         )
@@ -223,18 +231,18 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 async for delta in generation:
                     final = delta.finish_reason is not None
                     reason = delta.finish_reason.value if delta.finish_reason else ""
-                    queue.put_nowait(
+                    await queue.put(
                         pb.ModelStreamInferResponse(
                             infer_response=infer_response(model, rid, delta.text, reason, final)
                         )
                     )
         except TokenyardError as exc:
-            queue.put_nowait(_stream_error(model, rid, exc))
+            await queue.put(_stream_error(model, rid, exc))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             log.exception("request %s on ModelStreamInfer failed", rid or "(no id)")
-            queue.put_nowait(_stream_error(model, rid, exc))
+            await queue.put(_stream_error(model, rid, exc))
 
 
 def _stream_error(model: str, request_id: str, exc: BaseException) -> pb.ModelStreamInferResponse:

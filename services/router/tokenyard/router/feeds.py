@@ -188,7 +188,7 @@ class WorkerFeed:
                 call.cancel()
         return delivered
 
-    async def _describe(self, stub: worker_pb2_grpc.WorkerServiceStub) -> None:
+    async def _describe(self, stub: worker_pb2_grpc.WorkerServiceAsyncStub) -> None:
         try:
             reply = await stub.Describe(worker_pb2.DescribeRequest(), timeout=DESCRIBE_TIMEOUT)
         except grpc.aio.AioRpcError as exc:

@@ -165,7 +165,9 @@ class RadixIndex:
             return []
         chains: list[Chain] = []
         # (node, parent hash) pairs that start a chain, depth-first
-        starts = [(c, None) for c in self._root.children.values() if rank in c.workers]
+        starts: list[tuple[_Node, int | None]] = [
+            (c, None) for c in self._root.children.values() if rank in c.workers
+        ]
         while starts:
             node, parent_hash = starts.pop()
             chain = Chain(parent_hash)

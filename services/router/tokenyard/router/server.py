@@ -1,52 +1,138 @@
-"""Router process wiring: discovery watch, active-request expiry, the gRPC service."""
+"""Router process wiring: discovery watch, worker KV feeds, replica sync, housekeeping, the gRPC service."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 
-from tokenyard.common.discovery import Instance, WatchEventKind
 from tokenyard.common.service import ServiceRuntime
 from tokenyard.router.active import ActiveRequests
+from tokenyard.router.approx import ApproximateRecorder
 from tokenyard.router.config import RouterSettings
+from tokenyard.router.feeds import WorkerFeeds
+from tokenyard.router.index import WorkerRank, make_index
+from tokenyard.router.metrics import RouterMetrics
+from tokenyard.router.peers import PeerSync
+from tokenyard.router.replicas import LifecycleEvent, ReplicaHub, kind
+from tokenyard.router.scheduler import RouterConfig, Scheduler
 from tokenyard.router.servicer import SERVICE_NAME, RouterServicer
+from tokenyard.router.tiers import TieredIndex
 from tokenyard.router.v1 import router_pb2_grpc
 from tokenyard.router.workers import WorkerSet, WorkerWatch
 
 log = logging.getLogger(__name__)
 
+GAUGE_REFRESH_SECONDS = 1.0
 
-async def _expire_forever(active: ActiveRequests, every: float) -> None:
+
+async def _every(seconds: float, job: Callable[[], object]) -> None:
     while True:
-        await asyncio.sleep(every)
-        if gone := active.expire():
+        await asyncio.sleep(seconds)
+        try:
+            job()
+        except Exception:
+            log.exception("periodic router job failed")
+
+
+class Router:
+    """Everything one router process runs, built from settings; ``serve`` adds the process shell."""
+
+    def __init__(self, settings: RouterSettings, runtime: ServiceRuntime) -> None:
+        self.settings = settings
+        self.runtime = runtime
+        s = settings
+        self.metrics = RouterMetrics(runtime.metrics.registry)
+        self.workers = WorkerSet()
+        self.index = TieredIndex(lambda: make_index(s.index.value, jump=s.index_jump))
+        self.active = ActiveRequests(s.active_request_expiry, jump=s.index_jump)
+        self.approx = (
+            None
+            if s.kv_events
+            else ApproximateRecorder(
+                self.index.device,
+                ttl=s.approx_ttl,
+                max_blocks=s.approx_max_blocks,
+                prune_ratio=s.approx_prune_ratio,
+            )
+        )
+        self.hub = ReplicaHub(str(runtime.instance_id))
+        self.hub.on_drop = lambda event: self.metrics.replica_events.labels("dropped", kind(event)).inc()
+        self.scheduler = Scheduler(
+            self.workers,
+            self.index,
+            self.active,
+            RouterConfig(
+                default_mode=s.mode.value,
+                knobs=s.cost_knobs(),
+                busy=s.busy_thresholds(),
+                load_report_max_age=s.load_report_max_age,
+            ),
+            approx=self.approx,
+            metrics=self.metrics,
+            publish=self._publish,
+        )
+        self.feeds = WorkerFeeds(
+            self.workers, self.scheduler, self.metrics, s.stream_limits(), apply_kv=s.kv_events
+        )
+        self.workers.on_change(self.feeds.on_change)
+        self.servicer = RouterServicer(self.scheduler, self.hub, self._next_event_id)
+        self.watch = WorkerWatch(runtime.discovery, self.workers)
+        self.peers = (
+            PeerSync(runtime.discovery, str(runtime.instance_id), self.active, self.metrics)
+            if s.replica_sync
+            else None
+        )
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def _publish(self, event: LifecycleEvent) -> None:
+        self.hub.publish(event)
+        if self.hub.subscribers:
+            self.metrics.replica_events.labels("sent", kind(event)).inc()
+
+    def _next_event_id(self, rank: WorkerRank) -> int | None:
+        feed = self.feeds.feed(rank.worker_id)
+        return feed.tracker.next_event_id(rank.dp_rank) if feed is not None else None
+
+    def start(self) -> None:
+        """Start the background work (after the gRPC server is up)."""
+        self.watch.start()
+        if self.peers is not None:
+            self.peers.start()
+        jobs: list[tuple[float, Callable[[], object]]] = [
+            (min(30.0, self.settings.active_request_expiry / 2), self._expire_active),
+            (GAUGE_REFRESH_SECONDS, lambda: self.metrics.refresh(self.workers, self.active, self.index)),
+        ]
+        if self.approx is not None:
+            jobs.append((min(5.0, self.settings.approx_ttl / 4), self.approx.expire))
+        self._tasks = [asyncio.create_task(_every(period, job)) for period, job in jobs]
+
+    def _expire_active(self) -> None:
+        if gone := self.active.expire():
             log.warning("forgot %d routed requests whose end was never notified", gone)
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        closers: list[Callable[[], Awaitable[None]]] = [self.watch.close, self.feeds.close]
+        if self.peers is not None:
+            closers.append(self.peers.close)
+        for close in closers:
+            await close()
 
 
 async def serve(settings: RouterSettings) -> None:
     async with ServiceRuntime(settings, service="router", metrics_port=settings.metrics_port) as runtime:
-        workers = WorkerSet()
-        active = ActiveRequests(settings.active_request_expiry)
-
-        def on_worker_change(kind: WatchEventKind, instance: Instance) -> None:
-            if kind is WatchEventKind.REMOVED:
-                active.drop_worker(instance.instance_id)
-
-        workers.on_change(on_worker_change)
-        servicer = RouterServicer(workers, active, settings.mode.value)
-        runtime.add_servicer(router_pb2_grpc.add_RouterServiceServicer_to_server, servicer, SERVICE_NAME)
+        router = Router(settings, runtime)
+        runtime.add_servicer(
+            router_pb2_grpc.add_RouterServiceServicer_to_server, router.servicer, SERVICE_NAME
+        )
         await runtime.start()
-        watch = WorkerWatch(runtime.discovery, workers)
-        watch.start()
-        expiry = asyncio.create_task(_expire_forever(active, min(30.0, settings.active_request_expiry / 2)))
-
-        async def close() -> None:
-            expiry.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await expiry
-            await watch.close()
-
-        runtime.on_close(close)
+        router.start()
+        runtime.on_close(router.close)
         runtime.set_serving(True)
         await runtime.wait_for_shutdown()

@@ -15,6 +15,7 @@ from typing import ClassVar
 from pydantic import Field
 
 from tokenyard.common.settings import MetricsPortSettings, ServiceSettings, settings_config
+from tokenyard.worker.cpu.config import CpuEngineConfig
 from tokenyard.worker.mocker.config import MockerConfig
 
 
@@ -76,4 +77,7 @@ class WorkerSettings(MetricsPortSettings, ServiceSettings):
     )
     mocker: MockerConfig = Field(
         default_factory=MockerConfig, description="Simulated engine (used when --engine mocker)."
+    )
+    cpu: CpuEngineConfig = Field(
+        default_factory=CpuEngineConfig, description="Real model on the CPU (used when --engine cpu)."
     )

@@ -56,3 +56,9 @@ class CpuEngineConfig(BaseModel):
     default_temperature: float = Field(
         default=1.0, ge=0, description="Temperature of requests that do not set one (0 is greedy)."
     )
+    kv_transfer_hold_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="Seconds a prefill worker holds a prompt's KV blocks (and a decode worker fetched "
+        "blocks) for a transfer that nobody releases.",
+    )

@@ -25,7 +25,7 @@ import logging
 import os
 import statistics
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -142,22 +142,18 @@ class CpuEngine:
         if self._running:
             return
         cfg = self.config
-        torch.set_num_threads(cfg.num_threads or default_num_threads())
-        attention.register()
-        if self._loaded is None:
-            try:
-                self._loaded = await asyncio.to_thread(
-                    load_model, cfg, attn_implementation=attention.ATTN_IMPLEMENTATION
-                )
-            except ModelLoadError as exc:
-                raise Unavailable(str(exc)) from None
-        else:
-            self._loaded.model.set_attn_implementation(attention.ATTN_IMPLEMENTATION)
+        # Every torch op of the engine runs on this one thread (see _build).
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenyard-cpu-engine")
+        loop = asyncio.get_running_loop()
+        try:
+            cache = await loop.run_in_executor(self._executor, self._build)
+        except ModelLoadError as exc:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+            raise Unavailable(str(exc)) from None
+        assert self._loaded is not None
         g = self._loaded.geometry
-        geometry = KvGeometry(g.num_layers, g.num_kv_heads, g.head_dim, cfg.block_size)
-        num_blocks = cfg.num_kv_blocks or max(1, int(cfg.kv_cache_gib * (1 << 30)) // geometry.block_bytes)
-        sink = self._events.publish if self.publishes_kv_events else None
-        cache = PagedKvCache(num_blocks, geometry, enable_prefix_caching=cfg.enable_prefix_caching, sink=sink)
+        num_blocks = cache.num_blocks
         # A sequence never outgrows the pool, so one request alone always fits.
         context = min(cfg.max_model_len or g.max_position_embeddings, num_blocks * cfg.block_size)
         self._cache = cache
@@ -191,7 +187,6 @@ class CpuEngine:
             eos_token_ids=self._loaded.eos_token_ids,
             publishes_kv_events=self.publishes_kv_events,
         )
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenyard-cpu-engine")
         self._running = True
         self._task = asyncio.create_task(self._run(), name="cpu-engine")
         log.info(
@@ -201,6 +196,28 @@ class CpuEngine:
             context,
             torch.get_num_threads(),
         )
+
+    def _build(self) -> PagedKvCache:
+        """Load the model and allocate the KV pools, on the compute thread.
+
+        PyTorch runs its intra-op parallelism on an OpenMP thread team per calling thread. Two
+        threads that both run parallel ops means two teams on the same cores, whose idle workers
+        then sleep instead of spinning, and a forward pass (hundreds of parallel regions) gets
+        about 60% slower. So the model is loaded, the pools are zeroed, and every forward pass
+        runs here; the event loop only touches torch for tiny tensors and numpy views.
+        """
+        cfg = self.config
+        torch.set_num_threads(cfg.num_threads or default_num_threads())
+        attention.register()
+        if self._loaded is None:
+            self._loaded = load_model(cfg, attn_implementation=attention.ATTN_IMPLEMENTATION)
+        else:
+            self._loaded.model.set_attn_implementation(attention.ATTN_IMPLEMENTATION)
+        g = self._loaded.geometry
+        geometry = KvGeometry(g.num_layers, g.num_kv_heads, g.head_dim, cfg.block_size)
+        num_blocks = cfg.num_kv_blocks or max(1, int(cfg.kv_cache_gib * (1 << 30)) // geometry.block_bytes)
+        sink = self._events.publish if self.publishes_kv_events else None
+        return PagedKvCache(num_blocks, geometry, enable_prefix_caching=cfg.enable_prefix_caching, sink=sink)
 
     async def stop(self) -> None:
         """Stop stepping; requests still in flight end with ``cancelled``."""
@@ -231,15 +248,15 @@ class CpuEngine:
 
     # -- requests ---------------------------------------------------------------------------
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[GenerateChunk]:
+    async def generate(self, request: EngineRequest) -> AsyncGenerator[GenerateChunk, None]:
         if self._failure is not None:
             raise Unavailable(f"the CPU engine failed: {self._failure}")
         if not self._running or self._scheduler is None:
             raise Unavailable("the CPU engine is not running")
         if request.request_id in self._streams:
             raise AlreadyExists(f"request {request.request_id!r} is already running on this worker")
-        if request.prefill_only:
-            request = dataclasses.replace(request, max_tokens=1)
+        if request.prefill_only or self.role is WorkerRole.PREFILL:
+            request = dataclasses.replace(request, max_tokens=1, prefill_only=True)
         try:
             sampler = Sampler.from_params(request.sampling, self.config.default_temperature)
             seq = self._scheduler.add(request, sampler)
@@ -364,6 +381,9 @@ class CpuEngine:
         return KvBlockExport(self.kv_layout(), tuple(blocks))
 
     async def release_kv_transfer(self, transfer_id: str) -> None:
+        self._release_transfer(transfer_id)
+
+    def _release_transfer(self, transfer_id: str) -> None:
         held = self._held.pop(transfer_id, None)
         if held is not None and self._cache is not None:
             self._cache.release(held.table)
@@ -384,6 +404,7 @@ class CpuEngine:
                     f"block {h:#018x}: {len(data)} bytes, a {expected}-token block of this layout has {geometry_bytes}"
                 )
         self._imports[params.transfer_id] = blocks
+        self._expire_later(params.transfer_id, blocks)
 
     # -- the step loop ----------------------------------------------------------------------
 
@@ -404,13 +425,12 @@ class CpuEngine:
                     self._wake.clear()
                     await self._wake.wait()
                     continue
-                inputs = runner.prepare(plan)
                 started = time.perf_counter()
-                tokens = await loop.run_in_executor(self._executor, runner.execute, inputs)
+                sampled = await loop.run_in_executor(self._executor, runner.step, plan)
                 wall = time.perf_counter() - started
                 # Measured before finish_step appends the new tokens (which changes what `samples` says).
                 metrics = self._step_metrics(plan, wall) if self._step_listeners else None
-                outputs = sched.finish_step(plan, dict(zip(inputs.sample_seqs, tokens, strict=True)))
+                outputs = sched.finish_step(plan, sampled)
                 self._deliver(outputs)
                 if metrics is not None:
                     for listener in tuple(self._step_listeners):
@@ -447,7 +467,9 @@ class CpuEngine:
         previous = self._held.pop(seq.request_id, None)
         if previous is not None and self._cache is not None:
             self._cache.release(previous.table)
-        self._held[seq.request_id] = _HeldTransfer(seq.table, hashes)
+        held = _HeldTransfer(seq.table, hashes)
+        self._held[seq.request_id] = held
+        self._expire_later(seq.request_id, held)
         return KvTransferParams(
             source_worker_id=0,
             source_dp_rank=0,
@@ -456,6 +478,18 @@ class CpuEngine:
             block_hashes=hashes,
             num_tokens=seq.prompt_len,
         )
+
+    def _expire_later(self, transfer_id: str, what: _HeldTransfer | KvBlockExport) -> None:
+        """Let go of a transfer nobody released within the hold timeout (a decode worker that
+        died, a fetch without ``release``), unless it was replaced or released meanwhile."""
+
+        def expire() -> None:
+            if self._held.get(transfer_id) is what or self._imports.get(transfer_id) is what:
+                log.info("KV transfer %r was not released within %.0fs; dropping it", transfer_id, hold)
+                self._release_transfer(transfer_id)
+
+        hold = self.config.kv_transfer_hold_s
+        asyncio.get_running_loop().call_later(hold, expire)
 
     def _step_metrics(self, plan: list[Scheduled], wall: float) -> StepMetrics:
         assert self._scheduler is not None

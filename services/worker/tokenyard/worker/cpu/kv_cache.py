@@ -28,6 +28,7 @@ import heapq
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from tokenyard.worker.kv_events import KvCleared, KvEventData, KvRemoved, KvStored, StoredBlock
@@ -282,24 +283,28 @@ class PagedKvCache:
 
     # -- KV bytes ---------------------------------------------------------------------------
 
+    # KV bytes are copied with numpy views of the pools, not torch ops: these run on the event
+    # loop, and a torch op big enough to go parallel would start a second OpenMP thread team
+    # there, which slows every forward pass on the compute thread (the teams' idle workers
+    # stop spinning and sleep, and each parallel region then pays for waking them).
+
     def read_block(self, block: Block) -> bytes:
         """K then V of every layer, ``[2, num_layers, block_size, kv_heads, head_dim]`` float32 LE."""
         lo = block.block_id * self.block_size
         hi = lo + self.block_size
-        data = torch.stack((self.k[:, lo:hi], self.v[:, lo:hi]))
-        return data.numpy().tobytes()
+        return self.k.numpy()[:, lo:hi].tobytes() + self.v.numpy()[:, lo:hi].tobytes()
 
     def write_block(self, block: Block, data: bytes) -> None:
         g = self.geometry
         if len(data) != g.block_bytes:
             raise ValueError(f"a KV block of this layout is {g.block_bytes} bytes, got {len(data)}")
-        values = torch.frombuffer(bytearray(data), dtype=torch.float32).view(
+        values = np.frombuffer(data, dtype="<f4").reshape(
             2, g.num_layers, g.block_size, g.num_kv_heads, g.head_dim
         )
         lo = block.block_id * self.block_size
         hi = lo + self.block_size
-        self.k[:, lo:hi] = values[0]
-        self.v[:, lo:hi] = values[1]
+        self.k.numpy()[:, lo:hi] = values[0]
+        self.v.numpy()[:, lo:hi] = values[1]
 
     def import_blocks(
         self,

@@ -1,8 +1,8 @@
 """One forward pass of the model over a step's scheduled work, and the sampling after it.
 
-:meth:`ModelRunner.prepare` runs on the engine's event loop (it reads block tables, which only
-that thread changes); :meth:`ModelRunner.execute` runs on the engine's compute thread and touches
-nothing but the tensors ``prepare`` built, the KV pools and the samplers' generators.
+:meth:`ModelRunner.step` runs on the engine's compute thread while the event loop waits for it:
+the block tables and token lists it reads change only between steps, and it writes nothing but
+the KV pools (the slots of the step's own tokens) and the samplers' generators.
 """
 
 from __future__ import annotations
@@ -100,6 +100,11 @@ class ModelRunner:
             ),
             outputs=tuple(tuple(s.output) if p else () for s, p in zip(sample_seqs, penalized, strict=True)),
         )
+
+    def step(self, plan: Seq[Scheduled]) -> dict[SequenceState, int]:
+        """Compute ``plan``; the token sampled for each request whose work completes its sequence."""
+        inputs = self.prepare(plan)
+        return dict(zip(inputs.sample_seqs, self.execute(inputs), strict=True))
 
     def execute(self, inputs: StepInputs) -> list[int]:
         """Run the model, then sample one token per row of ``inputs.sample_rows``."""
