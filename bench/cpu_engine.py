@@ -53,12 +53,18 @@ def _measure_load(threads: int) -> dict[str, float]:
     return {"cold_convert_and_load_s": cold.load_seconds, "cached_load_s": cached.load_seconds}
 
 
-async def first_token_s(engine: CpuEngine, request: EngineRequest) -> float:
+async def first_token_s(engine: CpuEngine, request: EngineRequest) -> tuple[float, int]:
+    """Seconds to the first token, and the prompt tokens the cache supplied (a one-token request)."""
     started = time.perf_counter()
+    first: float | None = None
+    cached = 0
     async for chunk in engine.generate(request):
-        if chunk.token_ids:
-            return time.perf_counter() - started
-    raise AssertionError("no token")
+        if chunk.token_ids and first is None:
+            first = time.perf_counter() - started
+        if chunk.usage is not None:
+            cached = chunk.usage.cached_tokens
+    assert first is not None, "no token"
+    return first, cached
 
 
 async def measure_ttft(args: argparse.Namespace) -> dict[str, Any]:
@@ -67,27 +73,31 @@ async def measure_ttft(args: argparse.Namespace) -> dict[str, Any]:
     prefix = [rng.randrange(100, 49000) for _ in range(args.prefix)]
     cold_samples: list[float] = []
     cached_samples: list[float] = []
-    cached_tokens: list[int] = []
+    hits: list[int] = []
     async with CpuEngine(config) as engine:
-        await first_token_s(engine, EngineRequest("warmup", tuple(prefix[:64]), max_tokens=1, sampling=GREEDY))
+        for i in range(2):  # warm-up: first-touch of the pools, kernel selection
+            await first_token_s(engine, EngineRequest(f"warmup-{i}", tuple(prefix[:256]), 1, sampling=GREEDY))
         for i in range(args.repeat):
             suffix = [rng.randrange(100, 49000) for _ in range(args.suffix)]
             prompt = (*prefix, *suffix)
             engine.reset_prefix_cache()
-            cold_samples.append(await first_token_s(engine, EngineRequest(f"cold-{i}", prompt, 1, sampling=GREEDY)))
+            seconds, hit = await first_token_s(engine, EngineRequest(f"cold-{i}", prompt, 1, sampling=GREEDY))
+            assert hit == 0
+            cold_samples.append(seconds)
             # Another request with the same first tokens puts them in the cache ...
             other = (*prefix, *(rng.randrange(100, 49000) for _ in range(args.suffix)))
             engine.reset_prefix_cache()
             await first_token_s(engine, EngineRequest(f"warm-{i}", other, 1, sampling=GREEDY))
             # ... then the measured prompt finds them.
-            request = EngineRequest(f"cached-{i}", prompt, 1, sampling=GREEDY)
-            cached_samples.append(await first_token_s(engine, request))
-            hit = len(engine.cached_block_hashes())
-            cached_tokens.append(hit)
+            seconds, hit = await first_token_s(
+                engine, EngineRequest(f"cached-{i}", prompt, 1, sampling=GREEDY)
+            )
+            cached_samples.append(seconds)
+            hits.append(hit)
     cold, cached = statistics.median(cold_samples), statistics.median(cached_samples)
     return {
         "prompt_tokens": args.prefix + args.suffix,
-        "cached_prefix_tokens": args.prefix // config.block_size * config.block_size,
+        "cached_prefix_tokens": min(hits),
         "cold_ttft_s": cold,
         "cached_ttft_s": cached,
         "speedup": cold / cached,
@@ -130,7 +140,7 @@ async def measure_decode(args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(1)
     config = CpuEngineConfig(num_threads=args.threads, enable_prefix_caching=False)
     async with CpuEngine(config) as engine:
-        await decode_run(engine, 1, 4, rng)  # warm-up
+        await decode_run(engine, args.streams, 16, rng)  # warm-up
         one = await decode_run(engine, 1, args.decode_tokens, rng)
         many = await decode_run(engine, args.streams, args.decode_tokens, rng)
     return {
@@ -141,7 +151,9 @@ async def measure_decode(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--threads", type=int, default=default_num_threads())
     parser.add_argument("--prefix", type=int, default=1000, help="cached prompt tokens")
     parser.add_argument("--suffix", type=int, default=24, help="prompt tokens after the cached prefix")

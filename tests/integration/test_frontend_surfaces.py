@@ -319,7 +319,20 @@ async def test_unknown_fields_are_ignored(stack: Stack) -> None:
         ("/v1/completions", {"model": MODEL, "prompt": [1, 99999999]}, "token ids"),
         ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 10**6}, "context length"),
         ("/v1/completions", {"model": MODEL, "prompt": "x", "stop_token_ids": [-1]}, "stop_token_ids"),
+        ("/v1/completions", b'{"model": "' + MODEL.encode() + b'", "prompt": "a\\ud800b"}', "surrogate"),
+        ("/v1/completions", b"[" * 100_000 + b"]" * 100_000, "nested"),
         ("/v1/chat/completions", {"model": MODEL, "messages": []}, "messages"),
+        (
+            "/v1/chat/completions",
+            {"model": MODEL, "messages": [{"role": "user", "content": "a\ud800b"}]},
+            "surrogate",
+        ),
+        # The chat template fails on a message without content: the request is at fault.
+        (
+            "/v1/chat/completions",
+            {"model": MODEL, "messages": [{"role": "tool", "content": None}]},
+            "template",
+        ),
         ("/v1/chat/completions", {"model": MODEL, "messages": "hi"}, "messages"),
         ("/v1/chat/completions", {"model": MODEL, "messages": [{"content": "x"}]}, "role"),
         (
@@ -555,6 +568,16 @@ def _counter(s: Stack, name: str) -> float:
             _raw_request(b"x", ("sampling_parameters", "BYTES", _bytes_element(b"{bad"))),
             grpc.StatusCode.INVALID_ARGUMENT,
             "JSON",
+        ),
+        (
+            _raw_request(b"x", ("sampling_parameters", "BYTES", _bytes_element(b'{"max_tokens": NaN}'))),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "finite",
+        ),
+        (
+            _raw_request(b"x", ("sampling_parameters", "BYTES", _bytes_element(b'{"top_k": "many"}'))),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "top_k",
         ),
         (
             pb.ModelInferRequest(

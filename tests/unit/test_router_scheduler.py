@@ -150,7 +150,7 @@ def test_predicted_load_spreads_identical_cold_requests() -> None:
 
 def test_ties_spread_across_workers() -> None:
     env = Env(n=4)
-    chosen = collections.Counter()
+    chosen: collections.Counter[int] = collections.Counter()
     for i in range(400):
         rid, d = env.route([i])
         chosen[d.worker_id] += 1

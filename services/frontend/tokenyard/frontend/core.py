@@ -171,6 +171,9 @@ class Generation:
         self._detok = detokenizer
         self._metrics = metrics
         self._started = started
+        series = metrics.model(request.model)
+        series.inflight.inc()
+        series.isl.observe(self.prompt_tokens)
         self._gen = self._run()
 
     def __aiter__(self) -> Generation:
@@ -222,8 +225,6 @@ class Generation:
     async def _run(self) -> AsyncGenerator[Delta, None]:
         req = self.request
         series = self._metrics.model(req.model)
-        series.inflight.inc()
-        series.isl.observe(self.prompt_tokens)
         matcher = StopStringMatcher(req.stop.stop_strings) if req.stop.stop_strings else None
         detok = self._detok
         output_tokens = 0

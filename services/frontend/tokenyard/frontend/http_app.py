@@ -14,19 +14,10 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+import grpc
 from aiohttp import web
 
-from tokenyard.common.errors import (
-    Cancelled,
-    DeadlineExceeded,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    Overloaded,
-    TokenyardError,
-    Unavailable,
-    Unimplemented,
-)
+from tokenyard.common.errors import InvalidArgument, TokenyardError
 from tokenyard.common.metrics import Metrics
 from tokenyard.frontend.core import Frontend, Generation, new_request_id
 from tokenyard.frontend.generation import Delta, Endpoint, GenerationRequest
@@ -45,26 +36,27 @@ FRONTEND_KEY = web.AppKey("frontend", Frontend)
 METRICS_KEY = web.AppKey("metrics", Metrics)
 READY_KEY = web.AppKey("ready", list)
 
-# The HTTP status of each domain error, with the OpenAI error "type".
-_STATUS: tuple[tuple[type[TokenyardError], int, str], ...] = (
-    (InvalidArgument, 400, "invalid_request_error"),
-    (NotFound, 404, "not_found_error"),
+# The HTTP status of each domain error's gRPC code, with the OpenAI error "type". By code, not
+# class: errors of other layers (a chat template's refusal) carry their code too.
+_STATUS: dict[grpc.StatusCode, tuple[int, str]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
     # 529 is what Dynamo (and Anthropic) answer when every worker is busy.
-    (Overloaded, 529, "overloaded_error"),
-    (Unavailable, 503, "service_unavailable"),
-    (Cancelled, 499, "cancelled"),
-    (DeadlineExceeded, 504, "timeout_error"),
-    (Unimplemented, 501, "not_implemented"),
-    (FailedPrecondition, 500, "internal_error"),
-)
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (529, "overloaded_error"),
+    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
+    grpc.StatusCode.CANCELLED: (499, "cancelled"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout_error"),
+    grpc.StatusCode.UNIMPLEMENTED: (501, "not_implemented"),
+    grpc.StatusCode.FAILED_PRECONDITION: (500, "internal_error"),
+}
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "Connection": "keep-alive"}
 
 
 def http_status(exc: BaseException) -> tuple[int, str, str]:
     """``(status, type, message)`` for an error raised while serving a request."""
-    for cls, status, kind in _STATUS:
-        if isinstance(exc, cls):
-            return status, kind, str(exc) or kind
+    if isinstance(exc, TokenyardError) and exc.code in _STATUS:
+        status, kind = _STATUS[exc.code]
+        return status, kind, str(exc) or kind
     return 500, "internal_error", "internal error"
 
 

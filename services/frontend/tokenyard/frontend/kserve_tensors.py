@@ -216,11 +216,13 @@ def _number(options: Mapping[str, Any], key: str, kind: type, lo: float, hi: flo
                 raise InvalidArgument(f"{key}: must be a number, got {value!r}") from None
         else:
             raise InvalidArgument(f"{key}: must be a number, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidArgument(f"{key}: must be a finite number, got {value!r}")
     if kind is int:
         if float(value) != int(value):
             raise InvalidArgument(f"{key}: must be an integer, got {value!r}")
         value = int(value)
-    if not lo <= value <= hi or (isinstance(value, float) and math.isnan(value)):
+    if not lo <= value <= hi:
         raise InvalidArgument(f"{key}: must be in [{lo}, {hi}], got {value!r}")
     return kind(value)
 

@@ -9,38 +9,31 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from tokenyard.common.errors import (
-    Cancelled,
-    DeadlineExceeded,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    Overloaded,
-    Unavailable,
-    Unimplemented,
-)
+from tokenyard.common.errors import TokenyardError
 
 _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _ITL_SECONDS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1)
 _TOKENS = (1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 131072)
 
 
+_ERROR_TYPES = {
+    grpc.StatusCode.INVALID_ARGUMENT: "validation",
+    grpc.StatusCode.NOT_FOUND: "not_found",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "overload",
+    grpc.StatusCode.UNAVAILABLE: "unavailable",
+    grpc.StatusCode.CANCELLED: "cancelled",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "response_timeout",
+    grpc.StatusCode.UNIMPLEMENTED: "not_implemented",
+}
+
+
 def error_type(exc: BaseException) -> str:
     """The ``error_type`` label of a failed request."""
-    for cls, name in (
-        (InvalidArgument, "validation"),
-        (NotFound, "not_found"),
-        (Overloaded, "overload"),
-        (Unavailable, "unavailable"),
-        (Cancelled, "cancelled"),
-        (DeadlineExceeded, "response_timeout"),
-        (Unimplemented, "not_implemented"),
-        (FailedPrecondition, "internal"),
-    ):
-        if isinstance(exc, cls):
-            return name
+    if isinstance(exc, TokenyardError):
+        return _ERROR_TYPES.get(exc.code, "internal")
     return "internal"
 
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from types import TracebackType
 
 from tokenyard.common.service import ServiceRuntime
 from tokenyard.router.active import ActiveRequests
@@ -125,14 +126,39 @@ class Router:
             await close()
 
 
+class RouterServer:
+    """One router, serving from ``__aenter__`` until ``__aexit__``."""
+
+    def __init__(self, settings: RouterSettings) -> None:
+        self.settings = settings
+        self.runtime = ServiceRuntime(settings, service="router", metrics_port=settings.metrics_port)
+        self.router = Router(settings, self.runtime)
+
+    @property
+    def address(self) -> str:
+        return self.runtime.address
+
+    async def __aenter__(self) -> RouterServer:
+        await self.runtime.__aenter__()
+        try:
+            self.runtime.add_servicer(
+                router_pb2_grpc.add_RouterServiceServicer_to_server, self.router.servicer, SERVICE_NAME
+            )
+            await self.runtime.start()
+            self.router.start()
+            self.runtime.on_close(self.router.close)
+        except BaseException as exc:
+            await self.runtime.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        self.runtime.set_serving(True)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.runtime.__aexit__(exc_type, exc, tb)
+
+
 async def serve(settings: RouterSettings) -> None:
-    async with ServiceRuntime(settings, service="router", metrics_port=settings.metrics_port) as runtime:
-        router = Router(settings, runtime)
-        runtime.add_servicer(
-            router_pb2_grpc.add_RouterServiceServicer_to_server, router.servicer, SERVICE_NAME
-        )
-        await runtime.start()
-        router.start()
-        runtime.on_close(router.close)
-        runtime.set_serving(True)
-        await runtime.wait_for_shutdown()
+    async with RouterServer(settings) as server:
+        await server.runtime.wait_for_shutdown()
