@@ -39,7 +39,7 @@ test: $(STAMP) ## the CI suite: unit, integration and a representative end-to-en
 test-all: $(STAMP) ## everything, including the long end-to-end and soak tests
 	$(BIN)/pytest -m "not gpu" $(PYTEST_ARGS)
 
-run: $(STAMP) ## run a local deployment in the foreground (Ctrl-C stops it)
+run: $(STAMP) ## serve SmolLM2 on the CPU: frontend, router, planner, gms, 2 workers (Ctrl-C stops)
 	$(BIN)/tokenyard up
 
 up: $(STAMP) ## start a local deployment in the background
@@ -54,6 +54,8 @@ status: $(STAMP) ## list registered instances and their health
 bench: $(STAMP) ## run the benchmarks (tables on stdout, JSON in bench/results/)
 	$(PY) bench/hashing.py
 	$(PY) bench/mocker_calibration.py
+	$(PY) bench/tokenizer.py
+	$(PY) bench/cpu_engine.py
 
 clean: ## remove the virtualenv, tools, caches and run state
 	rm -rf $(VENV) .tools .tokenyard .pytest_cache .mypy_cache .ruff_cache .hypothesis bench/results build dist

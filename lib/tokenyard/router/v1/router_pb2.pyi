@@ -492,8 +492,8 @@ Global___DumpRequest: _TypeAlias = DumpRequest  # noqa: Y015
 
 @_typing.final
 class DumpResponse(_message.Message):
-    """One worker rank's blocks in one tier. Applying `chains` in order to an empty index
-    reproduces them.
+    """One worker rank's blocks in one tier, or a part of them. Applying the `chains` of the rank's
+    consecutive messages in order to an empty index reproduces them.
     """
 
     DESCRIPTOR: _descriptor.Descriptor

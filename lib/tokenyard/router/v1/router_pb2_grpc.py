@@ -94,8 +94,8 @@ class RouterServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Dump(self, request, context):
-        """The router's KV index, one message per (worker, dp_rank, tier), for debugging and for
-        rebuilding another router's index.
+        """The router's KV index, one or more messages per (worker, dp_rank, tier) (a large rank is
+        split; its messages are consecutive), for debugging and for rebuilding another router's index.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -56,8 +56,8 @@ class RouterServiceStub:
     NotifyFinished: _grpc.UnaryUnaryMultiCallable[_router_pb2.NotifyFinishedRequest, _router_pb2.NotifyFinishedResponse]
     """The request ended: all of its load is released. Idempotent by request_id."""
     Dump: _grpc.UnaryStreamMultiCallable[_router_pb2.DumpRequest, _router_pb2.DumpResponse]
-    """The router's KV index, one message per (worker, dp_rank, tier), for debugging and for
-    rebuilding another router's index.
+    """The router's KV index, one or more messages per (worker, dp_rank, tier) (a large rank is
+    split; its messages are consecutive), for debugging and for rebuilding another router's index.
     """
     QueryOverlap: _grpc.UnaryUnaryMultiCallable[_router_pb2.QueryOverlapRequest, _router_pb2.QueryOverlapResponse]
     """Per worker, rank and tier: how many leading blocks of a prompt are cached. Changes no
@@ -85,8 +85,8 @@ class RouterServiceAsyncStub(RouterServiceStub):
     NotifyFinished: _aio.UnaryUnaryMultiCallable[_router_pb2.NotifyFinishedRequest, _router_pb2.NotifyFinishedResponse]  # type: ignore[assignment]
     """The request ended: all of its load is released. Idempotent by request_id."""
     Dump: _aio.UnaryStreamMultiCallable[_router_pb2.DumpRequest, _router_pb2.DumpResponse]  # type: ignore[assignment]
-    """The router's KV index, one message per (worker, dp_rank, tier), for debugging and for
-    rebuilding another router's index.
+    """The router's KV index, one or more messages per (worker, dp_rank, tier) (a large rank is
+    split; its messages are consecutive), for debugging and for rebuilding another router's index.
     """
     QueryOverlap: _aio.UnaryUnaryMultiCallable[_router_pb2.QueryOverlapRequest, _router_pb2.QueryOverlapResponse]  # type: ignore[assignment]
     """Per worker, rank and tier: how many leading blocks of a prompt are cached. Changes no
@@ -135,8 +135,8 @@ class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _router_pb2.DumpRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_router_pb2.DumpResponse], _abc.AsyncIterator[_router_pb2.DumpResponse]]:
-        """The router's KV index, one message per (worker, dp_rank, tier), for debugging and for
-        rebuilding another router's index.
+        """The router's KV index, one or more messages per (worker, dp_rank, tier) (a large rank is
+        split; its messages are consecutive), for debugging and for rebuilding another router's index.
         """
 
     @_abc_1.abstractmethod

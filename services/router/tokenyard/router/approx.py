@@ -1,4 +1,8 @@
-"""Approximate mode: for engines that publish no KV events, the router indexes its own decisions.
+"""The router's own routing decisions as a KV index, for a while.
+
+Two uses: approximate mode (engines that publish no KV events: the decisions are the index) and
+predict-on-route (a short-lived side index consulted next to the real one, so that requests
+sharing a prefix that arrive before the worker reported it still find it).
 
 Each routed prompt's blocks are stored in the index for the chosen rank, as if the worker had
 reported them, and forgotten ``ttl`` seconds after their last use; when more than ``max_blocks``
@@ -35,6 +39,10 @@ class ApproximateRecorder:
         self._clock = clock
         # (rank, sequence hash) -> expiry, least recently touched first
         self._touched: OrderedDict[tuple[WorkerRank, int], float] = OrderedDict()
+
+    @property
+    def index(self) -> KvIndex:
+        return self._index
 
     def record(self, rank: WorkerRank, prompt: Prompt) -> None:
         """The router sent ``prompt`` to ``rank``: it will hold the prompt's blocks for a while."""

@@ -62,6 +62,12 @@ class RouterSettings(MetricsPortSettings, ServiceSettings):
     approx_prune_ratio: float = Field(
         default=0.8, gt=0, le=1, description="Approximate mode: fraction of the bound kept after pruning."
     )
+    predicted_ttl: float = Field(
+        default=0.0,
+        ge=0,
+        description="Predict-on-route: seconds a routed prompt counts as cached on its worker before the "
+        "worker reports it, so that requests sharing a new prefix follow the first one; 0: off.",
+    )
     max_batch_events: int = Field(
         default=10_000,
         ge=1,

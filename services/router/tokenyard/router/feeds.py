@@ -51,8 +51,10 @@ CHANNEL_OPTIONS: Sequence[tuple[str, Any]] = (
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
 )
-# Blocks applied between yields to the event loop while a snapshot is being indexed.
+# Blocks applied between yields to the event loop while a snapshot is being indexed, and events
+# per slice of a large batch.
 SNAPSHOT_SLICE = 4096
+BATCH_SLICE = 256
 DESCRIBE_TIMEOUT = 5.0
 # A stream that lasted this long (seconds) and delivered something resets the backoff.
 HEALTHY_AFTER = 5.0
@@ -152,6 +154,9 @@ class WorkerFeed:
                 reason = exc.reason
                 log.warning("worker %d broke the KV stream contract: %s", self.state.worker_id, exc)
             except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    log.info("worker %d serves no KV event stream; indexing none of it", self.state.worker_id)
+                    return
                 reason = exc.code().name.lower()
                 log.info("KV stream of worker %d failed: %s", self.state.worker_id, exc.code().name)
             except asyncio.CancelledError:
@@ -206,11 +211,17 @@ class WorkerFeed:
         which = msg.WhichOneof("payload")
         if which == "events":
             events = msg.events.events
-            limit = self.tracker.limits.max_batch_events
-            if len(events) > limit:
+            if len(events) > self.tracker.limits.max_batch_events:
                 # Not even translated: the size alone breaks the contract.
                 self.tracker.reject_batch([e.dp_rank for e in events])
-            lost = self.tracker.apply_batch([event_from_pb(e) for e in events])
+            lost: set[int] = set()
+            for start in range(0, len(events), BATCH_SLICE):
+                if start:
+                    # A large batch is applied in slices, with routing running in between.
+                    await asyncio.sleep(0)
+                lost |= self.tracker.apply_batch(
+                    [event_from_pb(e) for e in events[start : start + BATCH_SLICE]]
+                )
             if lost:
                 log.info(
                     "worker %d: KV events of rank(s) %s lost, asking for a snapshot",

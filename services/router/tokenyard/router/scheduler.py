@@ -92,6 +92,7 @@ class Scheduler:
         config: RouterConfig | None = None,
         *,
         approx: ApproximateRecorder | None = None,
+        predicted: ApproximateRecorder | None = None,
         metrics: RouterMetrics | None = None,
         rng: random.Random | None = None,
         publish: Callable[[LifecycleEvent], None] | None = None,
@@ -102,6 +103,7 @@ class Scheduler:
         self.active = active
         self.config = config or RouterConfig()
         self.approx = approx
+        self.predicted = predicted
         self.metrics = metrics
         self._rng = rng or random.Random()
         self._publish = publish
@@ -154,6 +156,13 @@ class Scheduler:
         chain = prompt.chain
         t1 = time.perf_counter()
         overlaps = self.index.find_matches(prompt) if len(prompt) else {}
+        if self.predicted is not None and len(prompt):
+            # Predict-on-route: what this router just sent somewhere counts as cached there
+            # until the worker's own events catch up (the best of both, never the sum).
+            device = overlaps.setdefault(Tier.DEVICE, {})
+            for rank, n in self.predicted.index.find_matches(prompt).items():
+                if n > device.get(rank, 0):
+                    device[rank] = n
         active_overlap = self.active.overlap(chain) if len(prompt) else {}
         t2 = time.perf_counter()
 
@@ -178,11 +187,12 @@ class Scheduler:
                     expected_output_tokens=hints.expected_output_tokens,
                 )
             )
-            if self.approx is not None and len(prompt):
-                try:
-                    self.approx.record(WorkerRank(chosen.worker_id, chosen.dp_rank), prompt)
-                except InvalidEvent as exc:  # the index holds this rank's blocks under other hashes
-                    log.debug("approximate record skipped: %s", exc)
+            for recorder in (self.approx, self.predicted):
+                if recorder is not None and len(prompt):
+                    try:
+                        recorder.record(WorkerRank(chosen.worker_id, chosen.dp_rank), prompt)
+                    except InvalidEvent as exc:  # the index holds this rank's blocks under other hashes
+                        log.debug("recording the decision skipped: %s", exc)
             if self._publish is not None:
                 self._publish(
                     Routed(
@@ -347,8 +357,10 @@ class Scheduler:
         """A worker left: its index entries, predicted load and approximate records go."""
         self.index.remove_worker(worker_id)
         self.active.drop_worker(worker_id)
-        if self.approx is not None:
-            self.approx.remove_worker(worker_id)
+        for recorder in (self.approx, self.predicted):
+            if recorder is not None:
+                recorder.remove_worker(worker_id)
+                recorder.index.remove_worker(worker_id)
 
 
 def _validate(q: RouteQuery) -> None:

@@ -58,6 +58,16 @@ class Router:
                 prune_ratio=s.approx_prune_ratio,
             )
         )
+        self.predicted = (
+            ApproximateRecorder(
+                make_index(s.index.value, jump=s.index_jump),
+                ttl=s.predicted_ttl,
+                max_blocks=s.approx_max_blocks,
+                prune_ratio=s.approx_prune_ratio,
+            )
+            if s.kv_events and s.predicted_ttl > 0
+            else None
+        )
         self.hub = ReplicaHub(str(runtime.instance_id))
         self.hub.on_drop = lambda event: self.metrics.replica_events.labels("dropped", kind(event)).inc()
         self.scheduler = Scheduler(
@@ -71,6 +81,7 @@ class Router:
                 load_report_max_age=s.load_report_max_age,
             ),
             approx=self.approx,
+            predicted=self.predicted,
             metrics=self.metrics,
             publish=self._publish,
         )
@@ -107,6 +118,8 @@ class Router:
         ]
         if self.approx is not None:
             jobs.append((min(5.0, self.settings.approx_ttl / 4), self.approx.expire))
+        if self.predicted is not None:
+            jobs.append((min(1.0, self.settings.predicted_ttl / 4), self.predicted.expire))
         self._tasks = [asyncio.create_task(_every(period, job)) for period, job in jobs]
 
     def _expire_active(self) -> None:

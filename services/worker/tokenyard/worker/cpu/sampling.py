@@ -37,7 +37,7 @@ class Sampler:
             top_p=1.0 if params.top_p is None else params.top_p,
             top_k=params.top_k or 0,
             min_p=params.min_p or 0.0,
-            repetition_penalty=params.repetition_penalty or 1.0,
+            repetition_penalty=1.0 if params.repetition_penalty is None else params.repetition_penalty,
             frequency_penalty=params.frequency_penalty or 0.0,
             presence_penalty=params.presence_penalty or 0.0,
         )

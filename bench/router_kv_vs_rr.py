@@ -1,0 +1,183 @@
+"""KV-aware routing against round-robin, end to end: same deployment, same workload, one run.
+
+Each mode gets a fresh deployment (a router in that mode, four mocker workers with 256 KV blocks
+each, a frontend), then the load generator sends 16 concurrent streams of prompts made of one of
+16 shared 2000-token prefixes plus 100 tokens of their own, 50 output tokens each. Reports TTFT
+and the prompt cache hit rate the workers measured, for both modes, and writes JSON to
+bench/results/router_kv_vs_rr.json.
+
+    .venv/bin/python -m bench.router_kv_vs_rr [--requests 400] [--rounds 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from tokenyard.common.discovery import Instance, open_discovery
+
+WORKERS = 4
+KV_BLOCKS = 256
+RESULTS = Path(__file__).parent / "results"
+
+
+async def _instances(url: str, service: str, count: int, timeout: float = 120) -> list[Instance]:
+    discovery = open_discovery(url)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            found = await discovery.instances(service)
+            if len(found) >= count:
+                return found
+            await asyncio.sleep(0.2)
+        raise RuntimeError(f"{count} {service}(s) did not register within {timeout}s")
+    finally:
+        await discovery.close()
+
+
+def _start(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+    out = log.open("wb")
+    return subprocess.Popen(
+        [sys.executable, "-m", "tokenyard.cli", *argv], stdout=out, stderr=subprocess.STDOUT
+    )
+
+
+def _wait_http(port: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2) as resp:
+                if b'"id"' in resp.read():
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError("the frontend never listed a model")
+
+
+def run_mode(mode: str, requests: int, workdir: Path, router_flags: list[str]) -> dict[str, Any]:
+    url = f"dir://{workdir / mode / 'discovery'}"
+    (workdir / mode).mkdir(parents=True)
+    common = ["--port", "0", "--metrics-port", "0", "--discovery", url, "--log-level", "warning"]
+    procs = [_start(["router", *common, "--mode", mode, *router_flags], workdir / mode / "router.log")]
+    for i in range(WORKERS):
+        procs.append(
+            _start(
+                ["worker", *common, "--mocker-num-gpu-blocks", str(KV_BLOCKS), "--mocker-speedup-ratio", "1"],
+                workdir / mode / f"worker-{i}.log",
+            )
+        )
+    try:
+        asyncio.run(_instances(url, "worker", WORKERS))
+        router = asyncio.run(_instances(url, "router", 1))[0]
+        procs.append(
+            _start(
+                ["frontend", "--port", "0", "--http-port", "0", "--discovery", url, "--log-level", "warning"],
+                workdir / mode / "frontend.log",
+            )
+        )
+        frontend = asyncio.run(_instances(url, "frontend", 1))[0]
+        port = int(frontend.metrics_address.rsplit(":", 1)[1])
+        _wait_http(port)
+        out = workdir / mode / "loadgen.json"
+        subprocess.run(
+            [
+                sys.executable, "-m", "bench.loadgen",
+                "--target", f"http://127.0.0.1:{port}",
+                "--concurrency", "16",
+                "--num-prefixes", "16", "--prefix-len", "2000", "--suffix-len", "100", "--output-len", "50",
+                "--num-requests", str(requests), "--warmup", "32",
+                "--progress", "off", "--output", str(out),
+            ],
+            check=True,
+        )  # fmt: skip
+        doc = dict(json.loads(out.read_text()))
+        doc["router_metrics"] = _router_metrics(router.metrics_address)
+        return doc
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def _router_metrics(address: str) -> dict[str, float]:
+    """The router's own view: decisions, predicted hit rate, choices below the best overlap."""
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    wanted = {
+        "tokenyard_router_kv_hit_rate_sum": "hit_rate_sum",
+        "tokenyard_router_kv_hit_rate_count": "decisions",
+        "tokenyard_router_non_max_overlap_selections_total": "non_max_overlap",
+        "tokenyard_router_overlap_blocks_lost_sum": "overlap_blocks_lost",
+    }
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in wanted:
+            out[wanted[name]] = float(value)
+    if out.get("decisions"):
+        out["predicted_hit_rate"] = out.get("hit_rate_sum", 0.0) / out["decisions"]
+    return out
+
+
+def _summary(doc: dict[str, Any]) -> dict[str, float]:
+    """TTFT p50 (ms), cache hit rate and failures from a load generator result."""
+    summary = doc["runs"][-1]["summary"]
+    return {
+        "ttft_p50_ms": float(summary["ttft_ms"]["p50"]),
+        "cache_hit_rate": float(summary["cache_hit_rate"]),
+        "requests_failed": float(summary["requests_failed"]),
+        **{f"router_{k}": v for k, v in doc.get("router_metrics", {}).items()},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--rounds", type=int, default=1, help="alternate kv and round-robin this many times")
+    parser.add_argument("--modes", default="kv,round-robin", help="comma-separated router modes to run")
+    parser.add_argument(
+        "--kv-flags", default="", help="extra router flags for the kv run, e.g. '--predicted-ttl 2'"
+    )
+    args = parser.parse_args()
+    modes = args.modes.split(",")
+    rows: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
+    with tempfile.TemporaryDirectory(prefix="router-bench-") as tmp:
+        for r in range(args.rounds):
+            for mode in modes:
+                flags = shlex.split(args.kv_flags) if mode == "kv" else []
+                rows[mode].append(run_mode(mode, args.requests, Path(tmp) / f"round-{r}", flags))
+    print(
+        f"\n{WORKERS} mocker workers x {KV_BLOCKS} KV blocks, 16 prefixes x 2000 + 100 tokens, 50 out, 16 streams"
+    )
+    if args.kv_flags:
+        print(f"kv router flags: {args.kv_flags}")
+    print(f"{'mode':>12} {'TTFT p50 ms':>12} {'cache hit':>10}")
+    summary = {}
+    for mode, docs in rows.items():
+        s = [_summary(d) for d in docs]
+        ttft = sorted(x["ttft_p50_ms"] for x in s)[len(s) // 2]
+        hit = sorted(x["cache_hit_rate"] for x in s)[len(s) // 2]
+        summary[mode] = {"ttft_p50_ms": ttft, "cache_hit_rate": hit, "rounds": s, "kv_flags": args.kv_flags}
+        print(f"{mode:>12} {ttft:>12.1f} {hit:>10.2f}   router: {s[-1]}")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "router_kv_vs_rr.json").write_text(json.dumps({"summary": summary, "raw": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
