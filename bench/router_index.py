@@ -4,7 +4,11 @@ For each implementation (each in a fresh process, so memory figures are its own)
 
 * **updates**: the 1M blocks arrive as ``stored`` events of 32-block chains (half extending a
   prefix the worker already holds, as an engine reports new blocks after a prefix hit), then a
-  quarter of them leave as ``removed`` events of leaf blocks; blocks per second for each;
+  quarter of them leave as ``removed`` events of leaf blocks; blocks per second for each. Then
+  **churn** at capacity: 4000 new chains, each with the eviction of its worker's oldest root
+  chain, whose descendants (chains later requests hung under it) go along, a harsher case than
+  an engine's leaves-first eviction. Throughput is in CPU time of the process, so that it stays
+  meaningful on a shared machine;
 * **route decision**: the full in-process decision (:meth:`Scheduler.route`: sequence hashes,
   KV overlap in the index, active-block overlap, cost over 64 candidates, selection, recording
   the request) for prompts of 2000 tokens (31 blocks of 64) sharing system prompts, with about
@@ -96,6 +100,29 @@ def build_events(
     return systems, paths, stores
 
 
+CHURN_EVENTS = 4000
+
+
+def _churn_events(
+    rng: random.Random, stores: list[Store], workers: int, count: int
+) -> list[tuple[WorkerRank, list[int], tuple[list[int], list[int]]]]:
+    """(rank, hashes to evict leaves first, (hashes, locals) of a new root chain) per event."""
+    oldest: dict[WorkerRank, list[Store]] = {}
+    for st in stores:
+        if st[1] is None:  # chains stored from the root: evicting one never orphans another event's parent
+            oldest.setdefault(st[0], []).append(st)
+    out = []
+    for i in range(count):
+        rank = WorkerRank(1 + i % workers, 0)
+        victims = oldest[rank]
+        victim = victims.pop(0)
+        locals_ = [rng.getrandbits(64) for _ in range(CHAIN)]
+        seq = sequence_hashes(locals_)
+        victims.append((rank, None, seq, locals_, 0))
+        out.append((rank, victim[2][::-1], (seq, locals_)))
+    return out
+
+
 def run(kind: str, workers: int, blocks: int, decisions: int, seed: int) -> dict[str, Any]:
     rng = random.Random(seed)
     systems, paths, stores = build_events(rng, workers, blocks)
@@ -123,6 +150,20 @@ def run(kind: str, workers: int, blocks: int, decisions: int, seed: int) -> dict
     for rank, parent, hashes, tokens, start in tail:
         index.store(rank, parent, hashes, tokens, start)
     assert index.num_blocks() == indexed
+
+    # Churn at capacity, as a full cache reports it: every new 32-block chain on a worker comes
+    # with the eviction of that worker's oldest chain, leaves first.
+    churn = _churn_events(rng, stores, workers, CHURN_EVENTS)
+    before = index.num_blocks()
+    t0 = time.process_time()
+    for rank, evict, fresh in churn:
+        for i in range(0, len(evict), 8):
+            index.remove(rank, evict[i : i + 8])
+        index.store(rank, None, fresh[0], fresh[1], 0)
+    churn_s = time.process_time() - t0
+    stored_new = sum(len(fresh[0]) for _, _, fresh in churn)
+    # Evicting a chain takes its descendants along (chains other requests extended): count them.
+    moved = stored_new + (before + stored_new - index.num_blocks())
 
     ws = WorkerSet()
     card = ModelCard("m", "tok", BLOCK_SIZE, 8192, 16384, "mocker", "aggregated")
@@ -175,6 +216,7 @@ def run(kind: str, workers: int, blocks: int, decisions: int, seed: int) -> dict
         "store_events": len(stores),
         "store_blocks_per_s": indexed / store_s,
         "remove_blocks_per_s": removed / remove_s,
+        "churn_blocks_per_s": moved / churn_s,
         "index_rss_mib": build_rss,
         "prompt_blocks": n_blocks,
         "lookup_p50_ms": percentile(lookup, 0.5) * ms,
@@ -234,13 +276,14 @@ def main() -> None:
         f"{args.workers} workers, {rows[0]['indexed_blocks']:,} indexed blocks, prompts of {rows[0]['prompt_blocks']} blocks"
     )
     header = (
-        f"{'index':>11} {'store blk/s':>12} {'remove blk/s':>13} {'RSS MiB':>8} {'lookup p99':>11} "
+        f"{'index':>11} {'store blk/s':>12} {'remove blk/s':>13} {'churn blk/s':>12} {'RSS MiB':>8} {'lookup p99':>11} "
         f"{'decide p50':>11} {'decide p99':>11} {'max':>7} {'cpu p99':>9}"
     )
     print(header)
     for r in rows:
         print(
             f"{r['index']:>11} {r['store_blocks_per_s']:>12,.0f} {r['remove_blocks_per_s']:>13,.0f} "
+            f"{r['churn_blocks_per_s']:>12,.0f} "
             f"{r['index_rss_mib']:>8.0f} {r['lookup_p99_ms']:>9.3f}ms {r['decision_p50_ms']:>9.3f}ms "
             f"{r['decision_p99_ms']:>9.3f}ms {r['decision_max_ms']:>5.1f}ms {r['decision_cpu_p99_ms']:>7.3f}ms"
         )

@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import json
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -167,14 +168,15 @@ def main() -> None:
     )
     if args.kv_flags:
         print(f"kv router flags: {args.kv_flags}")
-    print(f"{'mode':>12} {'TTFT p50 ms':>12} {'cache hit':>10}")
+    print(f"{'mode':>12} {'TTFT p50 ms':>12} {'cache hit':>10}   (medians over rounds)")
     summary = {}
     for mode, docs in rows.items():
         s = [_summary(d) for d in docs]
-        ttft = sorted(x["ttft_p50_ms"] for x in s)[len(s) // 2]
-        hit = sorted(x["cache_hit_rate"] for x in s)[len(s) // 2]
+        ttft = statistics.median(x["ttft_p50_ms"] for x in s)
+        hit = statistics.median(x["cache_hit_rate"] for x in s)
         summary[mode] = {"ttft_p50_ms": ttft, "cache_hit_rate": hit, "rounds": s, "kv_flags": args.kv_flags}
-        print(f"{mode:>12} {ttft:>12.1f} {hit:>10.2f}   router: {s[-1]}")
+        rounds = ", ".join(f"{x['ttft_p50_ms']:.1f} ms / {x['cache_hit_rate']:.2f}" for x in s)
+        print(f"{mode:>12} {ttft:>12.1f} {hit:>10.2f}   rounds: {rounds}")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "router_kv_vs_rr.json").write_text(json.dumps({"summary": summary, "raw": rows}, indent=2))
 

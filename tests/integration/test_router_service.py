@@ -357,7 +357,7 @@ async def test_error_statuses_tell_unavailable_from_overloaded(discovery_url: st
         await w.next_subscription(1)
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await r.route([1], model="nope")
-        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "no worker" in (err.value.details() or "")
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await r.route([1], pool=router_pb2.WORKER_POOL_PREFILL)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "no worker" in (err.value.details() or "")
@@ -429,7 +429,7 @@ async def test_replicas_share_predicted_load(discovery_url: str) -> None:
         scripted_worker(discovery_url) as (_w, inst),
     ):
         await eventually(
-            lambda: len(a.router.hub._subscribers) == 1 and len(b.router.hub._subscribers) == 1,
+            lambda: a.router.hub.subscribers == 1 and b.router.hub.subscribers == 1,
             "replicas subscribed",
         )
         await a.route([1, 2, 3], rid="q")

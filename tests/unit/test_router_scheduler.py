@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from tokenyard.common.discovery import Instance, ModelCard, WatchEventKind
-from tokenyard.common.errors import InvalidArgument, NotFound, Overloaded, Unavailable
+from tokenyard.common.errors import InvalidArgument, Overloaded, Unavailable
 from tokenyard.common.hashing import sequence_hashes
 from tokenyard.router.active import ActiveRequests
 from tokenyard.router.approx import ApproximateRecorder
@@ -44,7 +44,9 @@ def worker(wid: int, role: str = "aggregated", model: str = MODEL, total_blocks:
 
 
 class Env:
-    def __init__(self, n: int = 3, config: RouterConfig | None = None, approx: bool = False) -> None:
+    def __init__(
+        self, n: int = 3, config: RouterConfig | None = None, approx: bool = False, predicted: bool = False
+    ) -> None:
         self.clock = Clock()
         self.workers = WorkerSet()
         for wid in range(1, n + 1):
@@ -54,12 +56,16 @@ class Env:
         self.metrics = RouterMetrics()
         self.events: list[LifecycleEvent] = []
         self.approx = ApproximateRecorder(self.index.device, ttl=10, clock=self.clock) if approx else None
+        self.predicted = (
+            ApproximateRecorder(make_index("positional"), ttl=2, clock=self.clock) if predicted else None
+        )
         self.scheduler = Scheduler(
             self.workers,
             self.index,
             self.active,
             config,
             approx=self.approx,
+            predicted=self.predicted,
             metrics=self.metrics,
             rng=random.Random(0),
             publish=self.events.append,
@@ -159,9 +165,9 @@ def test_ties_spread_across_workers() -> None:
     assert min(chosen.values()) > 60, chosen
 
 
-def test_unknown_model_is_not_found_and_pool_without_workers_is_unavailable() -> None:
+def test_no_eligible_worker_is_unavailable() -> None:
     env = Env()
-    with pytest.raises(NotFound, match="no worker serves"):
+    with pytest.raises(Unavailable, match="no worker serves"):
         env.route(PROMPT, model="other")
     with pytest.raises(Unavailable, match="no worker"):
         env.route(PROMPT, pool="prefill")
@@ -169,7 +175,7 @@ def test_unknown_model_is_not_found_and_pool_without_workers_is_unavailable() ->
         env.route(PROMPT, hints=RouteHints(pinned_worker_id=77))
     with pytest.raises(Unavailable, match="no worker"):
         env.route(PROMPT, hints=RouteHints(dp_rank=1))
-    assert env.sample("tokenyard_router_rejections_total", {"reason": "unavailable"}) == 3
+    assert env.sample("tokenyard_router_rejections_total", {"reason": "unavailable"}) == 4
 
 
 def test_pools_follow_worker_roles() -> None:
@@ -298,3 +304,16 @@ def test_approximate_mode_is_bounded() -> None:
     # The most recent prompt survived the pruning, the oldest did not.
     assert index.find_matches(Prompt([90, 91, 92, 93])) == {WorkerRank(1, 0): 4}
     assert index.find_matches(Prompt([0, 1, 2, 3])) == {}
+
+
+def test_predict_on_route_sends_siblings_after_the_first_before_the_worker_reports() -> None:
+    env = Env(n=4, predicted=True)
+    rid, first = env.route(PROMPT)
+    env.scheduler.first_token(rid)
+    for i in range(3):
+        _, d = env.route([*PROMPT, i])
+        assert d.worker_id == first.worker_id and d.overlap_blocks == 8
+    assert env.index.device.num_blocks() == 0, "the real index only holds what workers report"
+    env.clock.now += 3
+    assert env.predicted is not None and env.predicted.expire() > 0
+    assert env.route([*PROMPT, 9])[1].overlap_blocks == 0

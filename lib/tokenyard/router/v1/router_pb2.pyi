@@ -11,9 +11,10 @@ Conventions for this file:
 - Block hashes follow tokenyard.common.hashing: a local hash covers one block's tokens
   (salted with LoRA name and cache salt); a sequence hash chains the prefix.
 - Wall-clock instants are Unix time in nanoseconds (int64, `_unix_ns`).
-- Errors travel as gRPC status codes: UNAVAILABLE when no worker is eligible,
-  RESOURCE_EXHAUSTED when eligible workers exist but all are busy, NOT_FOUND for a model
-  with no workers, INVALID_ARGUMENT for a malformed request.
+- Errors travel as gRPC status codes: UNAVAILABLE (details start with "no worker") when no
+  worker is eligible, including for a model no worker serves at the moment (the frontend,
+  which owns the list of models, tells unknown models apart); RESOURCE_EXHAUSTED when
+  eligible workers exist but all are busy; INVALID_ARGUMENT for a malformed request.
 """
 
 from collections import abc as _abc

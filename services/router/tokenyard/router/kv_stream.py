@@ -130,9 +130,6 @@ class WorkerKvTracker:
     def next_event_id(self, dp_rank: int) -> int | None:
         return self._next.get(dp_rank)
 
-    def in_sync(self, dp_rank: int) -> bool:
-        return dp_rank in self._next
-
     def desync(self, ranks: Sequence[int]) -> None:
         """Forget the position of ``ranks``: the next subscription asks for their snapshots."""
         for rank in ranks:
@@ -254,12 +251,6 @@ class WorkerKvTracker:
     def end_snapshot(self, dp_rank: int, next_event_id: int) -> None:
         self._next[dp_rank] = next_event_id
         self._count("snapshot", "ok")
-
-    def forget(self) -> None:
-        """The worker left: its entries go from every tier."""
-        self._next.clear()
-        self._pending.clear()
-        self._index.remove_worker(self.worker_id)
 
 
 def _type(event: KvEvent) -> str:

@@ -34,7 +34,7 @@ class RouterMetrics:
         self.rejections = Counter(
             "tokenyard_router_rejections_total",
             "Route calls refused: overloaded (all eligible workers busy), unavailable (no eligible "
-            "worker), not_found (no worker serves the model), invalid.",
+            "worker), invalid.",
             ["reason"],
             registry=r,
         )

@@ -10,12 +10,13 @@ collisions to resolve, and queries use the chain the frontend computes anyway. T
 Data, all ``int -> int`` dicts (CPython's garbage collector never tracks a dict that holds only
 ints, so a million-block index adds nothing to collection pauses):
 
-* ``_mask[key]``: bit ``s`` set iff the rank in slot ``s`` holds the block (the search reads
-  only this map), and ``_meta[key] = local hash | position << 64``;
-* per rank (small maps that stay in cache, where the global ones do not): ``by_hash`` (engine
-  hash -> key), ``by_key`` (key -> engine hash), and the rank's own tree: ``up`` (key -> parent
-  key) and the children of each block as a doubly linked list (``first``, ``next``, ``prev``),
-  needed to evict descendants and to dump.
+* ``_mask[key]``: bit ``s`` set iff the rank in slot ``s`` holds the block; the only global
+  map, and all the search reads;
+* per rank (small maps that stay in cache, where a global one of a million entries does not):
+  ``by_hash`` (engine hash -> key), ``by_key`` (key -> engine hash), ``meta`` (key -> local hash
+  | position << 64), and the rank's own tree: ``up`` (key -> parent key) and the children of each
+  block as a doubly linked list (``first``, ``next``, ``prev``), needed to evict descendants and
+  to dump.
 
 Pitfall the design guards against: a removal must take the rank's bit off every descendant too,
 otherwise a probe further down would find the bit and count blocks the rank no longer has in
@@ -44,11 +45,12 @@ _U64 = (1 << 64) - 1
 class _Rank:
     """One rank's view: its engine hashes and its own tree of blocks, by key."""
 
-    __slots__ = ("by_hash", "by_key", "first", "next", "prev", "up")
+    __slots__ = ("by_hash", "by_key", "first", "meta", "next", "prev", "up")
 
     def __init__(self) -> None:
         self.by_hash: dict[int, int] = {}
         self.by_key: dict[int, int] = {}
+        self.meta: dict[int, int] = {}
         self.up: dict[int, int] = {}
         self.first: dict[int, int] = {}
         self.next: dict[int, int] = {}
@@ -73,7 +75,6 @@ class PositionalIndex:
             raise ValueError("jump must be at least 1")
         self._jump = jump
         self._mask: dict[int, int] = {}
-        self._meta: dict[int, int] = {}
         self._slots: SlotTable[WorkerRank] = SlotTable()
         self._ranks: list[_Rank] = []
 
@@ -97,7 +98,7 @@ class PositionalIndex:
             parent = r.by_hash.get(parent_hash)
             if parent is None:
                 raise InvalidEvent(InvalidEvent.UNKNOWN_PARENT, f"parent {parent_hash:#x} is not held")
-            position = (self._meta[parent] >> 64) + 1
+            position = (r.meta[parent] >> 64) + 1
         if start_position is not None and start_position != position:
             raise InvalidEvent(
                 InvalidEvent.BAD_POSITION, f"start position {start_position}, parent depth {position - 1}"
@@ -124,15 +125,15 @@ class PositionalIndex:
             slot = self._acquire(rank)
             r = self._ranks[slot]
         bit = 1 << slot
-        mask, meta = self._mask, self._meta
+        mask = self._mask
         mask_get = mask.get
-        by_hash, by_key, up, first, nxt, prv = r.by_hash, r.by_key, r.up, r.first, r.next, r.prev
+        by_hash, by_key, meta = r.by_hash, r.by_key, r.meta
+        up, first, nxt, prv = r.up, r.first, r.next, r.prev
         for key, block_hash, local in zip(keys, block_hashes, tokens_hashes, strict=True):
             m = mask_get(key, 0)
             if not m & bit:
-                if not m:
-                    meta[key] = local | (position << 64)
                 mask[key] = m | bit
+                meta[key] = local | (position << 64)
                 by_hash[block_hash] = key
                 by_key[key] = block_hash
                 if parent is not None:
@@ -171,40 +172,58 @@ class PositionalIndex:
         return unknown
 
     def _drop_subtree(self, slot: int, r: _Rank, key: int) -> None:
-        # Children first (a child unlinks itself from its parent's list of children).
         order = [key]
         i = 0
         while i < len(order):
             order.extend(r.children(order[i]))
             i += 1
-        for k in reversed(order):
-            self._drop(slot, r, k)
+        # Only the subtree's root leaves a list of siblings that survives; the links inside the
+        # subtree go away wholesale.
+        self._unlink(r, key)
+        up, first, nxt, prv = r.up, r.first, r.next, r.prev
+        for k in order[1:]:
+            up.pop(k, None)
+            first.pop(k, None)
+            nxt.pop(k, None)
+            prv.pop(k, None)
+        first.pop(key, None)
+        for k in order:
+            self._forget(slot, r, k)
 
     def _drop(self, slot: int, r: _Rank, key: int) -> None:
         """Take ``key`` (a block the rank holds, without held children) off the rank."""
-        del r.by_hash[r.by_key.pop(key)]
+        self._unlink(r, key)
+        self._forget(slot, r, key)
+
+    @staticmethod
+    def _unlink(r: _Rank, key: int) -> None:
+        """Take ``key`` out of its parent's list of children."""
         parent = r.up.pop(key, None)
-        if parent is not None:
-            nxt, prv = r.next, r.prev
-            after = nxt.pop(key, None)
-            before = prv.pop(key, None)
-            if before is not None:
-                if after is not None:
-                    nxt[before] = after
-                    prv[after] = before
-                else:
-                    del nxt[before]
-            elif after is not None:
-                del prv[after]
-                r.first[parent] = after
+        if parent is None:
+            return
+        nxt, prv = r.next, r.prev
+        after = nxt.pop(key, None)
+        before = prv.pop(key, None)
+        if before is not None:
+            if after is not None:
+                nxt[before] = after
+                prv[after] = before
             else:
-                del r.first[parent]
+                del nxt[before]
+        elif after is not None:
+            del prv[after]
+            r.first[parent] = after
+        else:
+            del r.first[parent]
+
+    def _forget(self, slot: int, r: _Rank, key: int) -> None:
+        del r.by_hash[r.by_key.pop(key)]
+        del r.meta[key]
         m = self._mask[key] & ~(1 << slot)
         if m:
             self._mask[key] = m
         else:
             del self._mask[key]
-            del self._meta[key]
 
     def _release(self, rank: WorkerRank, slot: int) -> None:
         self._ranks[slot] = _Rank()
@@ -215,14 +234,13 @@ class PositionalIndex:
         if slot is None:
             return
         keep = ~(1 << slot)
-        mask, meta = self._mask, self._meta
+        mask = self._mask
         for key in self._ranks[slot].by_key:
             m = mask[key] & keep
             if m:
                 mask[key] = m
             else:
                 del mask[key]
-                del meta[key]
         self._release(rank, slot)
 
     def remove_worker(self, worker_id: int) -> None:
@@ -249,7 +267,8 @@ class PositionalIndex:
         slot = self._slots.get(rank)
         if slot is None:
             return []
-        r, meta = self._ranks[slot], self._meta
+        r = self._ranks[slot]
+        meta = r.meta
         starts: list[tuple[int, int | None]] = [(k, None) for k in r.by_key if k not in r.up]
         chains: list[Chain] = []
         while starts:
@@ -269,7 +288,6 @@ class PositionalIndex:
 
     def check(self) -> None:
         """Assert the internal invariants (tests): masks, maps and links agree."""
-        assert self._mask.keys() == self._meta.keys()
         for slot, r in enumerate(self._ranks):
             bit = 1 << slot
             if not r.by_key:
@@ -277,7 +295,7 @@ class PositionalIndex:
             assert self._slots.key(slot) is not None
             for key, h in r.by_key.items():
                 assert self._mask[key] & bit and r.by_hash[h] == key
-            assert len(r.by_hash) == len(r.by_key)
+            assert len(r.by_hash) == len(r.by_key) and r.meta.keys() == r.by_key.keys()
             for key, parent in r.up.items():
                 assert key in r.by_key and parent in r.by_key, "a rank holds a block without its parent"
                 assert key in r.children(parent)

@@ -65,7 +65,9 @@ class ReplicaHub:
         self.router_id = router_id
         self._queue_size = queue_size
         self._sequence = 0
-        self._subscribers: set[asyncio.Queue[ReplicaEvent]] = set()
+        # None on a queue ends that subscriber's stream (shutdown).
+        self._subscribers: set[asyncio.Queue[ReplicaEvent | None]] = set()
+        self._closed = False
         self.on_drop: Callable[[LifecycleEvent], None] | None = None
 
     def publish(self, event: LifecycleEvent) -> None:
@@ -77,20 +79,31 @@ class ReplicaHub:
         item = ReplicaEvent(self.router_id, self._sequence, time.time_ns(), event)
         self._sequence += 1
         for queue in self._subscribers:
-            try:
-                queue.put_nowait(item)
-            except asyncio.QueueFull:
+            if queue.qsize() >= self._queue_size:
                 # Drop the newest: the subscriber detects the gap; blocking here would stall routing.
                 if self.on_drop is not None:
                     self.on_drop(event)
+                continue
+            queue.put_nowait(item)
 
-    def subscribe(self) -> asyncio.Queue[ReplicaEvent]:
-        queue: asyncio.Queue[ReplicaEvent] = asyncio.Queue(self._queue_size)
-        self._subscribers.add(queue)
+    def subscribe(self) -> asyncio.Queue[ReplicaEvent | None]:
+        queue: asyncio.Queue[ReplicaEvent | None] = asyncio.Queue(self._queue_size + 1)
+        if self._closed:
+            queue.put_nowait(None)
+        else:
+            self._subscribers.add(queue)
         return queue
 
-    def unsubscribe(self, queue: asyncio.Queue[ReplicaEvent]) -> None:
+    def unsubscribe(self, queue: asyncio.Queue[ReplicaEvent | None]) -> None:
         self._subscribers.discard(queue)
+
+    def close(self) -> None:
+        """End every subscriber's stream (their gRPC calls complete instead of holding shutdown)."""
+        self._closed = True
+        for queue in self._subscribers:
+            # The extra slot each queue has keeps room for this even when it is full of events.
+            queue.put_nowait(None)
+        self._subscribers.clear()
 
     @property
     def subscribers(self) -> int:

@@ -3,9 +3,10 @@ and the request's lifecycle (recorded as active until its end).
 
 Errors (domain classes; the gRPC status in brackets, the frontend's HTTP status after it):
 
-* no worker registers the model: :class:`NotFound` [NOT_FOUND];
-* workers exist but the pool, allow-list, pin or rank leave none: :class:`Unavailable`
-  [UNAVAILABLE, 503];
+* no worker is eligible: :class:`Unavailable` [UNAVAILABLE, 503], whether no worker serves the
+  model right now or the pool, allow-list, pin or rank leave none. Never NOT_FOUND: a router
+  that has not yet seen (or no longer sees) a model's workers cannot tell an unknown model from
+  a transient gap; the frontend, which owns the model list, answers 404;
 * eligible workers exist but every one is busy: :class:`Overloaded` [RESOURCE_EXHAUSTED, 529].
 """
 
@@ -17,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from tokenyard.common.errors import InvalidArgument, NotFound, Overloaded, Unavailable
+from tokenyard.common.errors import InvalidArgument, Overloaded, Unavailable
 from tokenyard.router.active import ActiveRequest, ActiveRequests, Outcome
 from tokenyard.router.approx import ApproximateRecorder
 from tokenyard.router.busy import BusyThresholds, RankPressure, worker_busy
@@ -125,13 +126,9 @@ class Scheduler:
     def route(self, query: RouteQuery) -> RouteDecision:
         try:
             return self._route(query)
-        except (NotFound, Unavailable, Overloaded, InvalidArgument) as exc:
+        except (Unavailable, Overloaded, InvalidArgument) as exc:
             if self.metrics is not None:
-                reason = {
-                    NotFound: "not_found",
-                    Unavailable: "unavailable",
-                    Overloaded: "overloaded",
-                }.get(type(exc), "invalid")
+                reason = {Unavailable: "unavailable", Overloaded: "overloaded"}.get(type(exc), "invalid")
                 self.metrics.rejections.labels(reason).inc()
             raise
 
@@ -210,7 +207,7 @@ class Scheduler:
         return RouteDecision(
             worker_id=chosen.worker_id,
             dp_rank=chosen.dp_rank,
-            address=_address(self.workers.get(chosen.worker_id), chosen.address),
+            address=chosen.address,
             overlap_blocks=overlap,
             cached_tokens=cached_tokens,
             block_size=block_size,
@@ -223,7 +220,7 @@ class Scheduler:
         workers = self.workers.for_model(q.model, q.pool)
         if not workers:
             if not self.workers.serves(q.model):
-                raise NotFound(f"no worker serves model {q.model!r}")
+                raise Unavailable(f"no worker serves model {q.model!r}")
             raise Unavailable(f"no worker of model {q.model!r} is in the {q.pool or 'serving'} pool")
         if hints.allowed_worker_ids:
             workers = [w for w in workers if w.worker_id in hints.allowed_worker_ids]
@@ -378,7 +375,3 @@ def _validate(q: RouteQuery) -> None:
         value = getattr(h, name)
         if value is not None and not value >= 0.0:
             raise InvalidArgument(f"hints.{name} must be >= 0, got {value}")
-
-
-def _address(state: WorkerState | None, fallback: str) -> str:
-    return state.instance.address if state is not None else fallback

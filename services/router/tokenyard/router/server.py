@@ -169,6 +169,9 @@ class RouterServer:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        # Replica streams never end on their own; ending them now keeps them from holding the
+        # grace period open (peers reconnect elsewhere or see this router leave discovery).
+        self.router.hub.close()
         await self.runtime.__aexit__(exc_type, exc, tb)
 
 

@@ -205,8 +205,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         queue = self._hub.subscribe()
         log.info("router %s subscribed to replica events", request.router_id or "?")
         try:
-            while True:
-                item = await queue.get()
+            while (item := await queue.get()) is not None:
                 yield replica_event_to_pb(item)
         finally:
             self._hub.unsubscribe(queue)
