@@ -144,9 +144,16 @@ def _wait_ready(d: Deployment) -> None:
     with grpc.insecure_channel(d.router.address) as channel:
         router = router_pb2_grpc.RouterServiceStub(channel)
         while len(seen) < 2 and time.monotonic() < deadline:
-            reply = router.Route(
-                router_pb2.RouteRequest(request_id="ready-probe", model=MODEL, dry_run=True), timeout=5
-            )
+            try:
+                reply = router.Route(
+                    router_pb2.RouteRequest(request_id="ready-probe", model=MODEL, dry_run=True), timeout=5
+                )
+            except grpc.RpcError as exc:
+                # The router learns of workers through its own discovery watch: it may lag the frontend.
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                time.sleep(0.05)
+                continue
             seen.add(reply.worker_id)
             if len(seen) < 2:
                 time.sleep(0.05)
