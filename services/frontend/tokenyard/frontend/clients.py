@@ -1,4 +1,5 @@
-"""Outbound calls: the router (Route and lifecycle notifications) and the workers (Generate).
+"""Outbound calls: the routers (Route and lifecycle notifications, with failover between
+replicas) and the workers (Generate).
 
 This is the edge where the router's and worker's protobufs are translated to and from the
 domain types of :mod:`tokenyard.frontend.generation`, and where a failed call's status becomes
@@ -10,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
 
-from tokenyard.common.errors import TokenyardError, Unavailable, from_rpc_error
+from tokenyard.common.errors import Unavailable, from_rpc_error
 from tokenyard.common.interceptors import outgoing_metadata
 from tokenyard.frontend.generation import (
     FinishReason,
@@ -58,53 +60,112 @@ def _channel(address: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
 
 
+class _Router:
+    """One router replica: its channel, and until when it counts as down after a failed call."""
+
+    __slots__ = ("address", "channel", "down_until", "stub")
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.channel = _channel(address)
+        self.stub: router_pb2_grpc.RouterServiceAsyncStub = router_pb2_grpc.RouterServiceStub(self.channel)
+        self.down_until = 0.0
+
+
 class RouterClient:
-    """Talks to one router; the address comes from settings or follows discovery.
+    """Talks to every router replica; the addresses come from settings or follow discovery.
+
+    Requests go round-robin over the routers that answered last time. A router that cannot be
+    reached (UNAVAILABLE other than "no worker", DEADLINE_EXCEEDED) is skipped for ``down_for``
+    seconds, or until discovery announces it again, and the call moves on to the next one: replica
+    sync keeps every router's load prediction and index equal, so any of them can route any
+    request. Notifications go to the router that routed the request, or to another one when that
+    one is gone (replica sync makes the request known there, and frees it everywhere).
 
     Notifications are sent from tasks of their own so that neither the token stream nor a
     cancelled request waits on them; :meth:`close` lets the pending ones finish.
     """
 
     def __init__(
-        self, address: str = "", *, route_timeout: float = 30.0, notify_timeout: float = 5.0
+        self,
+        addresses: Sequence[str] = (),
+        *,
+        route_timeout: float = 30.0,
+        notify_timeout: float = 5.0,
+        down_for: float = 2.0,
     ) -> None:
-        self._address = ""
-        self._channel: grpc.aio.Channel | None = None
-        self._stub: router_pb2_grpc.RouterServiceAsyncStub | None = None
+        self._routers: dict[str, _Router] = {}
+        self._ring: list[_Router] = []
+        self._next = 0
+        # Which router routed each request in flight, for its notifications.
+        self._owners: dict[str, str] = {}
         self._route_timeout = route_timeout
         self._notify_timeout = notify_timeout
+        self._down_for = down_for
         self._pending: set[asyncio.Task[None]] = set()
         self._retired: set[asyncio.Task[None]] = set()
-        if address:
-            self.set_address(address)
+        for address in addresses:
+            self.add(address)
 
     @property
-    def address(self) -> str:
-        return self._address
+    def addresses(self) -> list[str]:
+        return list(self._routers)
 
-    def set_address(self, address: str) -> None:
-        """Switch to another router (or to none with ``""``); calls in flight finish on the old one."""
-        if address == self._address:
+    def add(self, address: str) -> None:
+        """A router (re)appeared: use it, and take it as up again if it was marked down."""
+        router = self._routers.get(address)
+        if router is not None:
+            router.down_until = 0.0
             return
-        old = self._channel
-        self._address = address
-        self._channel = _channel(address) if address else None
-        self._stub = router_pb2_grpc.RouterServiceStub(self._channel) if self._channel is not None else None
-        if old is not None:
-            task = asyncio.get_running_loop().create_task(old.close(grace=self._route_timeout))
-            self._retired.add(task)
-            task.add_done_callback(self._retired.discard)
-        log.info("router: %s", address or "none")
+        router = self._routers[address] = _Router(address)
+        self._ring.append(router)
+        log.info("router %s added (%d in all)", address, len(self._ring))
 
-    def _require(self) -> router_pb2_grpc.RouterServiceAsyncStub:
-        if self._stub is None:
-            raise Unavailable("no router is available")
-        return self._stub
+    def remove(self, address: str) -> None:
+        """A router left; calls in flight on it finish (or fail over) on their own."""
+        router = self._routers.pop(address, None)
+        if router is None:
+            return
+        self._ring.remove(router)
+        task = asyncio.get_running_loop().create_task(router.channel.close(grace=self._route_timeout))
+        self._retired.add(task)
+        task.add_done_callback(self._retired.discard)
+        log.info("router %s removed (%d left)", address, len(self._ring))
+
+    def _mark_down(self, router: _Router, exc: grpc.RpcError) -> None:
+        now = time.monotonic()
+        if router.down_until <= now:
+            log.warning("router %s unreachable (%s); trying the others", router.address, exc.code())
+        router.down_until = now + self._down_for
+
+    def _route_order(self) -> list[_Router]:
+        """Every router once: the next ones round-robin among those up, then those marked down
+        (better a try than an answer of "no router" while the only one is recovering)."""
+        ring = self._ring
+        n = len(ring)
+        if n == 1:
+            return [ring[0]]
+        start = self._next % n if n else 0
+        self._next = start + 1
+        now = time.monotonic()
+        rotated = ring[start:] + ring[:start]
+        return [r for r in rotated if r.down_until <= now] + [r for r in rotated if r.down_until > now]
+
+    def _notify_order(self, owner: str | None) -> list[_Router]:
+        now = time.monotonic()
+        first = self._routers.get(owner) if owner else None
+        up = [r for r in self._ring if r.down_until <= now and r is not first]
+        down = [r for r in self._ring if r.down_until > now and r is not first]
+        if first is None:
+            return up + down
+        return [first, *up, *down] if first.down_until <= now else [*up, first, *down]
 
     async def route(
         self, *, request_id: str, model: str, block_hashes: Sequence[int], isl_tokens: int, priority: int = 0
     ) -> RouteDecision:
-        stub = self._require()
+        routers = self._route_order()
+        if not routers:
+            raise Unavailable("no router is available")
         request = router_pb2.RouteRequest(
             request_id=request_id,
             model=model,
@@ -112,61 +173,89 @@ class RouterClient:
             isl_tokens=isl_tokens,
             hints=router_pb2.RouteHints(priority=priority),
         )
-        try:
-            reply = await stub.Route(request, timeout=self._route_timeout, metadata=outgoing_metadata())
-        except asyncio.CancelledError:
-            # The router may have recorded the request before the caller went away; finishing
-            # is idempotent there, so say it ended.
-            self.notify_finished(request_id, Outcome.CANCELLED, 0)
-            raise
-        except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                self.notify_finished(request_id, Outcome.FAILED, 0)
-            raise _router_error(exc) from None
-        return RouteDecision(reply.worker_id, reply.dp_rank, reply.address, reply.cached_tokens)
+        metadata = outgoing_metadata()
+        # Routers that timed out may have recorded the request; they hear of its end only if no
+        # other router takes it (a re-route elsewhere supersedes their record through replica sync).
+        timed_out: list[_Router] = []
+        for router in routers:
+            try:
+                reply = await router.stub.Route(request, timeout=self._route_timeout, metadata=metadata)
+            except asyncio.CancelledError:
+                # The router may have recorded the request before the caller went away; finishing
+                # is idempotent there, so say it ended.
+                for r in (*timed_out, router):
+                    self._spawn(self._finished(request_id, Outcome.CANCELLED, 0, r.address))
+                raise
+            except grpc.RpcError as exc:
+                if not _unreachable(exc):
+                    raise from_rpc_error(exc) from None
+                self._mark_down(router, exc)
+                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    timed_out.append(router)
+                continue
+            self._owners[request_id] = router.address
+            return RouteDecision(reply.worker_id, reply.dp_rank, reply.address, reply.cached_tokens)
+        for r in timed_out:
+            self._spawn(self._finished(request_id, Outcome.FAILED, 0, r.address))
+        # No router could be reached: the same answer to the client as no worker.
+        raise Unavailable("the router is unavailable")
 
     def notify_first_token(self, request_id: str) -> None:
-        self._spawn(self._first_token(request_id))
+        self._spawn(self._first_token(request_id, self._owners.get(request_id)))
 
     def notify_finished(self, request_id: str, outcome: Outcome, output_tokens: int) -> None:
-        self._spawn(self._finished(request_id, outcome, output_tokens))
+        self._spawn(self._finished(request_id, outcome, output_tokens, self._owners.pop(request_id, None)))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
-    async def _first_token(self, request_id: str) -> None:
-        if self._stub is None:
-            return
-        try:
-            await self._stub.NotifyFirstToken(
-                router_pb2.NotifyFirstTokenRequest(request_id=request_id), timeout=self._notify_timeout
-            )
-        except grpc.RpcError as exc:
-            # The router forgets unnotified requests after its expiry; a lost first-token only
-            # overstates that request's prefill load until it finishes.
-            log.warning("NotifyFirstToken %s failed: %s", request_id, exc.code())
+    async def _first_token(self, request_id: str, owner: str | None) -> None:
+        request = router_pb2.NotifyFirstTokenRequest(request_id=request_id)
 
-    async def _finished(self, request_id: str, outcome: Outcome, output_tokens: int) -> None:
-        if self._stub is None:
-            return
+        async def send(stub: router_pb2_grpc.RouterServiceAsyncStub) -> None:
+            await stub.NotifyFirstToken(request, timeout=self._notify_timeout)
+
+        # A lost first-token only overstates that request's prefill load until it finishes.
+        await self._deliver("NotifyFirstToken", request_id, owner, send)
+
+    async def _finished(
+        self, request_id: str, outcome: Outcome, output_tokens: int, owner: str | None
+    ) -> None:
         request = router_pb2.NotifyFinishedRequest(
             request_id=request_id, outcome=_OUTCOME[outcome], output_tokens=output_tokens
         )
-        # Finishing is idempotent on the router, so one retry after a transport failure cannot
-        # free a request twice, and it keeps a brief router hiccup from leaking load.
-        for attempt in (1, 2):
+
+        async def send(stub: router_pb2_grpc.RouterServiceAsyncStub) -> None:
+            await stub.NotifyFinished(request, timeout=self._notify_timeout)
+
+        await self._deliver("NotifyFinished", request_id, owner, send)
+
+    async def _deliver(
+        self,
+        what: str,
+        request_id: str,
+        owner: str | None,
+        send: Callable[[router_pb2_grpc.RouterServiceAsyncStub], Awaitable[None]],
+    ) -> None:
+        """Send to the owner, else to the others in turn. Both notifications apply at most once
+        per request on every router, so a retry after a transport failure cannot free a request
+        twice, and it keeps a dead or briefly unreachable router from leaking load."""
+        routers = self._notify_order(owner)
+        if not routers:
+            return
+        attempts = max(2, len(routers))
+        for attempt in range(attempts):
+            router = routers[attempt % len(routers)]
             try:
-                await self._stub.NotifyFinished(request, timeout=self._notify_timeout)
+                await send(router.stub)
                 return
             except grpc.RpcError as exc:
-                if attempt == 2 or exc.code() not in (
-                    grpc.StatusCode.UNAVAILABLE,
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
-                ):
-                    log.warning("NotifyFinished %s failed: %s", request_id, exc.code())
+                if attempt == attempts - 1 or not _unreachable(exc):
+                    log.warning("%s %s failed: %s", what, request_id, exc.code())
                     return
+                self._mark_down(router, exc)
 
     async def flush(self) -> None:
         """Wait until every notification sent so far was answered (or gave up)."""
@@ -177,20 +266,20 @@ class RouterClient:
         await self.flush()
         for task in list(self._retired):
             task.cancel()
-        if self._channel is not None:
-            await self._channel.close(None)
-            self._channel = None
-            self._stub = None
+        routers = list(self._ring)
+        self._routers.clear()
+        self._ring.clear()
+        for router in routers:
+            with contextlib.suppress(Exception):
+                await router.channel.close(None)
 
 
-def _router_error(exc: grpc.RpcError) -> TokenyardError:
+def _unreachable(exc: grpc.RpcError) -> bool:
+    """The router itself could not answer (as opposed to answering "no worker")."""
     code = exc.code() if hasattr(exc, "code") else None
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and "no worker" not in (
+    return code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and "no worker" not in (
         exc.details() or ""
-    ):
-        # The router itself could not be reached: the same answer to the client as no worker.
-        return Unavailable("the router is unavailable")
-    return from_rpc_error(exc)
+    )
 
 
 class WorkerStream:

@@ -23,8 +23,15 @@ class FrontendSettings(ServiceSettings):
         default=8000, ge=0, le=65535, description="OpenAI HTTP port; also serves /health and /metrics."
     )
     router: str = Field(
-        default="", description="Router address host:port; empty means the first router found in discovery."
+        default="",
+        description=(
+            "Router addresses host:port, comma-separated (replicas, used in turn with failover); "
+            "empty means every router found in discovery."
+        ),
     )
+
+    def router_addresses(self) -> list[str]:
+        return [a.strip() for a in self.router.split(",") if a.strip()]
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> FrontendSettings:

@@ -33,8 +33,8 @@ log = logging.getLogger(__name__)
 
 
 class DiscoveryFeed:
-    """One discovery watch feeding the model registry (workers) and, unless the router address is
-    fixed, the router client (the first router registered; the next one when it leaves)."""
+    """One discovery watch feeding the model registry (workers) and, unless the router addresses
+    are fixed, the router client (every router registered)."""
 
     def __init__(self, discovery: Discovery, models: ModelRegistry, router: RouterClient | None) -> None:
         self._discovery = discovery
@@ -56,11 +56,13 @@ class DiscoveryFeed:
         if instance.service == "worker":
             self._models.apply(kind, instance)
         elif instance.service == "router" and self._router is not None:
-            if kind is WatchEventKind.REMOVED:
-                self._routers.pop(instance.instance_id, None)
-            else:
+            old = self._routers.pop(instance.instance_id, None)
+            if kind is not WatchEventKind.REMOVED:
                 self._routers[instance.instance_id] = instance.address
-            self._router.set_address(next(iter(self._routers.values()), ""))
+                self._router.add(instance.address)
+            # A router restarted on a fixed port registers the same address under a new id.
+            if old is not None and old not in self._routers.values():
+                self._router.remove(old)
 
     async def _run(self) -> None:
         while True:
@@ -116,7 +118,7 @@ class FrontendServer:
             raise
         self.models = ModelRegistry()
         self.preprocessor = Preprocessor()
-        self.router = RouterClient(settings.router)
+        self.router = RouterClient(settings.router_addresses())
         self.workers = WorkerClients()
         self.frontend = Frontend(
             self.models, self.preprocessor, self.router, self.workers, FrontendMetrics(metrics.registry)
