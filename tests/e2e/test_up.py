@@ -137,7 +137,6 @@ def test_default_up_serves_the_real_model_and_knows_paris(tmp_path: Path) -> Non
                 model="SmolLM2-135M-Instruct",
                 messages=[{"role": "user", "content": "What is the capital of France?"}],
                 max_tokens=24,
-                temperature=0,
             )
             assert "Paris" in (reply.choices[0].message.content or "")
             proc.send_signal(signal.SIGTERM)

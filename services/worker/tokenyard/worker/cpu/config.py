@@ -53,8 +53,15 @@ class CpuEngineConfig(BaseModel):
         ge=0,
         description="PyTorch intra-op threads; 0: every core this process may run on.",
     )
+    # Requests that leave temperature unset decode greedily: at the OpenAI default of 1.0 a
+    # 135M-parameter model wanders off ("the capital of France is Moscabritia"), and even at the
+    # 0.2 its authors suggest, a third of answers to that question drift into French. Clients that
+    # want variety ask for it; top-p then defaults to the authors' 0.9.
     default_temperature: float = Field(
-        default=1.0, ge=0, description="Temperature of requests that do not set one (0 is greedy)."
+        default=0.0, ge=0, description="Temperature of requests that do not set one (0 is greedy)."
+    )
+    default_top_p: float = Field(
+        default=0.9, gt=0, le=1, description="Top-p of requests that do not set one (1 keeps every token)."
     )
     kv_transfer_hold_s: float = Field(
         default=60.0,

@@ -258,7 +258,9 @@ class CpuEngine:
         if request.prefill_only or self.role is WorkerRole.PREFILL:
             request = dataclasses.replace(request, max_tokens=1, prefill_only=True)
         try:
-            sampler = Sampler.from_params(request.sampling, self.config.default_temperature)
+            sampler = Sampler.from_params(
+                request.sampling, self.config.default_temperature, self.config.default_top_p
+            )
             seq = self._scheduler.add(request, sampler)
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from None

@@ -30,11 +30,13 @@ class Sampler:
     generator: torch.Generator | None = field(default=None, repr=False)
 
     @classmethod
-    def from_params(cls, params: SamplingParams, default_temperature: float) -> Sampler:
+    def from_params(
+        cls, params: SamplingParams, default_temperature: float, default_top_p: float = 1.0
+    ) -> Sampler:
         temperature = default_temperature if params.temperature is None else params.temperature
         sampler = cls(
             temperature=temperature,
-            top_p=1.0 if params.top_p is None else params.top_p,
+            top_p=default_top_p if params.top_p is None else params.top_p,
             top_k=params.top_k or 0,
             min_p=params.min_p or 0.0,
             repetition_penalty=1.0 if params.repetition_penalty is None else params.repetition_penalty,
