@@ -12,6 +12,7 @@ and map exceptions to gRPC statuses:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import time
@@ -90,7 +91,10 @@ class _Call:
             self.metrics.rpc_duration.labels(self.service, self.method).observe(
                 time.perf_counter() - self.started
             )
-        request_id_var.reset(self._token)
+        # A server stream whose client vanished (a killed peer) is closed by the event loop's
+        # async-generator finalizer, in a context of its own: there is nothing to restore there.
+        with contextlib.suppress(ValueError):
+            request_id_var.reset(self._token)
 
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]

@@ -255,6 +255,10 @@ class Generation:
                         text, stopped = matcher.feed(text)
                         if not stopped:
                             text += matcher.flush()
+                        elif finish is FinishReason.LENGTH:
+                            # Tokens arrive batched: the chunk that hit the limit can hold the
+                            # stop string too, and then the output ended at the stop string.
+                            finish = FinishReason.STOP
                 elif matcher is not None and text:
                     text, stopped = matcher.feed(text)
                     if stopped:
