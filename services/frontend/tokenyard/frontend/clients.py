@@ -161,8 +161,16 @@ class RouterClient:
         return [first, *up, *down] if first.down_until <= now else [*up, first, *down]
 
     async def route(
-        self, *, request_id: str, model: str, block_hashes: Sequence[int], isl_tokens: int, priority: int = 0
+        self,
+        *,
+        request_id: str,
+        model: str,
+        block_hashes: Sequence[int],
+        isl_tokens: int,
+        priority: int = 0,
+        allowed_worker_ids: Sequence[int] = (),
     ) -> RouteDecision:
+        """Choose a worker; ``allowed_worker_ids`` (empty: any) narrows the choice."""
         routers = self._route_order()
         if not routers:
             raise Unavailable("no router is available")
@@ -171,7 +179,7 @@ class RouterClient:
             model=model,
             block_hashes=block_hashes,
             isl_tokens=isl_tokens,
-            hints=router_pb2.RouteHints(priority=priority),
+            hints=router_pb2.RouteHints(priority=priority, allowed_worker_ids=allowed_worker_ids),
         )
         metadata = outgoing_metadata()
         # Routers that timed out may have recorded the request; they hear of its end only if no

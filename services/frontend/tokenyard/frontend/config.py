@@ -30,6 +30,15 @@ class FrontendSettings(ServiceSettings):
         ),
     )
 
+    migration_limit: int = Field(
+        default=3,
+        ge=0,
+        description=(
+            "How many times a request whose worker died or whose stream broke is moved to another "
+            "worker, continuing from the tokens generated so far; 0 disables migration."
+        ),
+    )
+
     def router_addresses(self) -> list[str]:
         return [a.strip() for a in self.router.split(",") if a.strip()]
 

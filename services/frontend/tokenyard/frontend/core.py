@@ -9,6 +9,10 @@ surface can still answer with a status. The :class:`Generation` it returns must 
 (``async with`` or :meth:`Generation.aclose`): closing early, an error or a cancellation of the
 consuming task (a client that went away) cancels the worker call, which frees the request's KV
 blocks, and the router hears exactly once how the request ended.
+
+A worker that dies or whose stream breaks mid-request does not end the request: the
+:class:`Generation` routes the rest of it again (the prompt plus the tokens generated so far,
+under the same request id) and keeps streaming from the new worker, up to the migration limit.
 """
 
 from __future__ import annotations
@@ -17,10 +21,16 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from dataclasses import replace
 from types import TracebackType
+from typing import Protocol
+
+import grpc
+import xxhash
 
 from tokenyard.common.errors import TokenyardError, Unavailable
+from tokenyard.common.hashing import local_block_hashes, salt_hash
 from tokenyard.common.logs import request_id_var
 from tokenyard.frontend.clients import RouterClient, WorkerClients, WorkerStream
 from tokenyard.frontend.generation import (
@@ -29,6 +39,8 @@ from tokenyard.frontend.generation import (
     GenerationRequest,
     Outcome,
     RouteDecision,
+    StopConditions,
+    TokenChunk,
     Usage,
     WorkerRequest,
 )
@@ -49,8 +61,67 @@ _OUTCOME_OF = {
 }
 
 
+class TokenStream(Protocol):
+    """A worker's Generate call as the pipeline consumes it."""
+
+    def __aiter__(self) -> TokenStream: ...
+
+    async def __anext__(self) -> TokenChunk: ...
+
+    def cancel(self) -> None: ...
+
+
+class _LengthReached:
+    """The stream of a request that lost its worker after the last token it asked for: only the
+    finish is missing, so nothing is left to migrate."""
+
+    def __init__(self) -> None:
+        self._done = False
+
+    def __aiter__(self) -> _LengthReached:
+        return self
+
+    async def __anext__(self) -> TokenChunk:
+        if self._done:
+            raise StopAsyncIteration
+        self._done = True
+        return TokenChunk((), FinishReason.LENGTH)
+
+    def cancel(self) -> None:
+        pass
+
+
+# How a lost worker or a broken HTTP/2 stream reads when grpc reports it as INTERNAL rather
+# than UNAVAILABLE (a peer killed mid-stream resets the stream or closes the socket).
+_BROKEN_STREAM = (
+    "stream removed",
+    "rst_stream",
+    "socket closed",
+    "connection reset",
+    "broken pipe",
+    "goaway",
+    "stream terminated",
+)
+
+# Opens the rest of a request elsewhere: (tokens generated so far, workers to avoid) -> the
+# chosen worker and its stream.
+Reroute = Callable[[Sequence[int], frozenset[int]], Awaitable[tuple[int, TokenStream]]]
+
+
 def new_request_id() -> str:
     return uuid.uuid4().hex
+
+
+def worker_lost(exc: BaseException) -> bool:
+    """Whether a failed worker stream may be continued on another worker: the worker or the
+    connection went away. A cancelled call (the client left), a rejected request or an engine
+    error would fail the same way anywhere."""
+    if isinstance(exc, Unavailable):
+        return True
+    if type(exc) is TokenyardError and exc.code is grpc.StatusCode.INTERNAL:
+        message = str(exc).lower()
+        return any(marker in message for marker in _BROKEN_STREAM)
+    return False
 
 
 class Frontend:
@@ -61,17 +132,25 @@ class Frontend:
         router: RouterClient,
         workers: WorkerClients,
         metrics: FrontendMetrics,
+        *,
+        migration_limit: int = 3,
     ) -> None:
         self.models = models
         self._pre = preprocessor
         self._router = router
         self._workers = workers
         self._metrics = metrics
+        self._migration_limit = migration_limit
 
     async def start(self, request: GenerationRequest, request_id: str | None = None) -> Generation:
         """Validate, tokenize, route and open the worker call; raises domain errors."""
         started = time.perf_counter()
         request_id = request_id or new_request_id()
+        if self._migration_limit and request.sampling.seed is None:
+            # A migrated request continues where it stopped only if the engine samples the rest
+            # with the seed it began with; one derived from the request id survives re-routing.
+            seed = xxhash.xxh3_64_intdigest(request_id.encode())
+            request = replace(request, sampling=replace(request.sampling, seed=seed))
         # Within this scope, logs and outgoing calls (Route, Generate) carry the request id.
         token = request_id_var.set(request_id)
         try:
@@ -108,23 +187,18 @@ class Frontend:
         decision: RouteDecision,
     ) -> Generation:
         lifecycle = RequestLifecycle(self._router, request_id)
-        worker_request = WorkerRequest(
-            request_id=request_id,
-            model=request.model,
-            token_ids=prepared.token_ids,
-            sampling=request.sampling,
-            stop=request.stop,
-            priority=request.priority,
-            dp_rank=decision.dp_rank,
-            lora_name=request.lora_name,
-            cache_salt=request.cache_salt,
-        )
         try:
-            stream = self._workers.generate(decision.address, worker_request)
+            stream = self._generate(request, request_id, prepared.token_ids, request.stop, decision)
         except Exception as exc:
             lifecycle.finish(Outcome.FAILED, 0)
             self.count_failure(request, exc)
             raise
+        reroute: Reroute | None = None
+        if self._migration_limit:
+
+            async def reroute(generated: Sequence[int], avoid: frozenset[int]) -> tuple[int, TokenStream]:
+                return await self._reroute(request, request_id, prepared.token_ids, generated, avoid)
+
         return Generation(
             request,
             request_id,
@@ -134,7 +208,69 @@ class Frontend:
             DetokenizeStream(tokenizer),
             self._metrics,
             started,
+            worker_id=decision.worker_id,
+            reroute=reroute,
+            migration_limit=self._migration_limit,
         )
+
+    def _generate(
+        self,
+        request: GenerationRequest,
+        request_id: str,
+        token_ids: Sequence[int],
+        stop: StopConditions,
+        decision: RouteDecision,
+    ) -> WorkerStream:
+        worker_request = WorkerRequest(
+            request_id=request_id,
+            model=request.model,
+            token_ids=token_ids,
+            sampling=request.sampling,
+            stop=stop,
+            priority=request.priority,
+            dp_rank=decision.dp_rank,
+            lora_name=request.lora_name,
+            cache_salt=request.cache_salt,
+        )
+        return self._workers.generate(decision.address, worker_request)
+
+    async def _reroute(
+        self,
+        request: GenerationRequest,
+        request_id: str,
+        prompt: Sequence[int],
+        generated: Sequence[int],
+        avoid: frozenset[int],
+    ) -> tuple[int, TokenStream]:
+        """Route the rest of a request (prompt and the tokens generated so far, the same request
+        id: the router replaces the old assignment) and open it on the worker chosen."""
+        token = request_id_var.set(request_id)
+        try:
+            card = self.models.card(request.model)
+            token_ids = [*prompt, *generated]
+            served = self.models.get(request.model)
+            # The lost worker stays eligible only where nothing else serves the model (its lease
+            # has not expired yet, so the router still counts it).
+            allowed = [w for w in served.instances if w not in avoid] if served is not None else []
+            decision = await self._router.route(
+                request_id=request_id,
+                model=request.model,
+                block_hashes=local_block_hashes(
+                    token_ids, card.block_size, salt_hash(request.lora_name, request.cache_salt)
+                ),
+                isl_tokens=len(token_ids),
+                priority=request.priority,
+                allowed_worker_ids=allowed,
+            )
+            n = len(generated)
+            stop = replace(
+                request.stop,
+                max_tokens=None if request.stop.max_tokens is None else request.stop.max_tokens - n,
+                min_tokens=max(0, request.stop.min_tokens - n),
+            )
+            return decision.worker_id, self._generate(request, request_id, token_ids, stop, decision)
+        finally:
+            request_id_var.reset(token)
 
     def count_failure(
         self, request: GenerationRequest | None, exc: BaseException, endpoint: str = ""
@@ -156,17 +292,25 @@ class Generation:
         request: GenerationRequest,
         request_id: str,
         prepared: Prepared,
-        stream: WorkerStream,
+        stream: TokenStream,
         lifecycle: RequestLifecycle,
         detokenizer: DetokenizeStream,
         metrics: FrontendMetrics,
         started: float,
+        *,
+        worker_id: int = 0,
+        reroute: Reroute | None = None,
+        migration_limit: int = 0,
     ) -> None:
         self.request = request
         self.request_id = request_id
         self.prompt_tokens = len(prepared.token_ids)
         self._prompt_text = prepared.prompt_text
         self._stream = stream
+        self._worker_id = worker_id
+        self._reroute = reroute
+        self._migration_limit = migration_limit if reroute is not None else 0
+        self.migrations = 0
         self._lifecycle = lifecycle
         self._detok = detokenizer
         self._metrics = metrics
@@ -228,56 +372,89 @@ class Generation:
         matcher = StopStringMatcher(req.stop.stop_strings) if req.stop.stop_strings else None
         detok = self._detok
         output_tokens = 0
+        # Every token so far, whichever worker made it: a migrated request continues after them.
+        generated: list[int] = []
+        # Workers whose stream of this request broke.
+        lost: set[int] = set()
+        # The current worker has sent nothing yet (its first token is news to the router).
+        fresh = True
+        reopen = False
         first_at = last_at = 0.0
         outcome: Outcome | None = None
         failure: BaseException | None = None
         prefix = self._prompt_text if req.echo and self._prompt_text else ""
         try:
-            async for chunk in self._stream:
-                if chunk.token_ids:
-                    last_at = time.perf_counter()
-                    if not output_tokens:
-                        first_at = last_at
-                        # A request done in its first chunk skips the call: finishing
-                        # releases its prefill load as well.
-                        if chunk.finish_reason is None:
-                            self._lifecycle.first_token()
-                        series.ttft.observe(first_at - self._started)
-                    output_tokens += len(chunk.token_ids)
-                    text = detok.push(chunk.token_ids)
-                else:
-                    text = ""
-                finish = chunk.finish_reason
-                usage = chunk.usage
-                if finish is not None:
-                    text += detok.flush()
-                    if matcher is not None:
-                        text, stopped = matcher.feed(text)
-                        if not stopped:
-                            text += matcher.flush()
-                        elif finish is FinishReason.LENGTH:
-                            # Tokens arrive batched: the chunk that hit the limit can hold the
-                            # stop string too, and then the output ended at the stop string.
-                            finish = FinishReason.STOP
-                elif matcher is not None and text:
-                    text, stopped = matcher.feed(text)
-                    if stopped:
-                        # Stop strings are the frontend's to apply: end the worker's request here.
-                        self._stream.cancel()
-                        finish = FinishReason.STOP
-                if finish is not None:
-                    usage = usage or Usage(self.prompt_tokens, output_tokens)
-                    outcome = _OUTCOME_OF[finish]
-                    self._observe_end(usage, output_tokens, first_at, last_at)
-                    # Tell the router before handing out the last delta: the consumer may
-                    # never come back for more.
-                    self._finish(outcome, output_tokens, None)
-                    yield Delta(prefix + text, finish, usage)
-                    return
-                if text:
-                    yield Delta(prefix + text)
-                    prefix = ""
-            raise Unavailable("the worker ended the stream without finishing the request")
+            while True:
+                try:
+                    if reopen:
+                        reopen = False
+                        assert self._reroute is not None
+                        self._worker_id, self._stream = await self._reroute(generated, frozenset(lost))
+                    async for chunk in self._stream:
+                        if chunk.token_ids:
+                            last_at = time.perf_counter()
+                            if not output_tokens:
+                                first_at = last_at
+                                series.ttft.observe(first_at - self._started)
+                            if fresh:
+                                fresh = False
+                                # A request done in its first chunk skips the call: finishing
+                                # releases its prefill load as well.
+                                if chunk.finish_reason is None:
+                                    self._lifecycle.first_token()
+                            output_tokens += len(chunk.token_ids)
+                            if self._migration_limit:
+                                generated.extend(chunk.token_ids)
+                            text = detok.push(chunk.token_ids)
+                        else:
+                            text = ""
+                        finish = chunk.finish_reason
+                        usage = chunk.usage
+                        if finish is not None:
+                            text += detok.flush()
+                            if matcher is not None:
+                                text, stopped = matcher.feed(text)
+                                if not stopped:
+                                    text += matcher.flush()
+                                elif finish is FinishReason.LENGTH:
+                                    # Tokens arrive batched: the chunk that hit the limit can hold
+                                    # the stop string too, and then the output ended at the stop
+                                    # string.
+                                    finish = FinishReason.STOP
+                        elif matcher is not None and text:
+                            text, stopped = matcher.feed(text)
+                            if stopped:
+                                # Stop strings are the frontend's to apply: end the worker's
+                                # request here.
+                                self._stream.cancel()
+                                finish = FinishReason.STOP
+                        if finish is not None:
+                            if usage is None or self.migrations:
+                                # The last worker saw the earlier output as prompt.
+                                cached = min(usage.cached_tokens, self.prompt_tokens) if usage else 0
+                                usage = Usage(self.prompt_tokens, output_tokens, cached)
+                            outcome = _OUTCOME_OF[finish]
+                            self._observe_end(usage, output_tokens, first_at, last_at)
+                            # Tell the router before handing out the last delta: the consumer may
+                            # never come back for more.
+                            self._finish(outcome, output_tokens, None)
+                            yield Delta(prefix + text, finish, usage)
+                            return
+                        if text:
+                            yield Delta(prefix + text)
+                            prefix = ""
+                    raise Unavailable("the worker ended the stream without finishing the request")
+                except TokenyardError as exc:
+                    if self.migrations >= self._migration_limit or not worker_lost(exc):
+                        raise
+                    self._migrate(exc, output_tokens)
+                    lost.add(self._worker_id)
+                    fresh = True
+                    max_tokens = req.stop.max_tokens
+                    if max_tokens is not None and output_tokens >= max_tokens:
+                        self._stream = _LengthReached()
+                    else:
+                        reopen = True
         except (asyncio.CancelledError, GeneratorExit):
             if outcome is None:
                 outcome = Outcome.CANCELLED
@@ -289,6 +466,22 @@ class Generation:
             if outcome is not Outcome.FINISHED:
                 self._stream.cancel()
             self._finish(outcome or Outcome.FAILED, output_tokens, failure)
+
+    def _migrate(self, exc: TokenyardError, output_tokens: int) -> None:
+        """Count one more move of this request; the broken call is given up for good."""
+        self._stream.cancel()
+        self.migrations += 1
+        self._metrics.migrations.labels(self.request.model).inc()
+        self._lifecycle.rerouted()
+        log.warning(
+            "request %s lost worker %d after %d tokens (%s); migrating (%d of at most %d)",
+            self.request_id,
+            self._worker_id,
+            output_tokens,
+            exc,
+            self.migrations,
+            self._migration_limit,
+        )
 
     def _observe_end(self, usage: Usage, output_tokens: int, first_at: float, last_at: float) -> None:
         series = self._metrics.model(self.request.model)

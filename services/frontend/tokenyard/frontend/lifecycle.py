@@ -40,6 +40,11 @@ class RequestLifecycle:
         self._first_sent = True
         self._sink.notify_first_token(self.request_id)
 
+    def rerouted(self) -> None:
+        """The request was routed again (a migration): the router tracks it afresh, so the first
+        token of the new assignment is news to it."""
+        self._first_sent = False
+
     def finish(self, outcome: Outcome, output_tokens: int) -> bool:
         """Report the end; False (and nothing sent) when it was already reported."""
         if self.outcome is not None:

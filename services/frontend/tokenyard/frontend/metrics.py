@@ -106,6 +106,12 @@ class FrontendMetrics:
         self._output_tokens = Counter(
             "tokenyard_frontend_output_tokens_total", "Output tokens generated.", ["model"], registry=registry
         )
+        self.migrations = Counter(
+            "tokenyard_frontend_migrations_total",
+            "Requests moved to another worker after their worker died or their stream broke.",
+            ["model"],
+            registry=registry,
+        )
         self._series: dict[str, _ModelSeries] = {}
 
     def model(self, model: str) -> _ModelSeries:

@@ -121,7 +121,12 @@ class FrontendServer:
         self.router = RouterClient(settings.router_addresses())
         self.workers = WorkerClients()
         self.frontend = Frontend(
-            self.models, self.preprocessor, self.router, self.workers, FrontendMetrics(metrics.registry)
+            self.models,
+            self.preprocessor,
+            self.router,
+            self.workers,
+            FrontendMetrics(metrics.registry),
+            migration_limit=settings.migration_limit,
         )
         self._ready = [False]
         self._runner = web.AppRunner(

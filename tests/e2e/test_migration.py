@@ -1,0 +1,159 @@
+"""Request migration with real processes: one router, two mocker workers and one frontend, driven
+through the OpenAI HTTP API.
+
+The worker serving most of the streams in flight is killed with SIGKILL. The frontend moves each
+of its requests to the other worker with the tokens generated so far, so every client sees one
+stream that ends with the length it asked for, and (the mocker's tokens depend only on the seed
+and the position) the same text as a request that never moved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import aiohttp
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.e2e.test_router_kv import eventually_true, instances, router_argv
+from tests.fixtures.processes import ServiceProcess, ServiceProcessFactory
+from tokenyard.common.discovery import Instance
+from tokenyard.worker.v1 import worker_pb2, worker_pb2_grpc
+
+pytestmark = pytest.mark.e2e
+
+MODEL = "SmolLM2-135M-Instruct"
+STREAMS = 56
+
+
+def _max_tokens(i: int) -> int:
+    return 64 + i % 48
+
+
+def _body(i: int) -> dict[str, object]:
+    return {
+        "model": MODEL,
+        "prompt": f"Story {i}: once upon a time there was a lighthouse keeper who",
+        "max_tokens": _max_tokens(i),
+        "ignore_eos": True,
+        "seed": 1000 + i,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
+class Result:
+    def __init__(self) -> None:
+        self.text: list[str] = []
+        self.completion_tokens = -1
+        self.finish = ""
+
+
+async def _stream(session: aiohttp.ClientSession, http: str, i: int, started: asyncio.Event | None) -> Result:
+    result = Result()
+    async with session.post(f"{http}/v1/completions", json=_body(i)) as response:
+        assert response.status == 200, await response.text()
+        async for raw in response.content:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[len("data: ") :])
+            assert "error" not in event, event
+            for choice in event.get("choices", []):
+                result.text.append(choice.get("text", ""))
+                result.finish = choice.get("finish_reason") or result.finish
+                if started is not None and choice.get("text"):
+                    started.set()
+            if event.get("usage"):
+                result.completion_tokens = event["usage"]["completion_tokens"]
+    return result
+
+
+async def _active_requests(worker: Instance) -> int:
+    async with grpc.aio.insecure_channel(worker.address) as channel:
+        stub = worker_pb2_grpc.WorkerServiceStub(channel)
+        reply = await stub.GetLoad(worker_pb2.GetLoadRequest(), timeout=5)
+    return sum(rank.running_requests + rank.waiting_requests for rank in reply.ranks)
+
+
+async def _migrations(session: aiohttp.ClientSession, http: str) -> float:
+    async with session.get(f"{http}/metrics") as response:
+        text = await response.text()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "tokenyard_frontend_migrations"
+        for sample in family.samples
+        if sample.name == "tokenyard_frontend_migrations_total"
+    )
+
+
+async def _frontend_serves(session: aiohttp.ClientSession, http: str) -> bool:
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 1}
+    try:
+        async with session.post(f"{http}/v1/completions", json=body) as response:
+            return response.status == 200
+    except aiohttp.ClientError:
+        return False
+
+
+async def test_killing_a_worker_mid_stream_fails_no_request(
+    spawn: ServiceProcessFactory, tmp_path: Path
+) -> None:
+    url = f"dir://{tmp_path / 'discovery'}"
+    worker_argv = [
+        "worker",
+        "--port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--discovery",
+        url,
+        "--mocker-speedup-ratio",
+        "1",
+    ]
+    # Started one after the other, so that each process is known by the instance it registers.
+    procs: dict[int, ServiceProcess] = {}
+    for n in (1, 2):
+        proc = spawn(worker_argv)
+        found = await instances(url, "worker", n, [proc])
+        new = [w for w in found if w.instance_id not in procs]
+        procs[new[0].instance_id] = proc
+    workers = {w.instance_id: w for w in await instances(url, "worker", 2, [])}
+    router = spawn(router_argv(url))
+    frontend = spawn(["frontend", "--port", "0", "--http-port", "0", "--discovery", url])
+    fe = (await instances(url, "frontend", 1, [router, frontend]))[0]
+    http = f"http://{fe.metrics_address}"
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        await eventually_true(lambda: _frontend_serves(session, http), "the frontend serves the model", 60)
+
+        started = [asyncio.Event() for _ in range(STREAMS)]
+        tasks = [asyncio.create_task(_stream(session, http, i, started[i])) for i in range(STREAMS)]
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 30)
+        loads = {wid: await _active_requests(w) for wid, w in workers.items()}
+        victim = max(loads, key=lambda wid: loads[wid])
+        procs[victim].kill()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        migrations = await _migrations(session, http)
+
+        # The same requests again, now served by the survivor alone and never moved.
+        survivor_only = await asyncio.gather(*(_stream(session, http, i, None) for i in range(STREAMS)))
+
+    failures = [r for r in results if isinstance(r, BaseException)]
+    assert not failures, f"{len(failures)} streams failed, first: {failures[0]!r}\n{frontend.output()}"
+    print(
+        f"killed worker {victim} with {loads[victim]} of {sum(loads.values())} requests; {migrations} migrations"
+    )
+    # The victim was serving streams when it died, and they moved.
+    assert loads[victim] > 0
+    assert migrations >= 1
+    for i, r in enumerate(results):
+        assert isinstance(r, Result)
+        assert (r.completion_tokens, r.finish) == (_max_tokens(i), "length"), i
+        assert "".join(r.text) == "".join(survivor_only[i].text), f"request {i} diverged after migrating"
+    assert "Traceback" not in frontend.output()
+    assert frontend.terminate() == 0
