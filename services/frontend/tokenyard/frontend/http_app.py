@@ -27,6 +27,7 @@ from tokenyard.frontend.openai_api import (
     error_body,
     parse_chat,
     parse_completion,
+    reject_lone_surrogates,
     sse,
 )
 
@@ -74,11 +75,14 @@ async def _json_body(request: web.Request) -> object:
     if not raw:
         raise InvalidArgument("the request body is empty; expected a JSON object")
     try:
-        return json.loads(raw)
+        # Strict UTF-8 (json.loads of bytes would let encoded surrogates through).
+        doc = json.loads(raw.decode("utf-8-sig"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidArgument(f"the request body is not valid JSON: {exc}") from None
     except RecursionError:
         raise InvalidArgument("the request body is nested too deeply") from None
+    reject_lone_surrogates(raw, doc)
+    return doc
 
 
 Parser = Callable[[object], tuple[GenerationRequest, bool]]

@@ -17,6 +17,7 @@ from typing import Any
 
 from tokenyard.common.errors import InvalidArgument
 from tokenyard.frontend.generation import Endpoint, GenerationRequest, Sampling, StopConditions
+from tokenyard.frontend.openai_api import reject_lone_surrogates
 from tokenyard.kserve.v2 import grpc_service_pb2 as pb
 from tokenyard.kserve.v2 import model_config_pb2 as mc
 
@@ -196,11 +197,14 @@ def _parameters(params: Mapping[str, pb.InferParameter]) -> dict[str, Any]:
 
 def _sampling_json(raw: bytes) -> dict[str, Any]:
     try:
-        doc = json.loads(raw)
+        doc = json.loads(raw.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidArgument(f"input sampling_parameters: not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidArgument("input sampling_parameters: nested too deeply") from None
     if not isinstance(doc, dict):
         raise InvalidArgument("input sampling_parameters: must be a JSON object")
+    reject_lone_surrogates(raw, doc, "input sampling_parameters")
     return {k: v for k, v in doc.items() if k in _SAMPLING_KEYS}
 
 
@@ -218,13 +222,20 @@ def _number(options: Mapping[str, Any], key: str, kind: type, lo: float, hi: flo
             raise InvalidArgument(f"{key}: must be a number, got {value!r}")
     if isinstance(value, float) and not math.isfinite(value):
         raise InvalidArgument(f"{key}: must be a finite number, got {value!r}")
-    if kind is int:
-        if float(value) != int(value):
-            raise InvalidArgument(f"{key}: must be an integer, got {value!r}")
-        value = int(value)
+    # The range first: a huge integer has no float, and a float of a large one (a uint64
+    # seed) is not exact.
     if not lo <= value <= hi:
-        raise InvalidArgument(f"{key}: must be in [{lo}, {hi}], got {value!r}")
-    return kind(value)
+        raise InvalidArgument(f"{key}: must be in [{lo}, {hi}], got {_shorten(value)}")
+    if kind is int:
+        if isinstance(value, float) and not value.is_integer():
+            raise InvalidArgument(f"{key}: must be an integer, got {value!r}")
+        return int(value)
+    return float(value)
+
+
+def _shorten(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + ".."
 
 
 def build_request(req: TextInferRequest, endpoint: Endpoint) -> GenerationRequest:

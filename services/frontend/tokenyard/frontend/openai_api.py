@@ -9,6 +9,7 @@ OpenAI follow vLLM's names: ``top_k``, ``min_p``, ``min_tokens``, ``repetition_p
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Mapping
 from typing import Any, TypeVar
@@ -33,7 +34,8 @@ _U64 = 2**64 - 1
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    # JSON from Python clients may carry NaN and Infinity; no sampling option means either.
+    model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
 
 
 class StreamOptions(_Body):
@@ -86,6 +88,36 @@ def _validation_message(exc: ValidationError) -> str:
     where = ".".join(str(p) for p in err["loc"]) or "body"
     more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
     return f"{where}: {err['msg']}{more}"
+
+
+# A JSON escape of a UTF-16 surrogate; only bodies that have one need the walk below.
+_SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89a-fA-F]")
+
+
+def reject_lone_surrogates(raw: bytes, doc: object, what: str = "the request body") -> None:
+    """JSON may escape a lone surrogate (``"\\ud800"``): a Python string then, but no text that
+    encodes to UTF-8, which everything past the body (tokenizer, hashing, protobuf) needs."""
+    if not _SURROGATE_ESCAPE.search(raw):
+        return
+    # Iterative: the document may be nested as deep as the JSON parser allowed.
+    stack = [doc]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            texts: list[str] = [item]
+        elif isinstance(item, dict):
+            texts = [k for k in item if isinstance(k, str)]
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+            continue
+        else:
+            continue
+        for text in texts:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidArgument(f"{what} is not valid Unicode: it contains a lone surrogate") from None
 
 
 def _parse(cls: type[_B], body: object) -> _B:

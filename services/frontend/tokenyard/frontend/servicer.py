@@ -217,6 +217,11 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             self._frontend.count_failure(None, exc, Endpoint.KSERVE_STREAM_INFER.value)
             await queue.put(_stream_error(model, rid, exc))
             return
+        except Exception as exc:
+            # Still a response: a request of the stream must never go unanswered.
+            log.exception("parsing request %s on ModelStreamInfer failed", rid or "(no id)")
+            await queue.put(_stream_error(model, rid, exc))
+            return
         try:
             async with await self._frontend.start(gen_request, new_request_id()) as generation:
                 if not gen_request.stream:
