@@ -72,10 +72,12 @@ class Preprocessor:
                 tools=[dict(t) for t in request.tools] if request.tools else None,
                 template_kwargs=request.template_kwargs,
             )
+            _check_chars(prompt_text, card.context_length)
             # The template already wrote whatever special tokens the model wants.
             token_ids: Sequence[int] = _encode(tokenizer, prompt_text, add_special_tokens=False)
         elif request.prompt is not None:
             prompt_text = request.prompt
+            _check_chars(prompt_text, card.context_length)
             token_ids = _encode(tokenizer, prompt_text, add_special_tokens=True)
         elif request.prompt_token_ids is not None:
             token_ids = request.prompt_token_ids
@@ -103,6 +105,20 @@ def _encode(tokenizer: Tokenizer, text: str, *, add_special_tokens: bool) -> Seq
         except UnicodeEncodeError:
             raise InvalidArgument("the prompt is not valid Unicode (it contains a lone surrogate)") from None
         raise
+
+
+# No token of the vocabularies served here spans more characters than this (SmolLM2's longest is
+# 81). Tokenizing holds the GIL and the event loop with it (about 0.5 s per MB), so a prompt that
+# cannot fit the context whatever its tokens is refused before it is tokenized.
+MAX_CHARS_PER_TOKEN = 256
+
+
+def _check_chars(text: str, context_length: int) -> None:
+    if len(text) > context_length * MAX_CHARS_PER_TOKEN:
+        raise InvalidArgument(
+            f"the prompt has {len(text)} characters, more than this model's context length "
+            f"({context_length} tokens) can hold"
+        )
 
 
 def _check_length(prompt_tokens: int, max_tokens: int | None, context_length: int) -> None:
