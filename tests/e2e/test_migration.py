@@ -16,9 +16,9 @@ from pathlib import Path
 import aiohttp
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.test_router_kv import eventually_true, instances, router_argv
+from tests.fixtures.http import counter_total, frontend_serves
 from tests.fixtures.processes import ServiceProcess, ServiceProcessFactory
 from tokenyard.common.discovery import Instance
 from tokenyard.worker.v1 import worker_pb2, worker_pb2_grpc
@@ -80,24 +80,7 @@ async def _active_requests(worker: Instance) -> int:
 
 
 async def _migrations(session: aiohttp.ClientSession, http: str) -> float:
-    async with session.get(f"{http}/metrics") as response:
-        text = await response.text()
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        if family.name == "tokenyard_frontend_migrations"
-        for sample in family.samples
-        if sample.name == "tokenyard_frontend_migrations_total"
-    )
-
-
-async def _frontend_serves(session: aiohttp.ClientSession, http: str) -> bool:
-    body = {"model": MODEL, "prompt": "hi", "max_tokens": 1}
-    try:
-        async with session.post(f"{http}/v1/completions", json=body) as response:
-            return response.status == 200
-    except aiohttp.ClientError:
-        return False
+    return await counter_total(session, f"{http}/metrics", "tokenyard_frontend_migrations")
 
 
 async def test_killing_a_worker_mid_stream_fails_no_request(
@@ -129,7 +112,9 @@ async def test_killing_a_worker_mid_stream_fails_no_request(
     http = f"http://{fe.metrics_address}"
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
-        await eventually_true(lambda: _frontend_serves(session, http), "the frontend serves the model", 60)
+        await eventually_true(
+            lambda: frontend_serves(session, http, MODEL), "the frontend serves the model", 60
+        )
 
         started = [asyncio.Event() for _ in range(STREAMS)]
         tasks = [asyncio.create_task(_stream(session, http, i, started[i])) for i in range(STREAMS)]

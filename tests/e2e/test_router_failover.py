@@ -15,9 +15,9 @@ from pathlib import Path
 import aiohttp
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.test_router_kv import _new_router, dump, eventually_true, instances, router_argv
+from tests.fixtures.http import counter_total, frontend_serves
 from tests.fixtures.processes import ServiceProcessFactory
 from tokenyard.common.discovery import Instance
 from tokenyard.router.v1 import router_pb2, router_pb2_grpc
@@ -78,24 +78,9 @@ async def _routes(address: str) -> bool:
 
 
 async def _decisions(session: aiohttp.ClientSession, router: Instance) -> float:
-    async with session.get(f"http://{router.metrics_address}/metrics") as response:
-        text = await response.text()
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        if family.name == "tokenyard_router_decisions"
-        for sample in family.samples
-        if sample.name == "tokenyard_router_decisions_total"
+    return await counter_total(
+        session, f"http://{router.metrics_address}/metrics", "tokenyard_router_decisions"
     )
-
-
-async def _frontend_serves(session: aiohttp.ClientSession, http: str) -> bool:
-    body = {"model": MODEL, "prompt": "hi", "max_tokens": 1}
-    try:
-        async with session.post(f"{http}/v1/completions", json=body) as response:
-            return response.status == 200
-    except aiohttp.ClientError:
-        return False
 
 
 async def test_killing_a_router_mid_load_fails_no_request(
@@ -132,7 +117,9 @@ async def test_killing_a_router_mid_load_fails_no_request(
 
     timeout = aiohttp.ClientTimeout(total=60)
     async with aiohttp.ClientSession(timeout=timeout) as session:
-        await eventually_true(lambda: _frontend_serves(session, http), "the frontend serves the model", 60)
+        await eventually_true(
+            lambda: frontend_serves(session, http, MODEL), "the frontend serves the model", 60
+        )
 
         results: list[tuple[int, str] | BaseException] = []
         done = asyncio.Event()

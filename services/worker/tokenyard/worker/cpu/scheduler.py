@@ -19,14 +19,13 @@ One step is one forward pass of the model over every scheduled request:
 from __future__ import annotations
 
 import time
-from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 from tokenyard.common.hashing import local_block_hashes, salt_hash, sequence_hashes
 from tokenyard.worker.cpu.kv_cache import BlockTable, PagedKvCache
 from tokenyard.worker.cpu.sampling import Sampler
 from tokenyard.worker.engine import EngineRequest, FinishReason, Usage
+from tokenyard.worker.waiting import WaitingQueue
 
 
 class SequenceState:
@@ -79,41 +78,6 @@ class SequenceState:
         return Usage(self.prompt_len, self.num_output, self.cached_tokens or 0)
 
 
-class WaitingQueue:
-    """Priority classes, highest first, each first in first out; preempted requests jump their class."""
-
-    def __init__(self) -> None:
-        self._classes: dict[int, deque[SequenceState]] = {}
-        self._len = 0
-
-    def __len__(self) -> int:
-        return self._len
-
-    def __iter__(self) -> Iterator[SequenceState]:
-        for priority in sorted(self._classes, reverse=True):
-            yield from self._classes[priority]
-
-    def push_back(self, seq: SequenceState) -> None:
-        self._classes.setdefault(seq.request.priority, deque()).append(seq)
-        self._len += 1
-
-    def push_front(self, seq: SequenceState) -> None:
-        self._classes.setdefault(seq.request.priority, deque()).appendleft(seq)
-        self._len += 1
-
-    def peek(self) -> SequenceState | None:
-        if not self._classes:
-            return None
-        return self._classes[max(self._classes)][0]
-
-    def remove(self, seq: SequenceState) -> None:
-        queue = self._classes[seq.request.priority]
-        queue.remove(seq)
-        self._len -= 1
-        if not queue:
-            del self._classes[seq.request.priority]
-
-
 @dataclass(frozen=True, slots=True)
 class Scheduled:
     """``length`` tokens of ``seq`` from position ``start`` are computed in this step."""
@@ -151,7 +115,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.waiting = WaitingQueue()
+        self.waiting: WaitingQueue[SequenceState] = WaitingQueue(lambda seq: seq.request.priority)
         self.running: list[SequenceState] = []
         self.requests: dict[str, SequenceState] = {}
         self._order = 0

@@ -23,8 +23,6 @@ The step returns model milliseconds; the caller decides how much wall-clock time
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum, auto
 
@@ -33,6 +31,7 @@ from tokenyard.worker.mocker.block_manager import BlockTable, KvBlockManager, Kv
 from tokenyard.worker.mocker.config import EngineRole, MockerConfig, PreemptionMode
 from tokenyard.worker.mocker.perf_model import PerfModel
 from tokenyard.worker.mocker.request import FinishReason, MockerRequest, Usage, pseudo_token, request_seed
+from tokenyard.worker.waiting import WaitingQueue
 
 
 class _Outcome(Enum):
@@ -73,41 +72,6 @@ class Sequence:
         new_local = local_block_hashes(self.tokens[have * bs : n_blocks * bs], bs, self._salt)
         self.local_hashes.extend(new_local)
         self.seq_hashes.extend(sequence_hashes(new_local, self.seq_hashes[-1] if self.seq_hashes else None))
-
-
-class WaitingQueue:
-    """Priority classes, highest first, each first in first out; preempted requests jump their class's queue."""
-
-    def __init__(self) -> None:
-        self._classes: dict[int, deque[Sequence]] = {}
-        self._len = 0
-
-    def __len__(self) -> int:
-        return self._len
-
-    def __iter__(self) -> Iterator[Sequence]:
-        for priority in sorted(self._classes, reverse=True):
-            yield from self._classes[priority]
-
-    def push_back(self, seq: Sequence) -> None:
-        self._classes.setdefault(seq.request.priority, deque()).append(seq)
-        self._len += 1
-
-    def push_front(self, seq: Sequence) -> None:
-        self._classes.setdefault(seq.request.priority, deque()).appendleft(seq)
-        self._len += 1
-
-    def peek(self) -> Sequence | None:
-        if not self._classes:
-            return None
-        return self._classes[max(self._classes)][0]
-
-    def remove(self, seq: Sequence) -> None:
-        queue = self._classes[seq.request.priority]
-        queue.remove(seq)
-        self._len -= 1
-        if not queue:
-            del self._classes[seq.request.priority]
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,7 +138,7 @@ class Scheduler:
             enable_prefix_caching=config.enable_prefix_caching,
             sink=event_sink,
         )
-        self.waiting = WaitingQueue()
+        self.waiting: WaitingQueue[Sequence] = WaitingQueue(lambda seq: seq.request.priority)
         self.running: list[Sequence] = []
         self._requests: dict[str, Sequence] = {}
         self._order = 0
