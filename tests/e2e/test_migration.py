@@ -80,7 +80,7 @@ async def _active_requests(worker: Instance) -> int:
 
 
 async def _migrations(session: aiohttp.ClientSession, http: str) -> float:
-    return await counter_total(session, f"{http}/metrics", "tokenyard_frontend_migrations")
+    return await counter_total(session, f"{http}/metrics", "tokenyard_frontend_model_migration")
 
 
 async def test_killing_a_worker_mid_stream_fails_no_request(

@@ -100,6 +100,9 @@ def test_json_form_is_plain_and_complete() -> None:
             "total_kv_blocks": 512,
             "engine": "mocker",
             "role": "decode",
+            "reasoning_parser": "",
+            "tool_call_parser": "",
+            "structured_output": False,
         },
         "metadata": {"dp_rank": "0"},
     }
@@ -404,3 +407,12 @@ def test_unknown_fields_are_ignored_for_forward_compatibility() -> None:
     doc["added_in_a_newer_release"] = {"x": 1}
     instance = Instance.from_json(json.dumps(doc))
     assert instance.model_card is not None and not hasattr(instance.model_card, "colour")
+
+
+def test_card_of_an_older_worker_takes_the_defaults_of_the_optional_fields() -> None:
+    doc = CARD.to_dict()
+    for key in ("reasoning_parser", "tool_call_parser", "structured_output"):
+        del doc[key]
+    assert ModelCard.from_dict(doc) == CARD
+    with pytest.raises(InvalidRecordError):
+        ModelCard.from_dict({**CARD.to_dict(), "structured_output": "yes"})

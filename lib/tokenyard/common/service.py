@@ -79,6 +79,7 @@ class ServiceRuntime:
         metrics_address: str | None = None,
         register: bool = True,
         listen_address: str | None = None,
+        server_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self.settings = settings
         self.service = service
@@ -102,6 +103,8 @@ class ServiceRuntime:
         self._register = register
         # A unix:/path address (gms) replaces host:port for both binding and advertising.
         self._listen_override = listen_address
+        # Later options win: a service may override the shared defaults (message sizes).
+        self._server_options = [*SERVER_OPTIONS, *server_options]
         self._servicers: list[tuple[AddServicer, Any, str]] = []
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._server: grpc.aio.Server | None = None
@@ -138,7 +141,7 @@ class ServiceRuntime:
         s = self.settings
         env = f"TOKENYARD_{self.service.upper()}"
         server = grpc.aio.server(
-            interceptors=[ServiceInterceptor(self.service, self.metrics)], options=SERVER_OPTIONS
+            interceptors=[ServiceInterceptor(self.service, self.metrics)], options=self._server_options
         )
         for add, servicer, _ in self._servicers:
             add(servicer, server)

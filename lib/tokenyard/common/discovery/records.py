@@ -103,10 +103,19 @@ class ModelCard:
     total_kv_blocks: int
     engine: str
     role: str  # aggregated | prefill | decode
+    # How the frontend reads the model's output: "" (plain text), or the name of a parser that
+    # separates reasoning ("think": <think>...</think>; "deepseek_r1": the template opened the
+    # block) and tool calls ("hermes": <tool_call>{json}</tool_call>).
+    reasoning_parser: str = ""
+    tool_call_parser: str = ""
+    # Whether the engine can constrain its output to JSON (response_format).
+    structured_output: bool = False
 
     def __post_init__(self) -> None:
         where = "model card"
-        for name in ("model", "tokenizer", "engine", "role"):
+        if not isinstance(self.structured_output, bool):
+            raise _fail(where, "structured_output must be a boolean")
+        for name in ("model", "tokenizer", "engine", "role", "reasoning_parser", "tool_call_parser"):
             _check_str(where, name, getattr(self, name))
         if not self.model:
             raise _fail(where, "model must not be empty")
@@ -127,17 +136,22 @@ class ModelCard:
             "total_kv_blocks": self.total_kv_blocks,
             "engine": self.engine,
             "role": self.role,
+            "reasoning_parser": self.reasoning_parser,
+            "tool_call_parser": self.tool_call_parser,
+            "structured_output": self.structured_output,
         }
 
     @classmethod
     def from_dict(cls, doc: object) -> ModelCard:
         if not isinstance(doc, Mapping):
             raise _fail("model card", f"must be an object, got {type(doc).__name__}")
-        _check_keys("model card", doc, _CARD_FIELDS)
-        return cls(**{k: doc[k] for k in _CARD_FIELDS})
+        _check_keys("model card", doc, _CARD_FIELDS, _CARD_OPTIONAL)
+        # Cards of older workers lack the optional fields: their defaults apply.
+        return cls(**{k: doc[k] for k in (*_CARD_FIELDS, *_CARD_OPTIONAL) if k in doc})
 
 
 _CARD_FIELDS = ("model", "tokenizer", "block_size", "context_length", "total_kv_blocks", "engine", "role")
+_CARD_OPTIONAL = ("reasoning_parser", "tool_call_parser", "structured_output")
 _INSTANCE_REQUIRED = ("instance_id", "service", "role", "address")
 _INSTANCE_OPTIONAL = ("metrics_address", "model_card", "metadata")
 

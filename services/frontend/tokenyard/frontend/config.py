@@ -39,6 +39,59 @@ class FrontendSettings(ServiceSettings):
         ),
     )
 
+    # ---- limits: each refusal is a clear 4xx / gRPC status naming the setting -------------------
+
+    max_body_bytes: int = Field(
+        default=32 * 1024 * 1024,
+        ge=1024,
+        description="Largest OpenAI HTTP request body accepted (413 above it); also the largest KServe message.",
+    )
+    max_prompt_tokens: int = Field(
+        default=0,
+        ge=0,
+        description="Longest prompt accepted, in tokens (400 above it); 0 means the model's context length.",
+    )
+    max_output_tokens: int = Field(
+        default=0,
+        ge=0,
+        description=(
+            "Most output tokens a request may ask for (400 above it); requests that name no limit get "
+            "this one. 0 means up to the model's context length."
+        ),
+    )
+    max_inflight_requests: int = Field(
+        default=0,
+        ge=0,
+        description=(
+            "Requests served at once by this frontend, all surfaces together; more are refused as "
+            "overloaded (the overload status / RESOURCE_EXHAUSTED). 0 means no limit."
+        ),
+    )
+    max_streams_per_connection: int = Field(
+        default=1024,
+        ge=1,
+        description=(
+            "Concurrent requests on one client connection: HTTP/2 streams of a gRPC connection, and "
+            "requests in flight on one ModelStreamInfer stream (more are answered with "
+            "RESOURCE_EXHAUSTED in error_message). HTTP/1.1 serves one request per connection at a time."
+        ),
+    )
+    request_timeout: float = Field(
+        default=0.0,
+        ge=0,
+        description=(
+            "Seconds a request may take from arrival to its last token (504 / DEADLINE_EXCEEDED after "
+            "it, and the worker stops generating); 0 means no limit. gRPC clients' own deadlines "
+            "apply as well."
+        ),
+    )
+    overload_status: int = Field(
+        default=529,
+        ge=400,
+        le=599,
+        description="HTTP status answered when every worker is busy (529, as the reference does; 503 and 429 are common too).",
+    )
+
     def router_addresses(self) -> list[str]:
         return [a.strip() for a in self.router.split(",") if a.strip()]
 

@@ -18,18 +18,22 @@ under the same request id) and keeps streaming from the new worker, up to the mi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import replace
 from types import TracebackType
 from typing import Protocol
 
 import grpc
 import xxhash
+from opentelemetry import trace
+from opentelemetry.context import Context
 
-from tokenyard.common.errors import TokenyardError, Unavailable
+from tokenyard.common import tracing
+from tokenyard.common.errors import DeadlineExceeded, TokenyardError, Unavailable
 from tokenyard.common.hashing import local_block_hashes, salt_hash
 from tokenyard.common.logs import request_id_var
 from tokenyard.frontend.clients import RouterClient, WorkerClients, WorkerStream
@@ -45,6 +49,7 @@ from tokenyard.frontend.generation import (
     WorkerRequest,
 )
 from tokenyard.frontend.lifecycle import RequestLifecycle
+from tokenyard.frontend.limits import Admission, Limits
 from tokenyard.frontend.metrics import FrontendMetrics, error_type
 from tokenyard.frontend.models import ModelRegistry
 from tokenyard.frontend.preprocess import Prepared, Preprocessor
@@ -108,6 +113,64 @@ _BROKEN_STREAM = (
 Reroute = Callable[[Sequence[int], frozenset[int]], Awaitable[tuple[int, TokenStream]]]
 
 
+def timeout_error(timeout: float) -> DeadlineExceeded:
+    return DeadlineExceeded(
+        f"the request took longer than {timeout:g}s (--request-timeout / TOKENYARD_FRONTEND_REQUEST_TIMEOUT)"
+    )
+
+
+class RequestSpans:
+    """One trace per request: a ``request`` span with ``tokenize``, ``route`` and ``generate``
+    children; the router's and the worker's spans join it through the calls' trace context.
+    Built only when tracing is on."""
+
+    __slots__ = ("_context", "_tracer", "generate", "root")
+
+    def __init__(
+        self, tracer: trace.Tracer, parent: Context | None, request: GenerationRequest, request_id: str
+    ):
+        self._tracer = tracer
+        self.root = tracer.start_span(
+            "frontend.request",
+            context=parent,
+            kind=trace.SpanKind.SERVER if parent is not None else trace.SpanKind.INTERNAL,
+            attributes={
+                "tokenyard.request_id": request_id,
+                "tokenyard.model": request.model,
+                "tokenyard.endpoint": request.endpoint.value,
+                "tokenyard.stream": request.stream,
+            },
+        )
+        self._context = trace.set_span_in_context(self.root)
+        self.generate: trace.Span | None = None
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[trace.Span]:
+        with self._tracer.start_as_current_span(name, context=self._context) as span:
+            yield span
+
+    def open_generate(self) -> trace.Span:
+        self.generate = self._tracer.start_span("generate", context=self._context)
+        return self.generate
+
+    def end(self, outcome: Outcome, output_tokens: int, migrations: int, exc: BaseException | None) -> None:
+        for span in (self.generate, self.root):
+            if span is None:
+                continue
+            span.set_attribute("tokenyard.outcome", outcome.value)
+            span.set_attribute("tokenyard.output_tokens", output_tokens)
+            if exc is not None:
+                span.set_status(trace.StatusCode.ERROR, str(exc) or type(exc).__name__)
+            span.end()
+        if migrations:
+            self.root.set_attribute("tokenyard.migrations", migrations)
+
+    def fail(self, exc: BaseException) -> None:
+        """The request ended before a worker took it."""
+        self.root.set_status(trace.StatusCode.ERROR, str(exc) or type(exc).__name__)
+        self.root.end()
+
+
 def new_request_id() -> str:
     return uuid.uuid4().hex
 
@@ -134,6 +197,7 @@ class Frontend:
         metrics: FrontendMetrics,
         *,
         migration_limit: int = 3,
+        limits: Limits | None = None,
     ) -> None:
         self.models = models
         self._pre = preprocessor
@@ -141,39 +205,103 @@ class Frontend:
         self._workers = workers
         self._metrics = metrics
         self._migration_limit = migration_limit
+        metrics.migration_limit.set(migration_limit)
+        self.limits = limits or Limits()
+        self.admission = Admission(self.limits.max_inflight_requests)
+        models.on_model(
+            lambda card: metrics.model_card(
+                card.model, card.total_kv_blocks, card.context_length, card.block_size
+            )
+        )
 
-    async def start(self, request: GenerationRequest, request_id: str | None = None) -> Generation:
-        """Validate, tokenize, route and open the worker call; raises domain errors."""
+    async def start(
+        self, request: GenerationRequest, request_id: str | None = None, trace_parent: Context | None = None
+    ) -> Generation:
+        """Validate, tokenize, route and open the worker call; raises domain errors.
+
+        ``trace_parent``: the caller's trace context (an HTTP ``traceparent``); gRPC requests
+        already run inside the span of their RPC."""
         started = time.perf_counter()
         request_id = request_id or new_request_id()
+        try:
+            self.admission.admit()
+        except TokenyardError as exc:
+            self.count_failure(request, exc)
+            self.count_rejection(request, "frontend_limit")
+            raise
+        try:
+            return await self._start(request, request_id, started, trace_parent)
+        except BaseException:
+            self.admission.release()
+            raise
+
+    async def _start(
+        self, request: GenerationRequest, request_id: str, started: float, trace_parent: Context | None
+    ) -> Generation:
+        limits = self.limits
+        try:
+            max_tokens = limits.output_tokens(request.stop.max_tokens)
+        except TokenyardError as exc:
+            self.count_failure(request, exc)
+            raise
+        if max_tokens != request.stop.max_tokens:
+            request = replace(request, stop=replace(request.stop, max_tokens=max_tokens))
         if self._migration_limit and request.sampling.seed is None:
             # A migrated request continues where it stopped only if the engine samples the rest
             # with the seed it began with; one derived from the request id survives re-routing.
             seed = xxhash.xxh3_64_intdigest(request_id.encode())
             request = replace(request, sampling=replace(request.sampling, seed=seed))
+        tracer = tracing.tracer()
+        spans = RequestSpans(tracer, trace_parent, request, request_id) if tracer is not None else None
+        timeout = limits.request_timeout
         # Within this scope, logs and outgoing calls (Route, Generate) carry the request id.
         token = request_id_var.set(request_id)
         try:
-            return self._open(request, request_id, started, *await self._route(request, request_id))
+            if timeout:
+                try:
+                    async with asyncio.timeout(timeout):
+                        routed = await self._route(request, request_id, spans)
+                except TimeoutError:
+                    expired = timeout_error(timeout)
+                    self.count_failure(request, expired)
+                    raise expired from None
+            else:
+                routed = await self._route(request, request_id, spans)
+            return self._open(request, request_id, started, *routed, spans)
+        except BaseException as exc:
+            if spans is not None:
+                spans.fail(exc)
+            raise
         finally:
             request_id_var.reset(token)
 
     async def _route(
-        self, request: GenerationRequest, request_id: str
+        self, request: GenerationRequest, request_id: str, spans: RequestSpans | None
     ) -> tuple[Tokenizer, Prepared, RouteDecision]:
         try:
             card = self.models.card(request.model)
             tokenizer = await self._pre.tokenizer(card.tokenizer)
-            prepared = self._pre.prepare(tokenizer, request, card)
-            decision = await self._router.route(
-                request_id=request_id,
-                model=request.model,
-                block_hashes=prepared.block_hashes,
-                isl_tokens=len(prepared.token_ids),
-                priority=request.priority,
-            )
+            began = time.perf_counter()
+            if spans is None:
+                prepared = self._pre.prepare(tokenizer, request, card)
+            else:
+                with spans.stage("tokenize") as span:
+                    prepared = self._pre.prepare(tokenizer, request, card)
+                    span.set_attribute("tokenyard.prompt_tokens", len(prepared.token_ids))
+            self._metrics.model(request.model).tokenize_ms.observe((time.perf_counter() - began) * 1000)
+            self.limits.check_prompt(len(prepared.token_ids))
+            with spans.stage("route") if spans is not None else contextlib.nullcontext():
+                decision = await self._router.route(
+                    request_id=request_id,
+                    model=request.model,
+                    block_hashes=prepared.block_hashes,
+                    isl_tokens=len(prepared.token_ids),
+                    priority=request.priority,
+                )
         except TokenyardError as exc:
             self.count_failure(request, exc)
+            if exc.code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+                self.count_rejection(request, "overload")
             raise
         return tokenizer, prepared, decision
 
@@ -185,10 +313,21 @@ class Frontend:
         tokenizer: Tokenizer,
         prepared: Prepared,
         decision: RouteDecision,
+        spans: RequestSpans | None,
     ) -> Generation:
         lifecycle = RequestLifecycle(self._router, request_id)
+        deadline = started + self.limits.request_timeout if self.limits.request_timeout else None
         try:
-            stream = self._generate(request, request_id, prepared.token_ids, request.stop, decision)
+            if spans is None:
+                stream = self._generate(
+                    request, request_id, prepared.token_ids, request.stop, decision, deadline
+                )
+            else:
+                # The worker's Generate span joins the trace under this one.
+                with trace.use_span(spans.open_generate(), end_on_exit=False):
+                    stream = self._generate(
+                        request, request_id, prepared.token_ids, request.stop, decision, deadline
+                    )
         except Exception as exc:
             lifecycle.finish(Outcome.FAILED, 0)
             self.count_failure(request, exc)
@@ -197,7 +336,9 @@ class Frontend:
         if self._migration_limit:
 
             async def reroute(generated: Sequence[int], avoid: frozenset[int]) -> tuple[int, TokenStream]:
-                return await self._reroute(request, request_id, prepared.token_ids, generated, avoid)
+                return await self._reroute(
+                    request, request_id, prepared.token_ids, generated, avoid, deadline
+                )
 
         return Generation(
             request,
@@ -211,6 +352,9 @@ class Frontend:
             worker_id=decision.worker_id,
             reroute=reroute,
             migration_limit=self._migration_limit,
+            admission=self.admission,
+            spans=spans,
+            timeout=self.limits.request_timeout,
         )
 
     def _generate(
@@ -220,7 +364,13 @@ class Frontend:
         token_ids: Sequence[int],
         stop: StopConditions,
         decision: RouteDecision,
+        deadline: float | None,
     ) -> WorkerStream:
+        timeout = None
+        if deadline is not None:
+            timeout = deadline - time.perf_counter()
+            if timeout <= 0:
+                raise timeout_error(self.limits.request_timeout)
         worker_request = WorkerRequest(
             request_id=request_id,
             model=request.model,
@@ -231,6 +381,7 @@ class Frontend:
             dp_rank=decision.dp_rank,
             lora_name=request.lora_name,
             cache_salt=request.cache_salt,
+            timeout=timeout,
         )
         return self._workers.generate(decision.address, worker_request)
 
@@ -241,6 +392,7 @@ class Frontend:
         prompt: Sequence[int],
         generated: Sequence[int],
         avoid: frozenset[int],
+        deadline: float | None,
     ) -> tuple[int, TokenStream]:
         """Route the rest of a request (prompt and the tokens generated so far, the same request
         id: the router replaces the old assignment) and open it on the worker chosen."""
@@ -268,7 +420,9 @@ class Frontend:
                 max_tokens=None if request.stop.max_tokens is None else request.stop.max_tokens - n,
                 min_tokens=max(0, request.stop.min_tokens - n),
             )
-            return decision.worker_id, self._generate(request, request_id, token_ids, stop, decision)
+            return decision.worker_id, self._generate(
+                request, request_id, token_ids, stop, decision, deadline
+            )
         finally:
             request_id_var.reset(token)
 
@@ -282,6 +436,16 @@ class Frontend:
         # Label values from client input stay bounded: unknown models are counted as "".
         model = request.model if self.models.is_known(request.model) else ""
         self._metrics.count(model, request.endpoint.value, request.stream, "error", error_type(exc))
+
+    def client_disconnected(self) -> None:
+        self._metrics.disconnected.inc()
+
+    def count_rejection(self, request: GenerationRequest | None, reason: str, endpoint: str = "") -> None:
+        if request is None:
+            self._metrics.rejections.labels("", endpoint, reason).inc()
+            return
+        model = request.model if self.models.is_known(request.model) else ""
+        self._metrics.rejections.labels(model, request.endpoint.value, reason).inc()
 
 
 class Generation:
@@ -301,6 +465,9 @@ class Generation:
         worker_id: int = 0,
         reroute: Reroute | None = None,
         migration_limit: int = 0,
+        admission: Admission | None = None,
+        spans: RequestSpans | None = None,
+        timeout: float = 0.0,
     ) -> None:
         self.request = request
         self.request_id = request_id
@@ -315,8 +482,13 @@ class Generation:
         self._detok = detokenizer
         self._metrics = metrics
         self._started = started
+        self._admission = admission
+        self._spans = spans
+        self._timeout = timeout
+        # Milliseconds spent detokenizing (observed once, at the end).
+        self._detok_ms = 0.0
         series = metrics.model(request.model)
-        series.inflight.inc()
+        series.active.inc()
         series.isl.observe(self.prompt_tokens)
         self._gen = self._run()
 
@@ -353,14 +525,22 @@ class Generation:
     def _finish(self, outcome: Outcome, output_tokens: int, exc: BaseException | None) -> None:
         if not self._lifecycle.finish(outcome, output_tokens):
             return
+        if self._admission is not None:
+            self._admission.release()
+        if self._spans is not None:
+            self._spans.end(outcome, output_tokens, self.migrations, exc)
         req = self.request
         series = self._metrics.model(req.model)
-        series.inflight.dec()
+        series.active.dec()
         series.duration.observe(time.perf_counter() - self._started)
+        series.detokenize_ms.observe(self._detok_ms)
         if outcome is Outcome.FINISHED:
             self._metrics.count(req.model, req.endpoint.value, req.stream, "success")
         elif outcome is Outcome.CANCELLED:
             self._metrics.count(req.model, req.endpoint.value, req.stream, "cancelled", "cancelled")
+            self._metrics.cancellations.labels(
+                req.model, req.endpoint.value, "stream" if req.stream else "unary"
+            ).inc()
         else:
             self._metrics.count(
                 req.model, req.endpoint.value, req.stream, "error", error_type(exc) if exc else "internal"
@@ -405,7 +585,9 @@ class Generation:
                             output_tokens += len(chunk.token_ids)
                             if self._migration_limit:
                                 generated.extend(chunk.token_ids)
+                            began = time.perf_counter()
                             text = detok.push(chunk.token_ids)
+                            self._detok_ms += (time.perf_counter() - began) * 1000
                         else:
                             text = ""
                         finish = chunk.finish_reason
@@ -445,6 +627,8 @@ class Generation:
                             prefix = ""
                     raise Unavailable("the worker ended the stream without finishing the request")
                 except TokenyardError as exc:
+                    if exc.code is grpc.StatusCode.DEADLINE_EXCEEDED and self._timeout:
+                        raise timeout_error(self._timeout) from None
                     if self.migrations >= self._migration_limit or not worker_lost(exc):
                         raise
                     self._migrate(exc, output_tokens)
@@ -471,7 +655,8 @@ class Generation:
         """Count one more move of this request; the broken call is given up for good."""
         self._stream.cancel()
         self.migrations += 1
-        self._metrics.migrations.labels(self.request.model).inc()
+        kind = "ongoing_request" if output_tokens else "new_request"
+        self._metrics.migrations.labels(self.request.model, kind).inc()
         self._lifecycle.rerouted()
         log.warning(
             "request %s lost worker %d after %d tokens (%s); migrating (%d of at most %d)",
@@ -488,5 +673,7 @@ class Generation:
         series.osl.observe(output_tokens)
         series.output_tokens.inc(output_tokens)
         series.cached.observe(usage.cached_tokens)
+        if usage.prompt_tokens:
+            series.hit_rate.observe(usage.cached_tokens / usage.prompt_tokens)
         if output_tokens > 1:
             series.itl.observe((last_at - first_at) / (output_tokens - 1))

@@ -19,6 +19,7 @@ class Endpoint(StrEnum):
 
     CHAT_COMPLETIONS = "chat_completions"
     COMPLETIONS = "completions"
+    RESPONSES = "responses"
     KSERVE_INFER = "kserve_infer"
     KSERVE_STREAM_INFER = "kserve_stream_infer"
 
@@ -126,6 +127,8 @@ class WorkerRequest:
     dp_rank: int | None = None
     lora_name: str = ""
     cache_salt: str = ""
+    # Seconds left of the request's timeout (the call's deadline); None: no deadline.
+    timeout: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

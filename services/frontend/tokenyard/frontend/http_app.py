@@ -9,14 +9,18 @@ its connection cancels the handler, which cancels the worker call.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import grpc
 from aiohttp import web
+from opentelemetry.context import Context
 
+from tokenyard.common import tracing
 from tokenyard.common.errors import InvalidArgument, TokenyardError
 from tokenyard.common.metrics import Metrics
 from tokenyard.frontend.core import Frontend, Generation, new_request_id
@@ -30,12 +34,22 @@ from tokenyard.frontend.openai_api import (
     reject_lone_surrogates,
     sse,
 )
+from tokenyard.frontend.responses_api import ResponsesWriter, parse_responses
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class HttpOptions:
+    # What "every worker is busy" answers (RESOURCE_EXHAUSTED).
+    overload_status: int = 529
+    max_body_bytes: int = 32 * 1024 * 1024
+
 
 FRONTEND_KEY = web.AppKey("frontend", Frontend)
 METRICS_KEY = web.AppKey("metrics", Metrics)
 READY_KEY = web.AppKey("ready", list)
+OPTIONS_KEY = web.AppKey("options", HttpOptions)
 
 # The HTTP status of each domain error's gRPC code, with the OpenAI error "type". By code, not
 # class: errors of other layers (a chat template's refusal) carry their code too.
@@ -53,10 +67,12 @@ _STATUS: dict[grpc.StatusCode, tuple[int, str]] = {
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "Connection": "keep-alive"}
 
 
-def http_status(exc: BaseException) -> tuple[int, str, str]:
+def http_status(exc: BaseException, overload_status: int = 529) -> tuple[int, str, str]:
     """``(status, type, message)`` for an error raised while serving a request."""
     if isinstance(exc, TokenyardError) and exc.code in _STATUS:
         status, kind = _STATUS[exc.code]
+        if exc.code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+            status = overload_status
         return status, kind, str(exc) or kind
     return 500, "internal_error", "internal error"
 
@@ -65,9 +81,14 @@ def _error(status: int, message: str, kind: str = "invalid_request_error") -> we
     return web.json_response(error_body(status, message, kind), status=status)
 
 
-def _error_from(exc: BaseException) -> web.Response:
-    status, kind, message = http_status(exc)
+def _error_from(exc: BaseException, request: web.Request) -> web.Response:
+    status, kind, message = http_status(exc, request.app[OPTIONS_KEY].overload_status)
     return _error(status, message, kind)
+
+
+def _trace_parent(request: web.Request) -> Context | None:
+    """The caller's W3C trace context, looked at only when tracing is on."""
+    return tracing.extract_from_headers(request.headers) if tracing.tracer() is not None else None
 
 
 async def _json_body(request: web.Request) -> object:
@@ -98,31 +119,31 @@ def _generate_handler(
             gen_request, include_usage = parse(await _json_body(request))
         except TokenyardError as exc:
             frontend.count_failure(None, exc, endpoint.value)
-            return _error_from(exc)
+            return _error_from(exc, request)
         request_id = new_request_id()
         try:
-            generation = await frontend.start(gen_request, request_id)
+            generation = await frontend.start(gen_request, request_id, _trace_parent(request))
         except TokenyardError as exc:
-            return _error_from(exc)
+            return _error_from(exc, request)
         writer = ResponseWriter(endpoint, request_id, gen_request.model, include_usage)
         async with generation:
             if not gen_request.stream:
                 try:
                     text, last = await generation.collect()
                 except TokenyardError as exc:
-                    return _error_from(exc)
+                    return _error_from(exc, request)
                 return web.json_response(writer.full(text, last), dumps=_dumps)
             try:
                 first = await generation.__anext__()
             except TokenyardError as exc:
-                return _error_from(exc)
+                return _error_from(exc, request)
             response = _EventStream(headers=_SSE_HEADERS)
             try:
                 await response.prepare(request)
-                await _stream(response, generation, writer, first)
+                await _stream(response, generation, writer, first, request.app[OPTIONS_KEY])
             except ConnectionResetError:
                 # The client left mid-stream; leaving the block cancels the worker call.
-                pass
+                frontend.client_disconnected()
             return response
 
     return handle
@@ -135,7 +156,11 @@ class _EventStream(web.StreamResponse):
 
 
 async def _stream(
-    response: web.StreamResponse, generation: Generation, writer: ResponseWriter, first: Delta
+    response: web.StreamResponse,
+    generation: Generation,
+    writer: ResponseWriter,
+    first: Delta,
+    options: HttpOptions,
 ) -> None:
     delta = first
     try:
@@ -147,10 +172,60 @@ async def _stream(
             tail += writer.usage_chunk(delta.usage)
     except TokenyardError as exc:
         # The status line is long gone: the error becomes an event, then the stream ends.
-        status, kind, message = http_status(exc)
+        status, kind, message = http_status(exc, options.overload_status)
         tail = sse(error_body(status, message, kind))
     # The last events, [DONE] and the end of the chunked body leave in one write.
     await response.write_eof(tail + SSE_DONE)
+
+
+async def responses(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/responses``: the whole response object, or its events when ``stream`` is set."""
+    frontend = request.app[FRONTEND_KEY]
+    options = request.app[OPTIONS_KEY]
+    try:
+        parsed = parse_responses(await _json_body(request))
+    except TokenyardError as exc:
+        frontend.count_failure(None, exc, Endpoint.RESPONSES.value)
+        return _error_from(exc, request)
+    request_id = new_request_id()
+    try:
+        generation = await frontend.start(parsed.generation, request_id, _trace_parent(request))
+    except TokenyardError as exc:
+        return _error_from(exc, request)
+    writer = ResponsesWriter(parsed, request_id)
+    async with generation:
+        if not parsed.body.stream:
+            try:
+                text, last = await generation.collect()
+            except TokenyardError as exc:
+                return _error_from(exc, request)
+            doc = writer.full(text, "", [], last.finish_reason, last.usage)
+            return web.json_response(doc, dumps=_dumps)
+        try:
+            first = await generation.__anext__()
+        except TokenyardError as exc:
+            return _error_from(exc, request)
+        response = _EventStream(headers=_SSE_HEADERS)
+        try:
+            await response.prepare(request)
+            await response.write(writer.start())
+            delta = first
+            try:
+                while True:
+                    out = writer.text(delta.text)
+                    if delta.finish_reason is not None:
+                        tail = out + writer.finish(delta.finish_reason, delta.usage)
+                        break
+                    if out:
+                        await response.write(out)
+                    delta = await generation.__anext__()
+            except TokenyardError as exc:
+                _, kind, message = http_status(exc, options.overload_status)
+                tail = writer.fail(kind, message)
+            await response.write_eof(tail)
+        except ConnectionResetError:
+            frontend.client_disconnected()
+        return response
 
 
 def _dumps(doc: object) -> str:
@@ -194,9 +269,20 @@ async def _errors(
     unexpected ones in the OpenAI shape."""
     try:
         return await handler(request)
+    except asyncio.CancelledError:
+        # The client closed its connection (the server runs with handler cancellation).
+        request.app[FRONTEND_KEY].client_disconnected()
+        raise
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
+        if exc.status == 413:
+            limit = request.app[OPTIONS_KEY].max_body_bytes
+            return _error(
+                413,
+                f"the request body is larger than this server accepts ({limit} bytes, "
+                "--max-body-bytes / TOKENYARD_FRONTEND_MAX_BODY_BYTES)",
+            )
         kind = "not_found_error" if exc.status == 404 else "invalid_request_error"
         return _error(exc.status, f"{exc.reason}: {request.method} {request.path}", kind)
     except Exception:
@@ -204,16 +290,20 @@ async def _errors(
         return _error(500, "internal error", "internal_error")
 
 
-def build_app(frontend: Frontend, metrics_: Metrics, ready: list[bool]) -> web.Application:
-    # Prompts can be long; 32 MiB bounds a hostile body without refusing real ones.
-    app = web.Application(client_max_size=32 * 1024 * 1024, middlewares=[_errors])
+def build_app(
+    frontend: Frontend, metrics_: Metrics, ready: list[bool], options: HttpOptions | None = None
+) -> web.Application:
+    options = options or HttpOptions()
+    app = web.Application(client_max_size=options.max_body_bytes, middlewares=[_errors])
     app[FRONTEND_KEY] = frontend
     app[METRICS_KEY] = metrics_
     app[READY_KEY] = ready
+    app[OPTIONS_KEY] = options
     app.router.add_get("/health", health)
     app.router.add_get("/live", health)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/models", list_models)
     app.router.add_post("/v1/completions", _generate_handler(Endpoint.COMPLETIONS, parse_completion))
     app.router.add_post("/v1/chat/completions", _generate_handler(Endpoint.CHAT_COMPLETIONS, parse_chat))
+    app.router.add_post("/v1/responses", responses)
     return app

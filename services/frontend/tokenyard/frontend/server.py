@@ -22,7 +22,8 @@ from tokenyard.common.service import ServiceRuntime, StartupError
 from tokenyard.frontend.clients import RouterClient, WorkerClients
 from tokenyard.frontend.config import FrontendSettings
 from tokenyard.frontend.core import Frontend
-from tokenyard.frontend.http_app import build_app
+from tokenyard.frontend.http_app import HttpOptions, build_app
+from tokenyard.frontend.limits import Limits
 from tokenyard.frontend.metrics import FrontendMetrics
 from tokenyard.frontend.models import ModelRegistry
 from tokenyard.frontend.preprocess import Preprocessor
@@ -112,6 +113,11 @@ class FrontendServer:
                 metrics=metrics,
                 metrics_port=None,
                 metrics_address=f"{settings.advertised_host()}:{self.http_port}",
+                server_options=[
+                    # HTTP/2 streams one client connection may have open at once.
+                    ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
+                    ("grpc.max_receive_message_length", settings.max_body_bytes),
+                ],
             )
         except BaseException:
             self._http_sock.close()
@@ -127,10 +133,21 @@ class FrontendServer:
             self.workers,
             FrontendMetrics(metrics.registry),
             migration_limit=settings.migration_limit,
+            limits=Limits(
+                max_prompt_tokens=settings.max_prompt_tokens,
+                max_output_tokens=settings.max_output_tokens,
+                max_inflight_requests=settings.max_inflight_requests,
+                request_timeout=settings.request_timeout,
+            ),
         )
         self._ready = [False]
         self._runner = web.AppRunner(
-            build_app(self.frontend, metrics, self._ready),
+            build_app(
+                self.frontend,
+                metrics,
+                self._ready,
+                HttpOptions(overload_status=settings.overload_status, max_body_bytes=settings.max_body_bytes),
+            ),
             # A client that closes its connection cancels its handler, and so its worker call.
             handler_cancellation=True,
             shutdown_timeout=settings.grace_period,
@@ -161,7 +178,7 @@ class FrontendServer:
         self.models.on_worker_left(lambda instance: self.workers.forget(instance.address))
         self.runtime.add_servicer(
             grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server,
-            KServeServicer(self.frontend),
+            KServeServicer(self.frontend, max_requests_per_stream=self.settings.max_streams_per_connection),
             SERVICE_NAME,
         )
         await self._runner.setup()

@@ -28,6 +28,7 @@ from tokenyard.frontend.kserve_tensors import (
     infer_response,
     parse_infer_request,
 )
+from tokenyard.frontend.limits import stream_limit_error
 from tokenyard.kserve.v2 import grpc_service_pb2 as pb
 from tokenyard.kserve.v2 import grpc_service_pb2_grpc as pb_grpc
 from tokenyard.kserve.v2 import model_config_pb2 as mc
@@ -59,9 +60,10 @@ _REQUEST_DONE = _Marker()
 
 
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, frontend: Frontend) -> None:
+    def __init__(self, frontend: Frontend, *, max_requests_per_stream: int = 1024) -> None:
         self._frontend = frontend
         self._version = _server_version()
+        self._max_per_stream = max_requests_per_stream
 
     # ---- server and model metadata ----------------------------------------------------------
 
@@ -169,6 +171,15 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             nonlocal spawned
             try:
                 async for request in request_iterator:
+                    if len(tasks) >= self._max_per_stream:
+                        # Refused in band: the stream and its other requests go on.
+                        exc = stream_limit_error(self._max_per_stream)
+                        self._frontend.count_failure(None, exc, Endpoint.KSERVE_STREAM_INFER.value)
+                        self._frontend.count_rejection(
+                            None, "frontend_limit", Endpoint.KSERVE_STREAM_INFER.value
+                        )
+                        await queue.put(_stream_error(request.model_name, request.id, exc))
+                        continue
                     task = asyncio.create_task(self._serve_one(request, queue))
                     spawned += 1
                     tasks.add(task)

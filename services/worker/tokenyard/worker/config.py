@@ -10,7 +10,7 @@ hashing that routers and frontends use.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
@@ -49,6 +49,21 @@ class WorkerSettings(MetricsPortSettings, ServiceSettings):
         default="smollm2",
         min_length=1,
         description="Tokenizer and chat template the frontend uses for this model (published in the model card).",
+    )
+    reasoning_parser: Literal["", "think", "deepseek_r1"] = Field(
+        default="",
+        description=(
+            "How the frontend separates this model's reasoning from its answer (published in the "
+            "model card): think = <think>...</think> in the output (Qwen3 style); deepseek_r1 = the "
+            "template opens the block, the output starts inside it. Empty: no reasoning."
+        ),
+    )
+    tool_call_parser: Literal["", "hermes"] = Field(
+        default="",
+        description=(
+            "How the frontend finds tool calls in this model's output (published in the model card): "
+            'hermes = <tool_call>{"name": ..., "arguments": ...}</tool_call>. Empty: none.'
+        ),
     )
     kv_event_buffer: int = Field(
         default=1024,

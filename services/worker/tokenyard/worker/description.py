@@ -16,6 +16,8 @@ class WorkerDescription:
     model: str
     tokenizer: str
     engine: EngineInfo
+    reasoning_parser: str = ""
+    tool_call_parser: str = ""
 
     def model_card(self) -> ModelCard:
         return ModelCard(
@@ -26,4 +28,6 @@ class WorkerDescription:
             total_kv_blocks=self.engine.total_kv_blocks,
             engine=self.engine.kind,
             role=self.role,
+            reasoning_parser=self.reasoning_parser,
+            tool_call_parser=self.tool_call_parser,
         )

@@ -87,6 +87,8 @@ class WorkerServer:
             model=s.model,
             tokenizer=s.tokenizer,
             engine=info,
+            reasoning_parser=s.reasoning_parser,
+            tool_call_parser=s.tool_call_parser,
         )
         self.runtime.model_card = description.model_card()
         intake = self._intake = Intake(

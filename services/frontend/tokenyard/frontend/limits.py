@@ -1,0 +1,75 @@
+"""What one request may ask for and how many the frontend serves at once.
+
+Every refusal names the setting that caused it, flag and environment variable both, so that the
+client reading the error and the operator reading the log know which knob to turn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tokenyard.common.errors import InvalidArgument, Overloaded
+
+
+def _setting(flag: str) -> str:
+    return f"--{flag} / TOKENYARD_FRONTEND_{flag.upper().replace('-', '_')}"
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """0 means no limit beyond the model's own (its context length)."""
+
+    max_prompt_tokens: int = 0
+    max_output_tokens: int = 0
+    max_inflight_requests: int = 0
+    # Seconds from arrival to the last token.
+    request_timeout: float = 0.0
+
+    def output_tokens(self, requested: int | None) -> int | None:
+        """The max_tokens a request runs with; InvalidArgument when it asks for more than allowed."""
+        limit = self.max_output_tokens
+        if not limit:
+            return requested
+        if requested is None:
+            return limit
+        if requested > limit:
+            raise InvalidArgument(
+                f"max_tokens: {requested} is more than this server allows ({limit}, {_setting('max-output-tokens')})"
+            )
+        return requested
+
+    def check_prompt(self, prompt_tokens: int) -> None:
+        limit = self.max_prompt_tokens
+        if limit and prompt_tokens > limit:
+            raise InvalidArgument(
+                f"the prompt has {prompt_tokens} tokens, more than this server allows ({limit}, "
+                f"{_setting('max-prompt-tokens')})"
+            )
+
+
+class Admission:
+    """Counts the requests in flight against ``--max-inflight-requests``."""
+
+    __slots__ = ("active", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+
+    def admit(self) -> None:
+        if self.limit and self.active >= self.limit:
+            raise Overloaded(
+                f"this frontend is serving its limit of {self.limit} requests "
+                f"({_setting('max-inflight-requests')}); retry later"
+            )
+        self.active += 1
+
+    def release(self) -> None:
+        self.active -= 1
+
+
+def stream_limit_error(limit: int) -> Overloaded:
+    return Overloaded(
+        f"this stream already has {limit} requests in flight ({_setting('max-streams-per-connection')}); "
+        "wait for one to finish or open another stream"
+    )
