@@ -352,6 +352,54 @@ def test_openai_chat_stream_and_not(deployment: Deployment) -> None:
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 12
 
 
+def test_openai_responses_stream_and_not(deployment: Deployment) -> None:
+    client = deployment.openai()
+    extra = {"ignore_eos": True, "seed": 4}
+    unary = client.responses.create(
+        model=MODEL,
+        instructions="Be brief.",
+        input="Name a colour.",
+        max_output_tokens=10,
+        extra_body=extra,
+    )
+    assert unary.object == "response" and unary.id.startswith("resp_")
+    # Ten tokens asked, ten made: the output stopped at the limit.
+    assert unary.status == "incomplete"
+    assert unary.incomplete_details is not None and unary.incomplete_details.reason == "max_output_tokens"
+    assert unary.usage is not None and unary.usage.output_tokens == 10 and unary.usage.input_tokens > 0
+    assert unary.output_text
+    events = list(
+        client.responses.create(
+            model=MODEL,
+            instructions="Be brief.",
+            input=[{"role": "user", "content": [{"type": "input_text", "text": "Name a colour."}]}],
+            max_output_tokens=10,
+            stream=True,
+            extra_body=extra,
+        )
+    )
+    kinds = [e.type for e in events]
+    assert kinds[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert kinds[-4:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.incomplete",
+    ]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    # Same input, same seed: the same text as the unary response.
+    assert deltas == unary.output_text
+    final = events[-1].response
+    assert final.output_text == unary.output_text and final.usage is not None
+    assert final.usage.output_tokens == 10
+
+
 def test_requests_spread_across_both_workers(deployment: Deployment) -> None:
     client = deployment.openai()
     before = [_generate_calls(w) for w in deployment.workers]

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -60,16 +62,201 @@ def _channel(address: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
 
 
+# A lifecycle notification: (request id, outcome or None for a first token, output tokens).
+_Note = tuple[str, Outcome | None, int]
+
+
 class _Router:
-    """One router replica: its channel, and until when it counts as down after a failed call."""
+    """One router replica: its channel, its notification stream, and until when it counts as down
+    after a failed call."""
 
-    __slots__ = ("address", "channel", "down_until", "stub")
+    __slots__ = ("address", "channel", "down_until", "notes", "stub")
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, client: RouterClient) -> None:
         self.address = address
         self.channel = _channel(address)
         self.stub: router_pb2_grpc.RouterServiceAsyncStub = router_pb2_grpc.RouterServiceStub(self.channel)
         self.down_until = 0.0
+        self.notes = _NotificationStream(self, client)
+
+
+class _NotificationStream:
+    """The lifecycle notifications for one router, over one long-lived StreamNotifications call.
+
+    A notification costs a few bytes on a call that is already open instead of a call of its own,
+    and those that pile up while a write is in flight go out together in the next message. The
+    call opens on the first notification and stays open. Until the router acknowledges a
+    notification it is kept; when the call breaks (the router died, restarted or shut down), or
+    goes unacknowledged for ``notify_timeout``, every notification not acknowledged is sent again
+    as a unary call with the usual failover, and the router is spared new calls for ``down_for``.
+    The router applies each notification at most once per request, so one it had already applied
+    before the break costs nothing there.
+    """
+
+    __slots__ = (
+        "_acked",
+        "_call",
+        "_client",
+        "_deadline",
+        "_drained",
+        "_queue",
+        "_task",
+        "_unacked",
+        "_wake",
+        "retry_at",
+        "router",
+    )
+
+    def __init__(self, router: _Router, client: RouterClient) -> None:
+        self.router = router
+        self._client = client
+        # Not written yet / written on the current call and not acknowledged, in order.
+        self._queue: list[_Note] = []
+        self._unacked: deque[_Note] = deque()
+        # Acknowledged count on the current call (the router counts from the call's start).
+        self._acked = 0
+        self._deadline: float | None = None
+        self._call: grpc.aio.StreamStreamCall[Any, Any] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._drained.set()
+        # Until when notifications go as unary calls instead (after a break; forever for a router
+        # that does not know the streaming call).
+        self.retry_at = 0.0
+
+    def push(self, note: _Note) -> None:
+        self._queue.append(note)
+        self._drained.clear()
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        else:
+            self._wake.set()
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait until every notification pushed so far was acknowledged or handed to a unary call."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._drained.wait(), timeout)
+        return self._drained.is_set()
+
+    async def close(self, timeout: float) -> None:
+        """End the call once everything was acknowledged; what was not is sent as unary calls."""
+        task = self._task
+        if task is None:
+            return
+        if await self.drain(timeout) and self._call is not None:
+            with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
+                await self._call.done_writing()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(task), timeout)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    def abandon(self) -> None:
+        """The router left: stop using the call; unacknowledged notifications fail over."""
+        if self._task is not None:
+            self._task.cancel()
+        self.retry_at = math.inf
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        timeout = self._client._notify_timeout
+        # No request iterator: _write writes with call.write(), which keeps batching under our control.
+        call = self._call = self.router.stub.StreamNotifications()  # type: ignore[call-arg]
+        writer = loop.create_task(self._write(call))
+        reader = loop.create_task(self._read(call))
+        error: BaseException | None = None
+        try:
+            while True:
+                done, _ = await asyncio.wait(
+                    (writer, reader), timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+                if done:
+                    task = done.pop()
+                    error = asyncio.CancelledError() if task.cancelled() else task.exception()
+                    break
+                if self._deadline is not None and loop.time() > self._deadline:
+                    error = TimeoutError(f"no acknowledgement in {timeout}s")
+                    break
+        finally:
+            writer.cancel()
+            reader.cancel()
+            call.cancel()
+            self._task = self._call = None
+            self._deadline = None
+            self._acked = 0
+            notes = [*self._unacked, *self._queue]
+            self._unacked.clear()
+            self._queue.clear()
+            self._drained.set()
+            self._broken(notes, error)
+
+    async def _write(self, call: grpc.aio.StreamStreamCall[Any, Any]) -> None:
+        loop = asyncio.get_running_loop()
+        timeout = self._client._notify_timeout
+        while True:
+            if not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch, self._queue = self._queue, []
+            if not self._unacked:
+                self._deadline = loop.time() + timeout
+            self._unacked.extend(batch)
+            await call.write(_notifications_pb(batch))
+
+    async def _read(self, call: grpc.aio.StreamStreamCall[Any, Any]) -> None:
+        loop = asyncio.get_running_loop()
+        timeout = self._client._notify_timeout
+        unacked = self._unacked
+        async for reply in call:
+            for _ in range(reply.handled - self._acked):
+                unacked.popleft()
+            self._acked = reply.handled
+            if unacked:
+                self._deadline = loop.time() + timeout
+            else:
+                self._deadline = None
+                if not self._queue:
+                    self._drained.set()
+        # The router ended the call (it is shutting down): whatever it did not acknowledge goes
+        # through the unary path when _run winds up.
+
+    def _broken(self, notes: list[_Note], error: BaseException | None) -> None:
+        client = self._client
+        now = time.monotonic()
+        if isinstance(error, grpc.RpcError) and error.code() == grpc.StatusCode.UNIMPLEMENTED:
+            log.info("router %s has no notification stream; using unary notifications", self.router.address)
+            self.retry_at = math.inf
+        else:
+            self.retry_at = max(self.retry_at, now + client._down_for)
+            if isinstance(error, grpc.RpcError) and _unreachable(error):
+                client._mark_down(self.router, error)
+            elif notes:
+                log.info(
+                    "notification stream to router %s ended (%s); resending %d",
+                    self.router.address,
+                    error.code() if isinstance(error, grpc.RpcError) else error or "closed",
+                    len(notes),
+                )
+        for note in notes:
+            client._unary(note, self.router.address)
+
+
+def _notifications_pb(batch: list[_Note]) -> router_pb2.StreamNotificationsRequest:
+    msg = router_pb2.StreamNotificationsRequest()
+    add = msg.notifications.add
+    for request_id, outcome, output_tokens in batch:
+        if outcome is None:
+            add().first_token.request_id = request_id
+        else:
+            add(
+                finished=router_pb2.NotifyFinishedRequest(
+                    request_id=request_id, outcome=_OUTCOME[outcome], output_tokens=output_tokens
+                )
+            )
+    return msg
 
 
 class RouterClient:
@@ -117,7 +304,7 @@ class RouterClient:
         if router is not None:
             router.down_until = 0.0
             return
-        router = self._routers[address] = _Router(address)
+        router = self._routers[address] = _Router(address, self)
         self._ring.append(router)
         log.info("router %s added (%d in all)", address, len(self._ring))
 
@@ -127,6 +314,7 @@ class RouterClient:
         if router is None:
             return
         self._ring.remove(router)
+        router.notes.abandon()
         task = asyncio.get_running_loop().create_task(router.channel.close(grace=self._route_timeout))
         self._retired.add(task)
         task.add_done_callback(self._retired.discard)
@@ -209,10 +397,32 @@ class RouterClient:
         raise Unavailable("the router is unavailable")
 
     def notify_first_token(self, request_id: str) -> None:
-        self._spawn(self._first_token(request_id, self._owners.get(request_id)))
+        self._notify((request_id, None, 0), self._owners.get(request_id))
 
     def notify_finished(self, request_id: str, outcome: Outcome, output_tokens: int) -> None:
-        self._spawn(self._finished(request_id, outcome, output_tokens, self._owners.pop(request_id, None)))
+        self._notify((request_id, outcome, output_tokens), self._owners.pop(request_id, None))
+
+    def _notify(self, note: _Note, owner: str | None) -> None:
+        """To the owner's stream when it is up; otherwise to the first router of the failover order,
+        as a unary call when its stream is resting after a break."""
+        now = time.monotonic()
+        router = self._routers.get(owner) if owner is not None else None
+        if router is None or router.down_until > now:
+            order = self._notify_order(owner)
+            if not order:
+                return
+            router = order[0]
+        if router.notes.retry_at <= now:
+            router.notes.push(note)
+        else:
+            self._unary(note, router.address)
+
+    def _unary(self, note: _Note, owner: str | None) -> None:
+        request_id, outcome, output_tokens = note
+        if outcome is None:
+            self._spawn(self._first_token(request_id, owner))
+        else:
+            self._spawn(self._finished(request_id, outcome, output_tokens, owner))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -267,10 +477,14 @@ class RouterClient:
 
     async def flush(self) -> None:
         """Wait until every notification sent so far was answered (or gave up)."""
+        for router in list(self._ring):
+            await router.notes.drain(self._notify_timeout)
         if self._pending:
             await asyncio.wait(list(self._pending), timeout=2 * self._notify_timeout)
 
     async def close(self) -> None:
+        for router in list(self._ring):
+            await router.notes.close(self._notify_timeout)
         await self.flush()
         for task in list(self._retired):
             task.cancel()
@@ -366,7 +580,7 @@ class WorkerClients:
             lora_name=request.lora_name,
             cache_salt=request.cache_salt,
         )
-        call = self._stub(address).Generate(message, metadata=outgoing_metadata())
+        call = self._stub(address).Generate(message, metadata=outgoing_metadata(), timeout=request.timeout)
         return WorkerStream(call)
 
     def forget(self, address: str, grace: float = 30.0) -> None:
