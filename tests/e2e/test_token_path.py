@@ -25,6 +25,7 @@ from typing import Any
 import grpc
 import openai
 import pytest
+from openai.types.responses import ResponseIncompleteEvent, ResponseTextDeltaEvent
 
 from tests.fixtures.processes import ServiceProcess, run_to_exit, wait_for_instance
 from tokenyard.common.discovery import Instance, open_discovery
@@ -392,10 +393,12 @@ def test_openai_responses_stream_and_not(deployment: Deployment) -> None:
         "response.incomplete",
     ]
     assert [e.sequence_number for e in events] == list(range(len(events)))
-    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    deltas = "".join(e.delta for e in events if isinstance(e, ResponseTextDeltaEvent))
     # Same input, same seed: the same text as the unary response.
     assert deltas == unary.output_text
-    final = events[-1].response
+    last = events[-1]
+    assert isinstance(last, ResponseIncompleteEvent)
+    final = last.response
     assert final.output_text == unary.output_text and final.usage is not None
     assert final.usage.output_tokens == 10
 

@@ -213,12 +213,15 @@ async def test_kserve_stream_refuses_requests_over_its_limit_in_band(stack: Stac
     # Both are in flight (each has answered) before the third arrives.
     seen: set[str] = set()
     while seen != {"a", "b"}:
-        seen.add((await call.read()).infer_response.id)
+        first = await call.read()
+        assert isinstance(first, pb.ModelStreamInferResponse)
+        seen.add(first.infer_response.id)
     await queue.put(request("c", 20))
     errors: dict[str, str] = {}
     finals: set[str] = set()
     while finals != {"a", "b", "c"}:
         response = await call.read()
+        assert isinstance(response, pb.ModelStreamInferResponse)
         rid = response.infer_response.id
         if response.error_message:
             errors[rid] = response.error_message

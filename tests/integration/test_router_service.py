@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 import pytest
+from grpc.aio import EOF  # type: ignore[attr-defined]  # the stubs lack the end-of-stream marker
 
 from tests.fixtures.worker import MODEL, generate_request, running_worker
 from tokenyard.common.discovery import Instance, ModelCard, new_instance_id, open_discovery
@@ -453,3 +454,112 @@ async def test_replicas_share_predicted_load(discovery_url: str) -> None:
             )
             == 1
         )
+
+
+# -- the notification stream ------------------------------------------------------------------------
+
+
+def first_token_note(rid: str) -> router_pb2.LifecycleNotification:
+    return router_pb2.LifecycleNotification(first_token=router_pb2.NotifyFirstTokenRequest(request_id=rid))
+
+
+def finished_note(
+    rid: str, outcome: router_pb2.RequestOutcome.ValueType = router_pb2.REQUEST_OUTCOME_FINISHED
+) -> router_pb2.LifecycleNotification:
+    return router_pb2.LifecycleNotification(
+        finished=router_pb2.NotifyFinishedRequest(request_id=rid, outcome=outcome, output_tokens=3)
+    )
+
+
+def notes(*items: router_pb2.LifecycleNotification) -> router_pb2.StreamNotificationsRequest:
+    return router_pb2.StreamNotificationsRequest(notifications=items)
+
+
+def open_notifications(
+    r: RouterClient,
+) -> grpc.aio.StreamStreamCall[router_pb2.StreamNotificationsRequest, router_pb2.StreamNotificationsResponse]:
+    # Written with call.write(), as the frontend does, so that each write is one message.
+    return r.stub.StreamNotifications()  # type: ignore[call-arg]
+
+
+async def acknowledged(
+    call: grpc.aio.StreamStreamCall[
+        router_pb2.StreamNotificationsRequest, router_pb2.StreamNotificationsResponse
+    ],
+    count: int,
+) -> list[int]:
+    """Reads acknowledgements until one covers ``count`` notifications; returns all of them."""
+    seen: list[int] = []
+    while not seen or seen[-1] < count:
+        reply = await asyncio.wait_for(call.read(), 10)
+        assert reply is not EOF, f"the call ended after acknowledging {seen}"
+        seen.append(reply.handled)
+    return seen
+
+
+async def test_notification_stream_applies_in_order_once_per_request(discovery_url: str) -> None:
+    async with running_router(discovery_url) as r, scripted_worker(discovery_url) as (w, inst):
+        await w.next_subscription(1)
+        for rid in ("a", "b", "c"):
+            await r.route([1, 2, 3], rid=rid)
+        load = r.router.active.load
+        assert load(inst.instance_id).active_prefill_tokens == 3 * 3 * BS
+        call = open_notifications(r)
+        # A first token and an end in one message; an end without a first token; a duplicate and an
+        # unknown request, which count as handled and change nothing.
+        await call.write(notes(first_token_note("a"), finished_note("a"), finished_note("b")))
+        await call.write(notes(finished_note("a"), first_token_note("nobody"), first_token_note("c")))
+        acks = await acknowledged(call, 6)
+        assert acks == sorted(acks) and acks[-1] == 6
+        assert [req.request_id for req in r.router.active] == ["c"]
+        assert load(inst.instance_id).active_requests == 1
+        assert load(inst.instance_id).active_prefill_tokens == 0, "c's first token applied"
+        assert r.metric("tokenyard_router_time_to_first_token_seconds_count") == 2
+        # The unary calls see the same at-most-once state.
+        late = await r.stub.NotifyFinished(
+            router_pb2.NotifyFinishedRequest(request_id="b", outcome=router_pb2.REQUEST_OUTCOME_FINISHED),
+            timeout=5,
+        )
+        assert not late.applied
+        await call.write(notes(finished_note("c", router_pb2.REQUEST_OUTCOME_CANCELLED)))
+        await call.done_writing()
+        assert (await acknowledged(call, 7))[-1] == 7
+        assert await asyncio.wait_for(call.read(), 10) is EOF
+        assert await call.code() == grpc.StatusCode.OK
+        assert len(r.router.active) == 0
+
+
+async def test_a_malformed_notification_ends_the_stream_after_what_came_before(discovery_url: str) -> None:
+    async with running_router(discovery_url) as r, scripted_worker(discovery_url) as (w, _inst):
+        await w.next_subscription(1)
+        await r.route([1], rid="a")
+        await r.route([1], rid="b")
+        call = open_notifications(r)
+        await call.write(
+            notes(
+                finished_note("a"),
+                finished_note("b", router_pb2.REQUEST_OUTCOME_UNSPECIFIED),
+                finished_note("b"),
+            )
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            while (await asyncio.wait_for(call.read(), 10)) is not EOF:
+                pass
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert [req.request_id for req in r.router.active] == ["b"], "a applied, nothing after the bad one"
+
+
+async def test_shutdown_ends_notification_streams_after_a_last_acknowledgement(discovery_url: str) -> None:
+    async with running_router(discovery_url) as r, scripted_worker(discovery_url) as (w, _inst):
+        await w.next_subscription(1)
+        await r.route([1], rid="a")
+        call = open_notifications(r)
+        await call.write(notes(finished_note("a")))
+        await acknowledged(call, 1)
+        r.server.router.servicer.close()
+        assert await asyncio.wait_for(call.read(), 10) is EOF
+        assert await call.code() == grpc.StatusCode.OK
+        # A stream opened during shutdown ends at once: its caller resends elsewhere.
+        late = open_notifications(r)
+        assert await asyncio.wait_for(late.read(), 10) is EOF
+        assert len(r.router.active) == 0

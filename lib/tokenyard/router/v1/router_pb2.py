@@ -24,21 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n tokenyard/router/v1/router.proto\x12\x13tokenyard.router.v1\"\x9e\x03\n\nRouteHints\x12.\n\x04mode\x18\x01 \x01(\x0e\x32 .tokenyard.router.v1.RoutingMode\x12!\n\x14overlap_score_credit\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x1f\n\x12prefill_load_scale\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x01H\x02\x88\x01\x01\x12\x1d\n\x10pinned_worker_id\x18\x05 \x01(\x04H\x03\x88\x01\x01\x12\x1a\n\x12\x61llowed_worker_ids\x18\x06 \x03(\x04\x12\x14\n\x07\x64p_rank\x18\x07 \x01(\rH\x04\x88\x01\x01\x12#\n\x16\x65xpected_output_tokens\x18\x08 \x01(\rH\x05\x88\x01\x01\x12\x10\n\x08priority\x18\t \x01(\x05\x42\x17\n\x15_overlap_score_creditB\x15\n\x13_prefill_load_scaleB\x0e\n\x0c_temperatureB\x13\n\x11_pinned_worker_idB\n\n\x08_dp_rankB\x19\n\x17_expected_output_tokens\"\xe4\x01\n\x0cRouteRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12-\n\x04pool\x18\x03 \x01(\x0e\x32\x1f.tokenyard.router.v1.WorkerPool\x12\x14\n\x0c\x62lock_hashes\x18\x04 \x03(\x06\x12\x17\n\x0fsequence_hashes\x18\x05 \x03(\x06\x12\x12\n\nisl_tokens\x18\x06 \x01(\r\x12.\n\x05hints\x18\x07 \x01(\x0b\x32\x1f.tokenyard.router.v1.RouteHints\x12\x0f\n\x07\x64ry_run\x18\x08 \x01(\x08\"\xc5\x01\n\rRouteResponse\x12\x11\n\tworker_id\x18\x01 \x01(\x04\x12\x0f\n\x07\x64p_rank\x18\x02 \x01(\r\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x16\n\x0eoverlap_blocks\x18\x04 \x01(\r\x12\x15\n\rcached_tokens\x18\x05 \x01(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x0c\n\x04\x63ost\x18\x07 \x01(\x01\x12.\n\x04mode\x18\x08 \x01(\x0e\x32 .tokenyard.router.v1.RoutingMode\"-\n\x17NotifyFirstTokenRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"+\n\x18NotifyFirstTokenResponse\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\x08\"x\n\x15NotifyFinishedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x34\n\x07outcome\x18\x02 \x01(\x0e\x32#.tokenyard.router.v1.RequestOutcome\x12\x15\n\routput_tokens\x18\x03 \x01(\r\")\n\x16NotifyFinishedResponse\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\x08\"2\n\x07KvBlock\x12\x12\n\nblock_hash\x18\x01 \x01(\x06\x12\x13\n\x0btokens_hash\x18\x02 \x01(\x06\"a\n\x07KvChain\x12\x18\n\x0bparent_hash\x18\x01 \x01(\x06H\x00\x88\x01\x01\x12,\n\x06\x62locks\x18\x02 \x03(\x0b\x32\x1c.tokenyard.router.v1.KvBlockB\x0e\n\x0c_parent_hash\"B\n\x0b\x44umpRequest\x12\x16\n\tworker_id\x18\x01 \x01(\x04H\x00\x88\x01\x01\x12\r\n\x05model\x18\x02 \x01(\tB\x0c\n\n_worker_id\"\xa7\x01\n\x0c\x44umpResponse\x12\x11\n\tworker_id\x18\x01 \x01(\x04\x12\x0f\n\x07\x64p_rank\x18\x02 \x01(\r\x12.\n\x04tier\x18\x03 \x01(\x0e\x32 .tokenyard.router.v1.StorageTier\x12,\n\x06\x63hains\x18\x04 \x03(\x0b\x32\x1c.tokenyard.router.v1.KvChain\x12\x15\n\rnext_event_id\x18\x05 \x01(\x04\"N\n\x13QueryOverlapRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x06\x12\x12\n\nworker_ids\x18\x03 \x03(\x04\"{\n\rWorkerOverlap\x12\x11\n\tworker_id\x18\x01 \x01(\x04\x12\x0f\n\x07\x64p_rank\x18\x02 \x01(\r\x12.\n\x04tier\x18\x03 \x01(\x0e\x32 .tokenyard.router.v1.StorageTier\x12\x16\n\x0ematched_blocks\x18\x04 \x01(\r\"`\n\x14QueryOverlapResponse\x12\x34\n\x08overlaps\x18\x01 \x03(\x0b\x32\".tokenyard.router.v1.WorkerOverlap\x12\x12\n\nblock_size\x18\x02 \x01(\r\"2\n\x1dSubscribeReplicaEventsRequest\x12\x11\n\trouter_id\x18\x01 \x01(\t\"\xcb\x01\n\rReplicaRouted\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\x04\x12\x0f\n\x07\x64p_rank\x18\x03 \x01(\r\x12\x17\n\x0fsequence_hashes\x18\x04 \x03(\x06\x12\x12\n\nisl_tokens\x18\x05 \x01(\r\x12\x15\n\rcached_tokens\x18\x06 \x01(\r\x12#\n\x16\x65xpected_output_tokens\x18\x07 \x01(\rH\x00\x88\x01\x01\x42\x19\n\x17_expected_output_tokens\"\'\n\x11ReplicaFirstToken\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\"\n\x0cReplicaFreed\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x92\x02\n\x1eSubscribeReplicaEventsResponse\x12\x11\n\trouter_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x19\n\x11timestamp_unix_ns\x18\x03 \x01(\x03\x12\x34\n\x06routed\x18\x04 \x01(\x0b\x32\".tokenyard.router.v1.ReplicaRoutedH\x00\x12=\n\x0b\x66irst_token\x18\x05 \x01(\x0b\x32&.tokenyard.router.v1.ReplicaFirstTokenH\x00\x12\x32\n\x05\x66reed\x18\x06 \x01(\x0b\x32!.tokenyard.router.v1.ReplicaFreedH\x00\x42\x07\n\x05\x65vent*\xce\x01\n\x0bRoutingMode\x12\x1c\n\x18ROUTING_MODE_UNSPECIFIED\x10\x00\x12\x13\n\x0fROUTING_MODE_KV\x10\x01\x12\x1c\n\x18ROUTING_MODE_ROUND_ROBIN\x10\x02\x12\x17\n\x13ROUTING_MODE_RANDOM\x10\x03\x12\x1d\n\x19ROUTING_MODE_POWER_OF_TWO\x10\x04\x12\x1d\n\x19ROUTING_MODE_LEAST_LOADED\x10\x05\x12\x17\n\x13ROUTING_MODE_DIRECT\x10\x06*v\n\nWorkerPool\x12\x1b\n\x17WORKER_POOL_UNSPECIFIED\x10\x00\x12\x1a\n\x16WORKER_POOL_AGGREGATED\x10\x01\x12\x17\n\x13WORKER_POOL_PREFILL\x10\x02\x12\x16\n\x12WORKER_POOL_DECODE\x10\x03*\x8a\x01\n\x0eRequestOutcome\x12\x1f\n\x1bREQUEST_OUTCOME_UNSPECIFIED\x10\x00\x12\x1c\n\x18REQUEST_OUTCOME_FINISHED\x10\x01\x12\x1a\n\x16REQUEST_OUTCOME_FAILED\x10\x02\x12\x1d\n\x19REQUEST_OUTCOME_CANCELLED\x10\x03*\x94\x01\n\x0bStorageTier\x12\x1c\n\x18STORAGE_TIER_UNSPECIFIED\x10\x00\x12\x17\n\x13STORAGE_TIER_DEVICE\x10\x01\x12\x1c\n\x18STORAGE_TIER_HOST_PINNED\x10\x02\x12\x15\n\x11STORAGE_TIER_DISK\x10\x03\x12\x19\n\x15STORAGE_TIER_EXTERNAL\x10\x04\x32\xf5\x04\n\rRouterService\x12N\n\x05Route\x12!.tokenyard.router.v1.RouteRequest\x1a\".tokenyard.router.v1.RouteResponse\x12o\n\x10NotifyFirstToken\x12,.tokenyard.router.v1.NotifyFirstTokenRequest\x1a-.tokenyard.router.v1.NotifyFirstTokenResponse\x12i\n\x0eNotifyFinished\x12*.tokenyard.router.v1.NotifyFinishedRequest\x1a+.tokenyard.router.v1.NotifyFinishedResponse\x12M\n\x04\x44ump\x12 .tokenyard.router.v1.DumpRequest\x1a!.tokenyard.router.v1.DumpResponse0\x01\x12\x63\n\x0cQueryOverlap\x12(.tokenyard.router.v1.QueryOverlapRequest\x1a).tokenyard.router.v1.QueryOverlapResponse\x12\x83\x01\n\x16SubscribeReplicaEvents\x12\x32.tokenyard.router.v1.SubscribeReplicaEventsRequest\x1a\x33.tokenyard.router.v1.SubscribeReplicaEventsResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n tokenyard/router/v1/router.proto\x12\x13tokenyard.router.v1\"\x9e\x03\n\nRouteHints\x12.\n\x04mode\x18\x01 \x01(\x0e\x32 .tokenyard.router.v1.RoutingMode\x12!\n\x14overlap_score_credit\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x1f\n\x12prefill_load_scale\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x01H\x02\x88\x01\x01\x12\x1d\n\x10pinned_worker_id\x18\x05 \x01(\x04H\x03\x88\x01\x01\x12\x1a\n\x12\x61llowed_worker_ids\x18\x06 \x03(\x04\x12\x14\n\x07\x64p_rank\x18\x07 \x01(\rH\x04\x88\x01\x01\x12#\n\x16\x65xpected_output_tokens\x18\x08 \x01(\rH\x05\x88\x01\x01\x12\x10\n\x08priority\x18\t \x01(\x05\x42\x17\n\x15_overlap_score_creditB\x15\n\x13_prefill_load_scaleB\x0e\n\x0c_temperatureB\x13\n\x11_pinned_worker_idB\n\n\x08_dp_rankB\x19\n\x17_expected_output_tokens\"\xe4\x01\n\x0cRouteRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12-\n\x04pool\x18\x03 \x01(\x0e\x32\x1f.tokenyard.router.v1.WorkerPool\x12\x14\n\x0c\x62lock_hashes\x18\x04 \x03(\x06\x12\x17\n\x0fsequence_hashes\x18\x05 \x03(\x06\x12\x12\n\nisl_tokens\x18\x06 \x01(\r\x12.\n\x05hints\x18\x07 \x01(\x0b\x32\x1f.tokenyard.router.v1.RouteHints\x12\x0f\n\x07\x64ry_run\x18\x08 \x01(\x08\"\xc5\x01\n\rRouteResponse\x12\x11\n\tworker_id\x18\x01 \x01(\x04\x12\x0f\n\x07\x64p_rank\x18\x02 \x01(\r\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x16\n\x0eoverlap_blocks\x18\x04 \x01(\r\x12\x15\n\rcached_tokens\x18\x05 \x01(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x0c\n\x04\x63ost\x18\x07 \x01(\x01\x12.\n\x04mode\x18\x08 \x01(\x0e\x32 .tokenyard.router.v1.RoutingMode\"-\n\x17NotifyFirstTokenRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"+\n\x18NotifyFirstTokenResponse\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\x08\"x\n\x15NotifyFinishedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x34\n\x07outcome\x18\x02 \x01(\x0e\x32#.tokenyard.router.v1.RequestOutcome\x12\x15\n\routput_tokens\x18\x03 \x01(\r\")\n\x16NotifyFinishedResponse\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\x08\"\xac\x01\n\x15LifecycleNotification\x12\x43\n\x0b\x66irst_token\x18\x01 \x01(\x0b\x32,.tokenyard.router.v1.NotifyFirstTokenRequestH\x00\x12>\n\x08\x66inished\x18\x02 \x01(\x0b\x32*.tokenyard.router.v1.NotifyFinishedRequestH\x00\x42\x0e\n\x0cnotification\"_\n\x1aStreamNotificationsRequest\x12\x41\n\rnotifications\x18\x01 \x03(\x0b\x32*.tokenyard.router.v1.LifecycleNotification\".\n\x1bStreamNotificationsResponse\x12\x0f\n\x07handled\x18\x01 \x01(\x04\"2\n\x07KvBlock\x12\x12\n\nblock_hash\x18\x01 \x01(\x06\x12\x13\n\x0btokens_hash\x18\x02 \x01(\x06\"a\n\x07KvChain\x12\x18\n\x0bparent_hash\x18\x01 \x01(\x06H\x00\x88\x01\x01\x12,\n\x06\x62locks\x18\x02 \x03(\x0b\x32\x1c.tokenyard.router.v1.KvBlockB\x0e\n\x0c_parent_hash\"B\n\x0b\x44umpRequest\x12\x16\n\tworker_id\x18\x01 \x01(\x04H\x00\x88\x01\x01\x12\r\n\x05model\x18\x02 \x01(\tB\x0c\n\n_worker_id\"\xa7\x01\n\x0c\x44umpResponse\x12\x11\n\tworker_id\x18\x01 \x01(\x04\x12\x0f\n\x07\x64p_rank\x18\x02 \x01(\r\x12.\n\x04tier\x18\x03 \x01(\x0e\x32 .tokenyard.router.v1.StorageTier\x12,\n\x06\x63hains\x18\x04 \x03(\x0b\x32\x1c.tokenyard.router.v1.KvChain\x12\x15\n\rnext_event_id\x18\x05 \x01(\x04\"N\n\x13QueryOverlapRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x06\x12\x12\n\nworker_ids\x18\x03 \x03(\x04\"{\n\rWorkerOverlap\x12\x11\n\tworker_id\x18\x01 \x01(\x04\x12\x0f\n\x07\x64p_rank\x18\x02 \x01(\r\x12.\n\x04tier\x18\x03 \x01(\x0e\x32 .tokenyard.router.v1.StorageTier\x12\x16\n\x0ematched_blocks\x18\x04 \x01(\r\"`\n\x14QueryOverlapResponse\x12\x34\n\x08overlaps\x18\x01 \x03(\x0b\x32\".tokenyard.router.v1.WorkerOverlap\x12\x12\n\nblock_size\x18\x02 \x01(\r\"2\n\x1dSubscribeReplicaEventsRequest\x12\x11\n\trouter_id\x18\x01 \x01(\t\"\xcb\x01\n\rReplicaRouted\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\x04\x12\x0f\n\x07\x64p_rank\x18\x03 \x01(\r\x12\x17\n\x0fsequence_hashes\x18\x04 \x03(\x06\x12\x12\n\nisl_tokens\x18\x05 \x01(\r\x12\x15\n\rcached_tokens\x18\x06 \x01(\r\x12#\n\x16\x65xpected_output_tokens\x18\x07 \x01(\rH\x00\x88\x01\x01\x42\x19\n\x17_expected_output_tokens\"\'\n\x11ReplicaFirstToken\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\"\n\x0cReplicaFreed\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x92\x02\n\x1eSubscribeReplicaEventsResponse\x12\x11\n\trouter_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x19\n\x11timestamp_unix_ns\x18\x03 \x01(\x03\x12\x34\n\x06routed\x18\x04 \x01(\x0b\x32\".tokenyard.router.v1.ReplicaRoutedH\x00\x12=\n\x0b\x66irst_token\x18\x05 \x01(\x0b\x32&.tokenyard.router.v1.ReplicaFirstTokenH\x00\x12\x32\n\x05\x66reed\x18\x06 \x01(\x0b\x32!.tokenyard.router.v1.ReplicaFreedH\x00\x42\x07\n\x05\x65vent*\xce\x01\n\x0bRoutingMode\x12\x1c\n\x18ROUTING_MODE_UNSPECIFIED\x10\x00\x12\x13\n\x0fROUTING_MODE_KV\x10\x01\x12\x1c\n\x18ROUTING_MODE_ROUND_ROBIN\x10\x02\x12\x17\n\x13ROUTING_MODE_RANDOM\x10\x03\x12\x1d\n\x19ROUTING_MODE_POWER_OF_TWO\x10\x04\x12\x1d\n\x19ROUTING_MODE_LEAST_LOADED\x10\x05\x12\x17\n\x13ROUTING_MODE_DIRECT\x10\x06*v\n\nWorkerPool\x12\x1b\n\x17WORKER_POOL_UNSPECIFIED\x10\x00\x12\x1a\n\x16WORKER_POOL_AGGREGATED\x10\x01\x12\x17\n\x13WORKER_POOL_PREFILL\x10\x02\x12\x16\n\x12WORKER_POOL_DECODE\x10\x03*\x8a\x01\n\x0eRequestOutcome\x12\x1f\n\x1bREQUEST_OUTCOME_UNSPECIFIED\x10\x00\x12\x1c\n\x18REQUEST_OUTCOME_FINISHED\x10\x01\x12\x1a\n\x16REQUEST_OUTCOME_FAILED\x10\x02\x12\x1d\n\x19REQUEST_OUTCOME_CANCELLED\x10\x03*\x94\x01\n\x0bStorageTier\x12\x1c\n\x18STORAGE_TIER_UNSPECIFIED\x10\x00\x12\x17\n\x13STORAGE_TIER_DEVICE\x10\x01\x12\x1c\n\x18STORAGE_TIER_HOST_PINNED\x10\x02\x12\x15\n\x11STORAGE_TIER_DISK\x10\x03\x12\x19\n\x15STORAGE_TIER_EXTERNAL\x10\x04\x32\xf3\x05\n\rRouterService\x12N\n\x05Route\x12!.tokenyard.router.v1.RouteRequest\x1a\".tokenyard.router.v1.RouteResponse\x12o\n\x10NotifyFirstToken\x12,.tokenyard.router.v1.NotifyFirstTokenRequest\x1a-.tokenyard.router.v1.NotifyFirstTokenResponse\x12i\n\x0eNotifyFinished\x12*.tokenyard.router.v1.NotifyFinishedRequest\x1a+.tokenyard.router.v1.NotifyFinishedResponse\x12|\n\x13StreamNotifications\x12/.tokenyard.router.v1.StreamNotificationsRequest\x1a\x30.tokenyard.router.v1.StreamNotificationsResponse(\x01\x30\x01\x12M\n\x04\x44ump\x12 .tokenyard.router.v1.DumpRequest\x1a!.tokenyard.router.v1.DumpResponse0\x01\x12\x63\n\x0cQueryOverlap\x12(.tokenyard.router.v1.QueryOverlapRequest\x1a).tokenyard.router.v1.QueryOverlapResponse\x12\x83\x01\n\x16SubscribeReplicaEvents\x12\x32.tokenyard.router.v1.SubscribeReplicaEventsRequest\x1a\x33.tokenyard.router.v1.SubscribeReplicaEventsResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tokenyard.router.v1.router_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROUTINGMODE']._serialized_start=2467
-  _globals['_ROUTINGMODE']._serialized_end=2673
-  _globals['_WORKERPOOL']._serialized_start=2675
-  _globals['_WORKERPOOL']._serialized_end=2793
-  _globals['_REQUESTOUTCOME']._serialized_start=2796
-  _globals['_REQUESTOUTCOME']._serialized_end=2934
-  _globals['_STORAGETIER']._serialized_start=2937
-  _globals['_STORAGETIER']._serialized_end=3085
+  _globals['_ROUTINGMODE']._serialized_start=2787
+  _globals['_ROUTINGMODE']._serialized_end=2993
+  _globals['_WORKERPOOL']._serialized_start=2995
+  _globals['_WORKERPOOL']._serialized_end=3113
+  _globals['_REQUESTOUTCOME']._serialized_start=3116
+  _globals['_REQUESTOUTCOME']._serialized_end=3254
+  _globals['_STORAGETIER']._serialized_start=3257
+  _globals['_STORAGETIER']._serialized_end=3405
   _globals['_ROUTEHINTS']._serialized_start=58
   _globals['_ROUTEHINTS']._serialized_end=472
   _globals['_ROUTEREQUEST']._serialized_start=475
@@ -53,30 +53,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NOTIFYFINISHEDREQUEST']._serialized_end=1117
   _globals['_NOTIFYFINISHEDRESPONSE']._serialized_start=1119
   _globals['_NOTIFYFINISHEDRESPONSE']._serialized_end=1160
-  _globals['_KVBLOCK']._serialized_start=1162
-  _globals['_KVBLOCK']._serialized_end=1212
-  _globals['_KVCHAIN']._serialized_start=1214
-  _globals['_KVCHAIN']._serialized_end=1311
-  _globals['_DUMPREQUEST']._serialized_start=1313
-  _globals['_DUMPREQUEST']._serialized_end=1379
-  _globals['_DUMPRESPONSE']._serialized_start=1382
-  _globals['_DUMPRESPONSE']._serialized_end=1549
-  _globals['_QUERYOVERLAPREQUEST']._serialized_start=1551
-  _globals['_QUERYOVERLAPREQUEST']._serialized_end=1629
-  _globals['_WORKEROVERLAP']._serialized_start=1631
-  _globals['_WORKEROVERLAP']._serialized_end=1754
-  _globals['_QUERYOVERLAPRESPONSE']._serialized_start=1756
-  _globals['_QUERYOVERLAPRESPONSE']._serialized_end=1852
-  _globals['_SUBSCRIBEREPLICAEVENTSREQUEST']._serialized_start=1854
-  _globals['_SUBSCRIBEREPLICAEVENTSREQUEST']._serialized_end=1904
-  _globals['_REPLICAROUTED']._serialized_start=1907
-  _globals['_REPLICAROUTED']._serialized_end=2110
-  _globals['_REPLICAFIRSTTOKEN']._serialized_start=2112
-  _globals['_REPLICAFIRSTTOKEN']._serialized_end=2151
-  _globals['_REPLICAFREED']._serialized_start=2153
-  _globals['_REPLICAFREED']._serialized_end=2187
-  _globals['_SUBSCRIBEREPLICAEVENTSRESPONSE']._serialized_start=2190
-  _globals['_SUBSCRIBEREPLICAEVENTSRESPONSE']._serialized_end=2464
-  _globals['_ROUTERSERVICE']._serialized_start=3088
-  _globals['_ROUTERSERVICE']._serialized_end=3717
+  _globals['_LIFECYCLENOTIFICATION']._serialized_start=1163
+  _globals['_LIFECYCLENOTIFICATION']._serialized_end=1335
+  _globals['_STREAMNOTIFICATIONSREQUEST']._serialized_start=1337
+  _globals['_STREAMNOTIFICATIONSREQUEST']._serialized_end=1432
+  _globals['_STREAMNOTIFICATIONSRESPONSE']._serialized_start=1434
+  _globals['_STREAMNOTIFICATIONSRESPONSE']._serialized_end=1480
+  _globals['_KVBLOCK']._serialized_start=1482
+  _globals['_KVBLOCK']._serialized_end=1532
+  _globals['_KVCHAIN']._serialized_start=1534
+  _globals['_KVCHAIN']._serialized_end=1631
+  _globals['_DUMPREQUEST']._serialized_start=1633
+  _globals['_DUMPREQUEST']._serialized_end=1699
+  _globals['_DUMPRESPONSE']._serialized_start=1702
+  _globals['_DUMPRESPONSE']._serialized_end=1869
+  _globals['_QUERYOVERLAPREQUEST']._serialized_start=1871
+  _globals['_QUERYOVERLAPREQUEST']._serialized_end=1949
+  _globals['_WORKEROVERLAP']._serialized_start=1951
+  _globals['_WORKEROVERLAP']._serialized_end=2074
+  _globals['_QUERYOVERLAPRESPONSE']._serialized_start=2076
+  _globals['_QUERYOVERLAPRESPONSE']._serialized_end=2172
+  _globals['_SUBSCRIBEREPLICAEVENTSREQUEST']._serialized_start=2174
+  _globals['_SUBSCRIBEREPLICAEVENTSREQUEST']._serialized_end=2224
+  _globals['_REPLICAROUTED']._serialized_start=2227
+  _globals['_REPLICAROUTED']._serialized_end=2430
+  _globals['_REPLICAFIRSTTOKEN']._serialized_start=2432
+  _globals['_REPLICAFIRSTTOKEN']._serialized_end=2471
+  _globals['_REPLICAFREED']._serialized_start=2473
+  _globals['_REPLICAFREED']._serialized_end=2507
+  _globals['_SUBSCRIBEREPLICAEVENTSRESPONSE']._serialized_start=2510
+  _globals['_SUBSCRIBEREPLICAEVENTSRESPONSE']._serialized_end=2784
+  _globals['_ROUTERSERVICE']._serialized_start=3408
+  _globals['_ROUTERSERVICE']._serialized_end=4163
 # @@protoc_insertion_point(module_scope)

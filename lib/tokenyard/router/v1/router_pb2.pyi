@@ -413,6 +413,78 @@ class NotifyFinishedResponse(_message.Message):
 Global___NotifyFinishedResponse: _TypeAlias = NotifyFinishedResponse  # noqa: Y015
 
 @_typing.final
+class LifecycleNotification(_message.Message):
+    """One notification, with the meaning of the unary call whose request it carries."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIRST_TOKEN_FIELD_NUMBER: _builtins.int
+    FINISHED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def first_token(self) -> Global___NotifyFirstTokenRequest: ...
+    @_builtins.property
+    def finished(self) -> Global___NotifyFinishedRequest: ...
+    def __init__(
+        self,
+        *,
+        first_token: Global___NotifyFirstTokenRequest | None = ...,
+        finished: Global___NotifyFinishedRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["finished", b"finished", "first_token", b"first_token", "notification", b"notification"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finished", b"finished", "first_token", b"first_token", "notification", b"notification"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_notification: _TypeAlias = _typing.Literal["first_token", "finished"]  # noqa: Y015
+    _WhichOneofArgType_notification: _TypeAlias = _typing.Literal["notification", b"notification"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_notification) -> _WhichOneofReturnType_notification | None: ...
+
+Global___LifecycleNotification: _TypeAlias = LifecycleNotification  # noqa: Y015
+
+@_typing.final
+class StreamNotificationsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NOTIFICATIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def notifications(self) -> _containers.RepeatedCompositeFieldContainer[Global___LifecycleNotification]:
+        """Applied in order, after those of the call's earlier messages."""
+
+    def __init__(
+        self,
+        *,
+        notifications: _abc.Iterable[Global___LifecycleNotification] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["notifications", b"notifications"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamNotificationsRequest: _TypeAlias = StreamNotificationsRequest  # noqa: Y015
+
+@_typing.final
+class StreamNotificationsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HANDLED_FIELD_NUMBER: _builtins.int
+    handled: _builtins.int
+    """How many of the call's notifications, counted from its start, were handled (applied, or
+    without effect under the at-most-once rule). Never decreases along a call.
+    """
+    def __init__(
+        self,
+        *,
+        handled: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["handled", b"handled"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamNotificationsResponse: _TypeAlias = StreamNotificationsResponse  # noqa: Y015
+
+@_typing.final
 class KvBlock(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -49,6 +49,11 @@ class RouterServiceStub:
                 request_serializer=tokenyard_dot_router_dot_v1_dot_router__pb2.NotifyFinishedRequest.SerializeToString,
                 response_deserializer=tokenyard_dot_router_dot_v1_dot_router__pb2.NotifyFinishedResponse.FromString,
                 _registered_method=True)
+        self.StreamNotifications = channel.stream_stream(
+                '/tokenyard.router.v1.RouterService/StreamNotifications',
+                request_serializer=tokenyard_dot_router_dot_v1_dot_router__pb2.StreamNotificationsRequest.SerializeToString,
+                response_deserializer=tokenyard_dot_router_dot_v1_dot_router__pb2.StreamNotificationsResponse.FromString,
+                _registered_method=True)
         self.Dump = channel.unary_stream(
                 '/tokenyard.router.v1.RouterService/Dump',
                 request_serializer=tokenyard_dot_router_dot_v1_dot_router__pb2.DumpRequest.SerializeToString,
@@ -88,6 +93,19 @@ class RouterServiceServicer:
 
     def NotifyFinished(self, request, context):
         """The request ended: all of its load is released. Idempotent by request_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamNotifications(self, request_iterator, context):
+        """NotifyFirstToken and NotifyFinished for many requests over one long-lived call (a frontend
+        keeps one per router), without the cost of a call per notification. Notifications are
+        applied in the order sent, with the same at-most-once rule. The router acknowledges
+        cumulatively, at most every few milliseconds; a caller whose call breaks sends what was not
+        acknowledged again (the rule makes that safe), on a new call or as unary notifications. The
+        call ends after a last acknowledgement when the caller half-closes. A malformed notification
+        ends it with INVALID_ARGUMENT; the acknowledgements before that still hold.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -136,6 +154,11 @@ def add_RouterServiceServicer_to_server(servicer, server):
                     servicer.NotifyFinished,
                     request_deserializer=tokenyard_dot_router_dot_v1_dot_router__pb2.NotifyFinishedRequest.FromString,
                     response_serializer=tokenyard_dot_router_dot_v1_dot_router__pb2.NotifyFinishedResponse.SerializeToString,
+            ),
+            'StreamNotifications': grpc.stream_stream_rpc_method_handler(
+                    servicer.StreamNotifications,
+                    request_deserializer=tokenyard_dot_router_dot_v1_dot_router__pb2.StreamNotificationsRequest.FromString,
+                    response_serializer=tokenyard_dot_router_dot_v1_dot_router__pb2.StreamNotificationsResponse.SerializeToString,
             ),
             'Dump': grpc.unary_stream_rpc_method_handler(
                     servicer.Dump,
@@ -234,6 +257,33 @@ class RouterService:
             '/tokenyard.router.v1.RouterService/NotifyFinished',
             tokenyard_dot_router_dot_v1_dot_router__pb2.NotifyFinishedRequest.SerializeToString,
             tokenyard_dot_router_dot_v1_dot_router__pb2.NotifyFinishedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamNotifications(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/tokenyard.router.v1.RouterService/StreamNotifications',
+            tokenyard_dot_router_dot_v1_dot_router__pb2.StreamNotificationsRequest.SerializeToString,
+            tokenyard_dot_router_dot_v1_dot_router__pb2.StreamNotificationsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -56,6 +56,15 @@ class RouterServiceStub:
     """
     NotifyFinished: _grpc.UnaryUnaryMultiCallable[_router_pb2.NotifyFinishedRequest, _router_pb2.NotifyFinishedResponse]
     """The request ended: all of its load is released. Idempotent by request_id."""
+    StreamNotifications: _grpc.StreamStreamMultiCallable[_router_pb2.StreamNotificationsRequest, _router_pb2.StreamNotificationsResponse]
+    """NotifyFirstToken and NotifyFinished for many requests over one long-lived call (a frontend
+    keeps one per router), without the cost of a call per notification. Notifications are
+    applied in the order sent, with the same at-most-once rule. The router acknowledges
+    cumulatively, at most every few milliseconds; a caller whose call breaks sends what was not
+    acknowledged again (the rule makes that safe), on a new call or as unary notifications. The
+    call ends after a last acknowledgement when the caller half-closes. A malformed notification
+    ends it with INVALID_ARGUMENT; the acknowledgements before that still hold.
+    """
     Dump: _grpc.UnaryStreamMultiCallable[_router_pb2.DumpRequest, _router_pb2.DumpResponse]
     """The router's KV index, one or more messages per (worker, dp_rank, tier) (a large rank is
     split; its messages are consecutive), for debugging and for rebuilding another router's index.
@@ -85,6 +94,15 @@ class RouterServiceAsyncStub(RouterServiceStub):
     """
     NotifyFinished: _aio.UnaryUnaryMultiCallable[_router_pb2.NotifyFinishedRequest, _router_pb2.NotifyFinishedResponse]  # type: ignore[assignment]
     """The request ended: all of its load is released. Idempotent by request_id."""
+    StreamNotifications: _aio.StreamStreamMultiCallable[_router_pb2.StreamNotificationsRequest, _router_pb2.StreamNotificationsResponse]  # type: ignore[assignment]
+    """NotifyFirstToken and NotifyFinished for many requests over one long-lived call (a frontend
+    keeps one per router), without the cost of a call per notification. Notifications are
+    applied in the order sent, with the same at-most-once rule. The router acknowledges
+    cumulatively, at most every few milliseconds; a caller whose call breaks sends what was not
+    acknowledged again (the rule makes that safe), on a new call or as unary notifications. The
+    call ends after a last acknowledgement when the caller half-closes. A malformed notification
+    ends it with INVALID_ARGUMENT; the acknowledgements before that still hold.
+    """
     Dump: _aio.UnaryStreamMultiCallable[_router_pb2.DumpRequest, _router_pb2.DumpResponse]  # type: ignore[assignment]
     """The router's KV index, one or more messages per (worker, dp_rank, tier) (a large rank is
     split; its messages are consecutive), for debugging and for rebuilding another router's index.
@@ -129,6 +147,21 @@ class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_router_pb2.NotifyFinishedResponse, _abc.Awaitable[_router_pb2.NotifyFinishedResponse]]:
         """The request ended: all of its load is released. Idempotent by request_id."""
+
+    @_abc_1.abstractmethod
+    def StreamNotifications(
+        self,
+        request_iterator: _MaybeAsyncIterator[_router_pb2.StreamNotificationsRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_router_pb2.StreamNotificationsResponse], _abc.AsyncIterator[_router_pb2.StreamNotificationsResponse]]:
+        """NotifyFirstToken and NotifyFinished for many requests over one long-lived call (a frontend
+        keeps one per router), without the cost of a call per notification. Notifications are
+        applied in the order sent, with the same at-most-once rule. The router acknowledges
+        cumulatively, at most every few milliseconds; a caller whose call breaks sends what was not
+        acknowledged again (the rule makes that safe), on a new call or as unary notifications. The
+        call ends after a last acknowledgement when the caller half-closes. A malformed notification
+        ends it with INVALID_ARGUMENT; the acknowledgements before that still hold.
+        """
 
     @_abc_1.abstractmethod
     def Dump(

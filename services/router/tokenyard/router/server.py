@@ -169,9 +169,11 @@ class RouterServer:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        # Replica streams never end on their own; ending them now keeps them from holding the
-        # grace period open (peers reconnect elsewhere or see this router leave discovery).
+        # Replica and notification streams never end on their own; ending them now keeps them from
+        # holding the grace period open (peers reconnect elsewhere or see this router leave
+        # discovery; frontends resend what was not acknowledged to another router).
         self.router.hub.close()
+        self.router.servicer.close()
         await self.runtime.__aexit__(exc_type, exc, tb)
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -40,6 +41,10 @@ _OUTCOMES = {
     router_pb2.REQUEST_OUTCOME_FAILED: Outcome.FAILED,
     router_pb2.REQUEST_OUTCOME_CANCELLED: Outcome.CANCELLED,
 }
+# The longest a notification stream waits before acknowledging what it handled: acknowledgements
+# only bound what a caller resends after a broken call, so a few per second and stream are plenty,
+# and each one costs both ends a message.
+ACK_INTERVAL_SECONDS = 0.02
 # Blocks per DumpResponse: a rank larger than this is sent in several messages, in order.
 DUMP_BLOCKS_PER_MESSAGE = 262_144
 
@@ -109,6 +114,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self._scheduler = scheduler
         self._hub = hub
         self._next_event_id = next_event_id or (lambda rank: None)
+        self._streams: set[_Progress] = set()
+        self._closed = False
 
     async def Route(
         self, request: router_pb2.RouteRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -151,6 +158,70 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         if outcome is None:
             raise InvalidArgument("outcome must be FINISHED, FAILED or CANCELLED")
         return router_pb2.NotifyFinishedResponse(applied=self._scheduler.finish(request.request_id, outcome))
+
+    async def StreamNotifications(
+        self,
+        request_iterator: AsyncIterable[router_pb2.StreamNotificationsRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[router_pb2.StreamNotificationsResponse]:
+        if self._closed:
+            return
+        progress = _Progress()
+        self._streams.add(progress)
+        reader = asyncio.create_task(self._apply_notifications(request_iterator, progress))
+        sent = 0
+        try:
+            while True:
+                await progress.changed.wait()
+                progress.changed.clear()
+                if reader.done() or progress.closing:
+                    # What the reader has not applied yet stays unacknowledged: the caller resends it.
+                    reader.cancel()
+                    if progress.handled > sent:
+                        yield router_pb2.StreamNotificationsResponse(handled=progress.handled)
+                    if reader.done() and not reader.cancelled():
+                        reader.result()
+                    return
+                if progress.handled > sent:
+                    sent = progress.handled
+                    yield router_pb2.StreamNotificationsResponse(handled=sent)
+                # Notifications arriving meanwhile share the next acknowledgement.
+                await asyncio.sleep(ACK_INTERVAL_SECONDS)
+        finally:
+            self._streams.discard(progress)
+            reader.cancel()
+
+    def close(self) -> None:
+        """End every notification stream after a last acknowledgement (shutdown): they never end
+        on their own, and would otherwise hold the grace period open. Callers resend elsewhere what
+        was not acknowledged."""
+        self._closed = True
+        for progress in self._streams:
+            progress.closing = True
+            progress.changed.set()
+
+    async def _apply_notifications(
+        self, requests: AsyncIterable[router_pb2.StreamNotificationsRequest], progress: _Progress
+    ) -> None:
+        scheduler = self._scheduler
+        try:
+            async for request in requests:
+                for note in request.notifications:
+                    kind = note.WhichOneof("notification")
+                    if kind == "first_token":
+                        scheduler.first_token(note.first_token.request_id)
+                    elif kind == "finished":
+                        finished = note.finished
+                        outcome = _OUTCOMES.get(finished.outcome)
+                        if outcome is None:
+                            raise InvalidArgument("outcome must be FINISHED, FAILED or CANCELLED")
+                        scheduler.finish(finished.request_id, outcome)
+                    else:
+                        raise InvalidArgument("a notification must be first_token or finished")
+                    progress.handled += 1
+                progress.changed.set()
+        finally:
+            progress.changed.set()
 
     async def Dump(
         self, request: router_pb2.DumpRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -209,6 +280,17 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 yield replica_event_to_pb(item)
         finally:
             self._hub.unsubscribe(queue)
+
+
+class _Progress:
+    """A notification stream's count of handled notifications, and a signal when it moves."""
+
+    __slots__ = ("changed", "closing", "handled")
+
+    def __init__(self) -> None:
+        self.handled = 0
+        self.changed = asyncio.Event()
+        self.closing = False
 
 
 def _dump_message(rank: WorkerRank, tier: Tier, chains: list[Chain], next_id: int) -> router_pb2.DumpResponse:
