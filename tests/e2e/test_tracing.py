@@ -8,10 +8,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
+from tests.fixtures.http import frontend_serves
 from tests.fixtures.processes import ServiceProcessFactory, wait_for_instance
 from tokenyard.common import tracing
 from tokenyard.router.v1 import router_pb2, router_pb2_grpc
@@ -85,3 +87,42 @@ async def test_rpc_span_exported_with_caller_context(
     assert len(spans) == 1, [s.name for s in rec.spans]
     assert spans[0].trace_id.hex() == TRACE_ID
     assert spans[0].parent_span_id.hex() == PARENT_ID
+
+
+async def test_one_trace_per_request_spans_frontend_router_and_worker(
+    receiver: tuple[Receiver, int], spawn: ServiceProcessFactory, tmp_path: Path
+) -> None:
+    rec, port = receiver
+    url = f"dir://{tmp_path}"
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}", "OTEL_EXPORTER_OTLP_INSECURE": "true"}
+    base = ["--port", "0", "--metrics-port", "0", "--discovery", url]
+    router = spawn(["router", *base], env=env)
+    worker = spawn(["worker", *base, "--engine", "mocker", "--mocker-speedup-ratio", "0"], env=env)
+    frontend = spawn(["frontend", "--port", "0", "--http-port", "0", "--discovery", url], env=env)
+    await wait_for_instance(url, "router", proc=router)
+    await wait_for_instance(url, "worker", proc=worker)
+    front = await wait_for_instance(url, "frontend", proc=frontend)
+    http = f"http://{front.metrics_address}"
+    async with aiohttp.ClientSession() as session:
+        for _ in range(200):
+            if await frontend_serves(session, http, "SmolLM2-135M-Instruct"):
+                break
+            await asyncio.sleep(0.1)
+        body = {"model": "SmolLM2-135M-Instruct", "prompt": "trace me", "max_tokens": 3}
+        headers = {"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"}
+        async with session.post(f"{http}/v1/completions", json=body, headers=headers) as r:
+            assert r.status == 200, await r.text()
+    # Spans are flushed at shutdown.
+    for proc in (frontend, worker, router):
+        assert await asyncio.to_thread(proc.terminate) == 0
+    traced = [s for s in rec.spans if s.trace_id.hex() == TRACE_ID]
+    by_name = {s.name: s for s in traced}
+    root = by_name["frontend.request"]
+    assert root.parent_span_id.hex() == PARENT_ID
+    for stage in ("tokenize", "route", "generate"):
+        assert by_name[stage].parent_span_id == root.span_id, stage
+    # The router's Route and the worker's Generate continue the frontend's stages.
+    route_rpc = next(s for s in traced if s.name.endswith("/Route"))
+    generate_rpc = next(s for s in traced if s.name.endswith("/Generate"))
+    assert route_rpc.parent_span_id == by_name["route"].span_id
+    assert generate_rpc.parent_span_id == by_name["generate"].span_id
