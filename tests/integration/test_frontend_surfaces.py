@@ -266,7 +266,9 @@ async def test_echo_prepends_the_prompt(stack: Stack) -> None:
     assert echoed["choices"][0]["text"] == "Echo me" + plain["choices"][0]["text"]
 
 
-async def test_token_id_prompts_and_stop_token_ids_reach_the_worker(stack: Stack) -> None:
+async def test_token_id_prompts_and_stop_token_ids_reach_the_worker(
+    stack: Stack, tokenizer: Tokenizer
+) -> None:
     prompt = list(range(100, 120))
     seed = 9
     expected = [pseudo_token(seed, len(prompt) + k, FAST.vocab_size) for k in range(30)]
@@ -284,6 +286,8 @@ async def test_token_id_prompts_and_stop_token_ids_reach_the_worker(stack: Stack
     assert out["usage"]["prompt_tokens"] == 20
     assert out["usage"]["completion_tokens"] == index + 1
     assert out["choices"][0]["finish_reason"] == "stop"
+    # The stop token is counted, not shown.
+    assert out["choices"][0]["text"] == tokenizer.decode(expected[:index])
 
 
 async def test_unknown_fields_are_ignored(stack: Stack) -> None:

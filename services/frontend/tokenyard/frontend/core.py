@@ -33,9 +33,11 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 
 from tokenyard.common import tracing
+from tokenyard.common.discovery import ModelCard
 from tokenyard.common.errors import DeadlineExceeded, TokenyardError, Unavailable
 from tokenyard.common.hashing import local_block_hashes, salt_hash
 from tokenyard.common.logs import request_id_var
+from tokenyard.frontend.chat_output import check_capabilities
 from tokenyard.frontend.clients import RouterClient, WorkerClients, WorkerStream
 from tokenyard.frontend.generation import (
     Delta,
@@ -277,9 +279,10 @@ class Frontend:
 
     async def _route(
         self, request: GenerationRequest, request_id: str, spans: RequestSpans | None
-    ) -> tuple[Tokenizer, Prepared, RouteDecision]:
+    ) -> tuple[ModelCard, Tokenizer, Prepared, RouteDecision]:
         try:
             card = self.models.card(request.model)
+            check_capabilities(card, request)
             tokenizer = await self._pre.tokenizer(card.tokenizer)
             began = time.perf_counter()
             if spans is None:
@@ -303,13 +306,14 @@ class Frontend:
             if exc.code is grpc.StatusCode.RESOURCE_EXHAUSTED:
                 self.count_rejection(request, "overload")
             raise
-        return tokenizer, prepared, decision
+        return card, tokenizer, prepared, decision
 
     def _open(
         self,
         request: GenerationRequest,
         request_id: str,
         started: float,
+        card: ModelCard,
         tokenizer: Tokenizer,
         prepared: Prepared,
         decision: RouteDecision,
@@ -333,7 +337,9 @@ class Frontend:
             self.count_failure(request, exc)
             raise
         reroute: Reroute | None = None
-        if self._migration_limit:
+        # Structured output is never migrated (as in the reference): a constrained generation
+        # cannot resume from the middle of a document.
+        if self._migration_limit and request.guided is None:
 
             async def reroute(generated: Sequence[int], avoid: frozenset[int]) -> tuple[int, TokenStream]:
                 return await self._reroute(
@@ -355,6 +361,8 @@ class Frontend:
             admission=self.admission,
             spans=spans,
             timeout=self.limits.request_timeout,
+            eos_token_id=tokenizer.eos_token_id,
+            card=card,
         )
 
     def _generate(
@@ -468,8 +476,12 @@ class Generation:
         admission: Admission | None = None,
         spans: RequestSpans | None = None,
         timeout: float = 0.0,
+        eos_token_id: int | None = None,
+        card: ModelCard | None = None,
     ) -> None:
         self.request = request
+        # The served model's card (output parsers of the surfaces read it).
+        self.card = card
         self.request_id = request_id
         self.prompt_tokens = len(prepared.token_ids)
         self._prompt_text = prepared.prompt_text
@@ -480,6 +492,9 @@ class Generation:
         self.migrations = 0
         self._lifecycle = lifecycle
         self._detok = detokenizer
+        self._hidden = frozenset(
+            (*request.stop.stop_token_ids, *((eos_token_id,) if eos_token_id is not None else ()))
+        )
         self._metrics = metrics
         self._started = started
         self._admission = admission
@@ -586,7 +601,12 @@ class Generation:
                             if self._migration_limit:
                                 generated.extend(chunk.token_ids)
                             began = time.perf_counter()
-                            text = detok.push(chunk.token_ids)
+                            ids = chunk.token_ids
+                            if chunk.finish_reason is FinishReason.STOP and ids[-1] in self._hidden:
+                                # The token that stopped the request (EOS, a stop token id) is
+                                # counted but never shown.
+                                ids = ids[:-1]
+                            text = detok.push(ids)
                             self._detok_ms += (time.perf_counter() - began) * 1000
                         else:
                             text = ""

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from enum import Enum, StrEnum
 from typing import Any
 
+from tokenyard.frontend.response_format import GuidedDecoding
+
 
 class Endpoint(StrEnum):
     """Which surface a request came from (the ``endpoint`` label of the frontend metrics)."""
@@ -79,6 +81,11 @@ class GenerationRequest:
     messages: Sequence[Mapping[str, Any]] | None = None
     # Chat only: passed to the chat template.
     tools: Sequence[Mapping[str, Any]] | None = None
+    # none | auto | required | function (then tool_choice_name names it).
+    tool_choice: str = "auto"
+    tool_choice_name: str | None = None
+    # response_format: JSON the engine must constrain its output to.
+    guided: GuidedDecoding | None = None
     template_kwargs: Mapping[str, Any] | None = None
     add_generation_prompt: bool = True
     sampling: Sampling = field(default_factory=Sampling)

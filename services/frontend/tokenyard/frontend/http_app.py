@@ -23,6 +23,7 @@ from opentelemetry.context import Context
 from tokenyard.common import tracing
 from tokenyard.common.errors import InvalidArgument, TokenyardError
 from tokenyard.common.metrics import Metrics
+from tokenyard.frontend.chat_output import ChatDelta, ChatOutputParser, merge, output_parser, parse_output
 from tokenyard.frontend.core import Frontend, Generation, new_request_id
 from tokenyard.frontend.generation import Delta, Endpoint, GenerationRequest
 from tokenyard.frontend.openai_api import (
@@ -34,7 +35,7 @@ from tokenyard.frontend.openai_api import (
     reject_lone_surrogates,
     sse,
 )
-from tokenyard.frontend.responses_api import ResponsesWriter, parse_responses
+from tokenyard.frontend.responses_api import FunctionCall, ResponsesWriter, parse_responses
 
 log = logging.getLogger(__name__)
 
@@ -126,13 +127,19 @@ def _generate_handler(
         except TokenyardError as exc:
             return _error_from(exc, request)
         writer = ResponseWriter(endpoint, request_id, gen_request.model, include_usage)
+        card = generation.card
+        parsed = endpoint is Endpoint.CHAT_COMPLETIONS and card is not None
         async with generation:
             if not gen_request.stream:
                 try:
                     text, last = await generation.collect()
                 except TokenyardError as exc:
                     return _error_from(exc, request)
-                return web.json_response(writer.full(text, last), dumps=_dumps)
+                if parsed and card is not None and output_parser(card, gen_request) is not None:
+                    doc = writer.full_parts(*parse_output(card, gen_request, text), last)
+                else:
+                    doc = writer.full(text, last)
+                return web.json_response(doc, dumps=_dumps)
             try:
                 first = await generation.__anext__()
             except TokenyardError as exc:
@@ -140,7 +147,13 @@ def _generate_handler(
             response = _EventStream(headers=_SSE_HEADERS)
             try:
                 await response.prepare(request)
-                await _stream(response, generation, writer, first, request.app[OPTIONS_KEY])
+                parser = output_parser(card, gen_request) if parsed and card is not None else None
+                if parser is None:
+                    await _stream(response, generation, writer, first, request.app[OPTIONS_KEY])
+                else:
+                    await _stream_parsed(
+                        response, generation, writer, first, parser, request.app[OPTIONS_KEY]
+                    )
             except ConnectionResetError:
                 # The client left mid-stream; leaving the block cancels the worker call.
                 frontend.client_disconnected()
@@ -178,6 +191,14 @@ async def _stream(
     await response.write_eof(tail + SSE_DONE)
 
 
+def _response_events(writer: ResponsesWriter, part: ChatDelta) -> bytes:
+    out = writer.reasoning(part.reasoning) + writer.text(part.content)
+    for call in part.tool_calls:
+        # The parser hands over whole calls: id, name and arguments in one delta.
+        out += writer.function_call(FunctionCall(call.id or "", call.name or "", call.arguments))
+    return out
+
+
 async def responses(request: web.Request) -> web.StreamResponse:
     """``POST /v1/responses``: the whole response object, or its events when ``stream`` is set."""
     frontend = request.app[FRONTEND_KEY]
@@ -199,7 +220,13 @@ async def responses(request: web.Request) -> web.StreamResponse:
                 text, last = await generation.collect()
             except TokenyardError as exc:
                 return _error_from(exc, request)
-            doc = writer.full(text, "", [], last.finish_reason, last.usage)
+            content, reasoning, calls = (
+                parse_output(generation.card, parsed.generation, text)
+                if generation.card is not None
+                else (text, "", [])
+            )
+            functions = [FunctionCall(c.id, c.name, c.arguments) for c in calls]
+            doc = writer.full(content, reasoning, functions, last.finish_reason, last.usage)
             return web.json_response(doc, dumps=_dumps)
         try:
             first = await generation.__anext__()
@@ -209,10 +236,19 @@ async def responses(request: web.Request) -> web.StreamResponse:
         try:
             await response.prepare(request)
             await response.write(writer.start())
+            parser = (
+                output_parser(generation.card, parsed.generation) if generation.card is not None else None
+            )
             delta = first
             try:
                 while True:
-                    out = writer.text(delta.text)
+                    if parser is None:
+                        out = writer.text(delta.text)
+                    else:
+                        part = parser.feed(delta.text)
+                        if delta.finish_reason is not None:
+                            part = merge(part, parser.flush())
+                        out = _response_events(writer, part)
                     if delta.finish_reason is not None:
                         tail = out + writer.finish(delta.finish_reason, delta.usage)
                         break
@@ -226,6 +262,32 @@ async def responses(request: web.Request) -> web.StreamResponse:
         except ConnectionResetError:
             frontend.client_disconnected()
         return response
+
+
+async def _stream_parsed(
+    response: web.StreamResponse,
+    generation: Generation,
+    writer: ResponseWriter,
+    first: Delta,
+    parser: ChatOutputParser,
+    options: HttpOptions,
+) -> None:
+    """Chat chunks of an output split into content, reasoning and tool calls."""
+    delta = first
+    try:
+        while delta.finish_reason is None:
+            part = parser.feed(delta.text)
+            if part:
+                await response.write(writer.chunk_parts(part, None, False))
+            delta = await generation.__anext__()
+        part = merge(parser.feed(delta.text), parser.flush())
+        tail = writer.chunk_parts(part, delta.finish_reason, parser.tool_call_count > 0)
+        if writer.include_usage and delta.usage is not None:
+            tail += writer.usage_chunk(delta.usage)
+    except TokenyardError as exc:
+        status, kind, message = http_status(exc, options.overload_status)
+        tail = sse(error_body(status, message, kind))
+    await response.write_eof(tail + SSE_DONE)
 
 
 def _dumps(doc: object) -> str:

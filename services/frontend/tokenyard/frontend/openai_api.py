@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tokenyard.common.errors import InvalidArgument
+from tokenyard.frontend.chat_output import ChatDelta
 from tokenyard.frontend.generation import (
     Delta,
     Endpoint,
@@ -26,6 +27,8 @@ from tokenyard.frontend.generation import (
     StopConditions,
     Usage,
 )
+from tokenyard.frontend.response_format import parse_response_format
+from tokenyard.frontend.tool_calls import ToolCall, validate_tool_choice, validate_tools
 
 # OpenAI's default for /v1/completions; chat has no default (up to the context length).
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
@@ -74,7 +77,10 @@ class CompletionBody(_SamplingBody):
 class ChatBody(_SamplingBody):
     messages: list[dict[str, Any]] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=_U32)
-    tools: list[dict[str, Any]] | None = None
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    response_format: Any = None
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
     top_logprobs: int | None = None
@@ -224,10 +230,15 @@ def parse_chat(raw: object) -> tuple[GenerationRequest, bool]:
     if body.top_logprobs:
         raise InvalidArgument("top_logprobs: log probabilities are not supported")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    tools = validate_tools(body.tools)
+    choice = validate_tool_choice(body.tool_choice, tools)
     request = GenerationRequest(
         endpoint=Endpoint.CHAT_COMPLETIONS,
         messages=[_message_text(m, i) for i, m in enumerate(body.messages)],
-        tools=body.tools,
+        tools=tools or None,
+        tool_choice=choice.mode,
+        tool_choice_name=choice.name,
+        guided=parse_response_format(body.response_format),
         template_kwargs=body.chat_template_kwargs,
         add_generation_prompt=body.add_generation_prompt,
         **_common(body, max_tokens),
@@ -294,6 +305,47 @@ class ResponseWriter:
             "choices": [choice],
             "usage": usage_json(last.usage) if last.usage else None,
         }
+
+    def full_parts(self, content: str, reasoning: str, calls: list[ToolCall], last: Delta) -> dict[str, Any]:
+        """The whole chat completion of a parsed output (reasoning, tool calls)."""
+        doc = self.full(content, last)
+        message = doc["choices"][0]["message"]
+        if reasoning:
+            message["reasoning_content"] = reasoning
+        if calls:
+            message["tool_calls"] = [c.to_openai() for c in calls]
+            # OpenAI sends null content beside tool calls when the model said nothing else.
+            message["content"] = content or None
+            if last.finish_reason is FinishReason.STOP:
+                doc["choices"][0]["finish_reason"] = "tool_calls"
+        return doc
+
+    def chunk_parts(self, delta: ChatDelta, finish: FinishReason | None, called: bool) -> bytes:
+        """A chat chunk of a parsed output; ``called``: the output made tool calls (the finish
+        reason is then ``tool_calls``)."""
+        reason = _finish(finish)
+        if called and finish is FinishReason.STOP:
+            reason = "tool_calls"
+        body: dict[str, Any] = {}
+        if not self._role_sent:
+            body["role"] = "assistant"
+            self._role_sent = True
+        if delta.content or not (delta.reasoning or delta.tool_calls):
+            body["content"] = delta.content
+        if delta.reasoning:
+            body["reasoning_content"] = delta.reasoning
+        if delta.tool_calls:
+            body["tool_calls"] = [d.to_openai() for d in delta.tool_calls]
+        doc: dict[str, Any] = {
+            "id": self.id,
+            "object": self._object,
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "finish_reason": reason, "logprobs": None, "delta": body}],
+        }
+        if self.include_usage:
+            doc["usage"] = None
+        return sse(doc)
 
     def chunk(self, delta: Delta) -> bytes:
         if delta.finish_reason is None and (self._role_sent or not self.chat):

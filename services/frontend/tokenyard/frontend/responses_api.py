@@ -36,6 +36,8 @@ from tokenyard.frontend.generation import (
     StopConditions,
     Usage,
 )
+from tokenyard.frontend.response_format import parse_text_format
+from tokenyard.frontend.tool_calls import validate_tool_choice, validate_tools
 
 _U32 = 2**32 - 1
 _U64 = 2**64 - 1
@@ -204,7 +206,13 @@ def parse_responses(raw: object) -> ResponsesRequest:
         raise InvalidArgument("background: background responses are not supported")
     if body.top_logprobs:
         raise InvalidArgument("top_logprobs: log probabilities are not supported")
-    tools = chat_tools(body.tools)
+    tools = validate_tools(chat_tools(body.tools)) if body.tools else []
+    choice = body.tool_choice
+    if isinstance(choice, dict) and choice.get("type") == "function" and "function" not in choice:
+        # The Responses API names the function flat: {"type": "function", "name": ...}.
+        choice = {"type": "function", "function": {"name": choice.get("name")}}
+    tool_choice = validate_tool_choice(choice, tools)
+    text_format = (body.text or {}).get("format")
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     seed = body.seed & _U64 if body.seed is not None and body.seed < 0 else body.seed
     generation = GenerationRequest(
@@ -213,6 +221,9 @@ def parse_responses(raw: object) -> ResponsesRequest:
         stream=body.stream,
         messages=input_messages(body),
         tools=tools or None,
+        tool_choice=tool_choice.mode,
+        tool_choice_name=tool_choice.name,
+        guided=parse_text_format(text_format),
         sampling=Sampling(
             temperature=body.temperature,
             top_p=body.top_p,

@@ -1,0 +1,242 @@
+"""Reasoning and tool calls parsed out of a model's output, through the real frontend, router and
+the openai package: the worker here is a scripted one (real gRPC, the worker contract) whose
+model card names the ``think`` reasoning parser and the ``hermes`` tool-call parser and whose
+output is text the test chooses, tokenized with the model's real tokenizer."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import grpc
+import openai
+import pytest
+import pytest_asyncio
+from openai.types.responses import ResponseCompletedEvent
+
+from tests.fixtures.processes import ServiceProcess, wait_for_instance
+from tests.fixtures.worker import eventually
+from tests.integration.test_router_service import ScriptedWorker
+from tokenyard.common.discovery import Instance, ModelCard, new_instance_id, open_discovery
+from tokenyard.frontend.config import FrontendSettings
+from tokenyard.frontend.server import FrontendServer
+from tokenyard.frontend.tokenizer import load_tokenizer
+from tokenyard.worker.v1 import worker_pb2, worker_pb2_grpc
+
+pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
+
+MODEL = "thinker"
+PLAIN = "plain"
+WEATHER: Any = {
+    "type": "function",
+    "function": {
+        "name": "weather",
+        "description": "Weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+THOUGHT = "The user wants weather; I should call the tool."
+SCRIPT = f'<think>{THOUGHT}</think>\n\nLet me check.<tool_call>{{"name": "weather", "arguments": {{"city": "Paris"}}}}</tool_call>'
+
+
+class TextWorker(ScriptedWorker):
+    """Generate answers every request with ``script``, three tokens per message."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokenizer = load_tokenizer("smollm2")
+        self.script = ""
+
+    async def Generate(self, request: Any, context: Any) -> AsyncIterator[worker_pb2.GenerateResponse]:
+        ids = self.tokenizer.encode(self.script)
+        for i in range(0, len(ids), 3):
+            yield worker_pb2.GenerateResponse(token_ids=ids[i : i + 3])
+        yield worker_pb2.GenerateResponse(
+            finish_reason=worker_pb2.FINISH_REASON_STOP,
+            usage=worker_pb2.Usage(prompt_tokens=len(request.token_ids), completion_tokens=len(ids)),
+        )
+
+
+@contextlib.asynccontextmanager
+async def text_worker(discovery_url: str, card: ModelCard) -> AsyncIterator[TextWorker]:
+    servicer = TextWorker()  # type: ignore[abstract]  # serves what the router and frontend call
+    server = grpc.aio.server()
+    worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    discovery = open_discovery(discovery_url, ttl=5)
+    await discovery.register(
+        Instance(new_instance_id(), "worker", "aggregated", f"127.0.0.1:{port}", model_card=card)
+    )
+    try:
+        yield servicer
+    finally:
+        await discovery.close()
+        await server.stop(None)
+
+
+@dataclass
+class Stack:
+    worker: TextWorker
+    frontend: FrontendServer
+    client: openai.AsyncOpenAI
+    http: aiohttp.ClientSession
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.frontend.http_port}"
+
+
+@pytest.fixture(scope="module")
+def router_process(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    root = tmp_path_factory.mktemp("output-parsing")
+    discovery = f"dir://{root / 'discovery'}"
+    proc = ServiceProcess(
+        ["router", "--port", "0", "--metrics-port", "0", "--discovery", discovery, "--mode", "round-robin"],
+        root / "router.log",
+    )
+    yield discovery, proc
+    proc.terminate()
+    proc.close()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def stack(router_process: tuple[str, ServiceProcess]) -> AsyncIterator[Stack]:
+    discovery, proc = router_process
+    await wait_for_instance(discovery, "router", proc=proc)
+    settings = FrontendSettings(host="127.0.0.1", port=0, http_port=0, discovery=discovery, grace_period=1.0)
+    card = ModelCard(MODEL, "smollm2", 16, 4096, 100, "scripted", "aggregated", "think", "hermes")
+    plain = ModelCard(PLAIN, "smollm2", 16, 4096, 100, "scripted", "aggregated")
+    async with (
+        text_worker(discovery, card) as worker,
+        text_worker(discovery, plain),
+        FrontendServer(settings) as frontend,
+        aiohttp.ClientSession() as http,
+    ):
+        client = openai.AsyncOpenAI(
+            base_url=f"http://127.0.0.1:{frontend.http_port}/v1", api_key="unused", max_retries=0, timeout=30
+        )
+        s = Stack(worker, frontend, client, http)
+
+        async def routes() -> bool:
+            for model in (MODEL, PLAIN):
+                body = {"model": model, "prompt": "hi", "max_tokens": 1}
+                async with http.post(s.base + "/v1/completions", json=body) as r:
+                    if r.status != 200:
+                        return False
+            return True
+
+        await eventually(routes, "both models are served")
+        yield s
+        await client.close()
+
+
+async def test_chat_separates_reasoning_and_tool_calls(stack: Stack) -> None:
+    stack.worker.script = SCRIPT
+    messages: Any = [{"role": "user", "content": "Weather in Paris?"}]
+    unary = await stack.client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER])
+    choice = unary.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content == "Let me check."
+    assert (
+        choice.message.model_extra is not None and choice.message.model_extra["reasoning_content"] == THOUGHT
+    )
+    assert choice.message.tool_calls is not None and len(choice.message.tool_calls) == 1
+    call = choice.message.tool_calls[0]
+    assert call.type == "function" and call.function.name == "weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+    assert call.id.startswith("call_")
+
+    stream = await stack.client.chat.completions.create(
+        model=MODEL, messages=messages, tools=[WEATHER], stream=True
+    )
+    content, reasoning, names, args, finish = "", "", [], "", None
+    async for chunk in stream:
+        delta = chunk.choices[0].delta
+        content += delta.content or ""
+        reasoning += (delta.model_extra or {}).get("reasoning_content") or ""
+        for tc in delta.tool_calls or ():
+            if tc.function and tc.function.name:
+                names.append(tc.function.name)
+            args += (tc.function.arguments or "") if tc.function else ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert (content, reasoning, names, finish) == ("Let me check.", THOUGHT, ["weather"], "tool_calls")
+    assert json.loads(args) == {"city": "Paris"}
+
+
+async def test_without_tools_the_tags_stay_text_but_reasoning_is_still_separated(stack: Stack) -> None:
+    stack.worker.script = SCRIPT
+    messages: Any = [{"role": "user", "content": "Weather in Paris?"}]
+    unary = await stack.client.chat.completions.create(model=MODEL, messages=messages)
+    choice = unary.choices[0]
+    assert choice.finish_reason == "stop" and not choice.message.tool_calls
+    assert choice.message.content is not None and choice.message.content.startswith(
+        "Let me check.<tool_call>"
+    )
+
+
+async def test_responses_stream_reasoning_message_and_function_call(stack: Stack) -> None:
+    stack.worker.script = SCRIPT
+    tools: Any = [{"type": "function", "name": "weather", "parameters": WEATHER["function"]["parameters"]}]  # type: ignore[index]
+    unary = await stack.client.responses.create(model=MODEL, input="Weather in Paris?", tools=tools)
+    assert [item.type for item in unary.output] == ["reasoning", "message", "function_call"]
+    assert unary.output_text == "Let me check."
+    stream = await stack.client.responses.create(
+        model=MODEL, input="Weather in Paris?", tools=tools, stream=True
+    )
+    kinds = [event.type async for event in stream]
+    assert "response.reasoning_text.delta" in kinds
+    assert "response.function_call_arguments.done" in kinds
+    assert kinds[-1] == "response.completed"
+    stream = await stack.client.responses.create(
+        model=MODEL, input="Weather in Paris?", tools=tools, stream=True
+    )
+    last = [event async for event in stream][-1]
+    assert isinstance(last, ResponseCompletedEvent)
+    call = last.response.output[-1]
+    assert call.type == "function_call" and call.name == "weather"
+    assert json.loads(call.arguments) == {"city": "Paris"}
+
+
+@pytest.mark.parametrize(
+    ("model", "extra", "fragment"),
+    [
+        (MODEL, {"response_format": {"type": "json_object"}}, "cannot constrain its output"),
+        (
+            MODEL,
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "object"}},
+                }
+            },
+            "cannot constrain its output",
+        ),
+        (MODEL, {"tools": [WEATHER], "tool_choice": "required"}, "tool_choice"),
+        (PLAIN, {"tools": [WEATHER]}, "--tool-call-parser"),
+        (
+            MODEL,
+            {"tools": [{"type": "function", "function": {"name": "bad name!"}}]},
+            "tools.0.function.name",
+        ),
+        (MODEL, {"response_format": {"type": "xml"}}, "response_format"),
+    ],
+)
+async def test_what_the_engine_cannot_honour_is_a_clear_400(
+    stack: Stack, model: str, extra: dict[str, Any], fragment: str
+) -> None:
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}
+    async with stack.http.post(stack.base + "/v1/chat/completions", json=body) as r:
+        status, out = r.status, await r.json()
+    assert status == 400, out
+    assert fragment in out["error"]["message"]
+    # The same without the offending field is served.
+    stack.worker.script = "fine"
+    async with stack.http.post(
+        stack.base + "/v1/chat/completions", json={"model": model, "messages": body["messages"]}
+    ) as r:
+        assert r.status == 200
