@@ -181,7 +181,7 @@ async def test_without_tools_the_tags_stay_text_but_reasoning_is_still_separated
 
 async def test_responses_stream_reasoning_message_and_function_call(stack: Stack) -> None:
     stack.worker.script = SCRIPT
-    tools: Any = [{"type": "function", "name": "weather", "parameters": WEATHER["function"]["parameters"]}]  # type: ignore[index]
+    tools: Any = [{"type": "function", "name": "weather", "parameters": WEATHER["function"]["parameters"]}]
     unary = await stack.client.responses.create(model=MODEL, input="Weather in Paris?", tools=tools)
     assert [item.type for item in unary.output] == ["reasoning", "message", "function_call"]
     assert unary.output_text == "Let me check."

@@ -492,7 +492,7 @@ async def acknowledged(
     seen: list[int] = []
     while not seen or seen[-1] < count:
         reply = await asyncio.wait_for(call.read(), 10)
-        assert reply is not EOF, f"the call ended after acknowledging {seen}"
+        assert isinstance(reply, router_pb2.StreamNotificationsResponse), f"ended after acknowledging {seen}"
         seen.append(reply.handled)
     return seen
 

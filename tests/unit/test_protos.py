@@ -51,6 +51,7 @@ EXPECTED_RPCS: dict[str, dict[str, tuple[bool, bool]]] = {
         "Route": UNARY,
         "NotifyFirstToken": UNARY,
         "NotifyFinished": UNARY,
+        "StreamNotifications": BIDI,
         "Dump": SERVER_STREAM,
         "QueryOverlap": UNARY,
         "SubscribeReplicaEvents": SERVER_STREAM,

@@ -290,6 +290,8 @@ class RouterClient:
         self._notify_timeout = notify_timeout
         self._down_for = down_for
         self._pending: set[asyncio.Task[None]] = set()
+        # First-token notifications in flight as unary calls, by request id.
+        self._firsts: dict[str, asyncio.Task[None]] = {}
         self._retired: set[asyncio.Task[None]] = set()
         for address in addresses:
             self.add(address)
@@ -418,16 +420,23 @@ class RouterClient:
             self._unary(note, router.address)
 
     def _unary(self, note: _Note, owner: str | None) -> None:
+        """A notification as a call of its own; an end waits for its request's first token still
+        in flight, so that the router sees them in order."""
         request_id, outcome, output_tokens = note
         if outcome is None:
-            self._spawn(self._first_token(request_id, owner))
+            task = self._spawn(self._first_token(request_id, owner))
+            self._firsts[request_id] = task
+            task.add_done_callback(lambda _: self._firsts.pop(request_id, None))
         else:
-            self._spawn(self._finished(request_id, outcome, output_tokens, owner))
+            self._spawn(
+                self._finished(request_id, outcome, output_tokens, owner, self._firsts.get(request_id))
+            )
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro)
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
+        return task
 
     async def _first_token(self, request_id: str, owner: str | None) -> None:
         request = router_pb2.NotifyFirstTokenRequest(request_id=request_id)
@@ -439,8 +448,15 @@ class RouterClient:
         await self._deliver("NotifyFirstToken", request_id, owner, send)
 
     async def _finished(
-        self, request_id: str, outcome: Outcome, output_tokens: int, owner: str | None
+        self,
+        request_id: str,
+        outcome: Outcome,
+        output_tokens: int,
+        owner: str | None,
+        after: asyncio.Task[None] | None = None,
     ) -> None:
+        if after is not None:
+            await asyncio.wait((after,))
         request = router_pb2.NotifyFinishedRequest(
             request_id=request_id, outcome=_OUTCOME[outcome], output_tokens=output_tokens
         )

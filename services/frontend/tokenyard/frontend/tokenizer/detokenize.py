@@ -14,12 +14,17 @@ class DetokenizeStream:
     ``tokenizer.decode(all tokens)``.
 
     A token may end in the middle of a UTF-8 character (byte-level vocabularies split emoji and CJK
-    across tokens), and some decoders drop a leading space at the start of a sequence. So each step
-    decodes a short window twice, with and without the new tokens, starting at ``prefix`` (tokens
-    already emitted, kept as context), and emits the difference only when it does not end in U+FFFD:
-    the prefix-offset/read-offset technique of vLLM and TGI. Held-back tokens come out on a later
-    push or on :meth:`flush`. Each push decodes only the tokens since the last emitted delta, so a
-    long response costs linear time.
+    across tokens), and some decoders drop a leading space at the start of a sequence. So each push
+    decodes a short window starting at ``prefix`` (the tokens of the last delta, kept as context) and
+    emits what the new tokens add to the window's text, only when it does not end in U+FFFD: the
+    prefix-offset/read-offset technique of vLLM and TGI. Held-back tokens come out on a later push or
+    on :meth:`flush`. Each push decodes only the tokens since the last emitted delta, so a long
+    response costs linear time.
+
+    The window's own text would cost a second decode per push. A window starts where a delta ended,
+    after a complete character, so with most decoders (byte-level BPE) the window's text is that
+    delta: it is taken as such, and decoded only when the push's text does not start with it (a
+    decoder that drops the window's leading space, or cleans up spaces across tokens).
     """
 
     def __init__(self, tokenizer: Tokenizer, *, skip_special_tokens: bool = True) -> None:
@@ -28,7 +33,9 @@ class DetokenizeStream:
         self._ids: list[int] = []
         self._prefix = 0  # start of the decoding window
         self._read = 0  # tokens before this are in the emitted text
-        self._prefix_text: str | None = ""  # decode(ids[prefix:read]), None until recomputed
+        # The window's text: decode(ids[prefix:read]) when exact, else the last delta standing in for it.
+        self._prefix_text = ""
+        self._exact = True
 
     @property
     def token_ids(self) -> Sequence[int]:
@@ -36,27 +43,35 @@ class DetokenizeStream:
 
     def push(self, token_ids: Iterable[int]) -> str:
         """Adds tokens; returns the text they complete (possibly "")."""
-        self._ids.extend(token_ids)
-        prefix_text = self._window_prefix_text()
-        text = self._decode(self._ids[self._prefix :])
+        ids = self._ids
+        ids.extend(token_ids)
+        text = self._decode(ids[self._prefix :])
+        prefix_text = self._prefix_text
+        if not self._exact and not text.startswith(prefix_text):
+            prefix_text = self._prefix_text = self._decode(ids[self._prefix : self._read])
+            self._exact = True
         if len(text) > len(prefix_text) and not text.endswith(_REPLACEMENT):
-            self._prefix, self._read = self._read, len(self._ids)
-            self._prefix_text = None
-            return text[len(prefix_text) :]
+            delta = text[len(prefix_text) :]
+            self._prefix, self._read = self._read, len(ids)
+            self._prefix_text = delta
+            self._exact = False
+            return delta
         return ""
 
     def flush(self) -> str:
         """The text still held back (an incomplete character at the end comes out as U+FFFD)."""
-        prefix_text = self._window_prefix_text()
-        text = self._decode(self._ids[self._prefix :])
-        self._prefix = self._read = len(self._ids)
+        ids = self._ids
+        if self._read == len(ids):  # nothing held back
+            self._prefix, self._prefix_text, self._exact = self._read, "", True
+            return ""
+        text = self._decode(ids[self._prefix :])
+        if not self._exact and not text.startswith(self._prefix_text):
+            self._prefix_text = self._decode(ids[self._prefix : self._read])
+        delta = text[len(self._prefix_text) :]
+        self._prefix = self._read = len(ids)
         self._prefix_text = ""
-        return text[len(prefix_text) :]
-
-    def _window_prefix_text(self) -> str:
-        if self._prefix_text is None:
-            self._prefix_text = self._decode(self._ids[self._prefix : self._read])
-        return self._prefix_text
+        self._exact = True
+        return delta
 
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special) if ids else ""
