@@ -23,6 +23,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jinja2.exceptions import SecurityError
+from tokenizers import AddedToken, decoders, models
+from tokenizers import Tokenizer as Backend
 
 from tokenyard.frontend.tokenizer import (
     ChatTemplate,
@@ -395,6 +397,53 @@ def test_stream_of_arbitrary_bytes_matches_decode(
 ) -> None:
     ids = list(data)  # builtin:bytes: id == byte value, so any byte string, valid UTF-8 or not
     assert "".join(_stream(byte_tok, ids, chunks)) == byte_tok.decode(ids)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data(), st.lists(st.integers(1, 4), max_size=40), st.booleans())
+def test_stream_of_random_tokens_matches_decode(
+    smol: Tokenizer, data: st.DataObject, chunks: list[int], skip_special: bool
+) -> None:
+    # Any ids at all: special tokens, byte tokens that split characters, words in any order.
+    ids = data.draw(st.lists(st.integers(0, smol.vocab_size - 1), max_size=40))
+    stream, pieces, at = DetokenizeStream(smol, skip_special_tokens=skip_special), [], 0
+    sizes = iter(chunks)
+    while at < len(ids):
+        size = next(sizes, 1)
+        pieces.append(stream.push(ids[at : at + size]))
+        at += size
+    pieces.append(stream.flush())
+    assert "".join(pieces) == smol.decode(ids, skip_special_tokens=skip_special)
+
+
+def _sentencepiece_style() -> HFTokenizer:
+    """A Llama-2-style decoder: "▁" for spaces, byte fallback tokens, and the sequence's leading space
+    dropped, so that a window's text is not the text its tokens added to the response."""
+    vocab = {"<unk>": 0, "</s>": 1, "▁Hello": 2, "▁world": 3, "!": 4, "▁a": 5, "b": 6, "▁": 7}
+    vocab.update({f"<0x{b:02X}>": 8 + i for i, b in enumerate((0xE4, 0xB8, 0x96, 0xF0, 0x9F, 0x8E, 0x89))})
+    backend = Backend(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    backend.add_special_tokens([AddedToken("</s>", special=True)])
+    return HFTokenizer(backend, {"eos_token": "</s>"}, "test:sentencepiece-style")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 14), max_size=30), st.lists(st.integers(1, 3), max_size=30))
+def test_stream_with_a_decoder_that_drops_the_leading_space_matches_decode(
+    ids: list[int], chunks: list[int]
+) -> None:
+    tok = _sentencepiece_style()
+    assert "".join(_stream(tok, ids, chunks)) == tok.decode(ids)
+
+
+def test_stream_after_a_dropped_leading_space_keeps_the_space() -> None:
+    tok = _sentencepiece_style()
+    stream = DetokenizeStream(tok)
+    assert [stream.push([i]) for i in (2, 3, 4, 5, 6)] == ["Hello", " world", "!", " a", "b"]
+    assert [stream.push([i]) for i in (8, 9, 10)] == ["", "", "世"]
+    assert stream.flush() == ""
 
 
 def test_stream_holds_split_characters(byte_tok: Tokenizer) -> None:
