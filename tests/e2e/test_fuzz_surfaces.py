@@ -242,6 +242,27 @@ _CHAT_FIELDS = [
     "chat_template_kwargs",
     "add_generation_prompt",
     "top_logprobs",
+    "response_format",
+    "parallel_tool_calls",
+]
+_RESPONSES_FIELDS = [
+    "model",
+    "input",
+    "instructions",
+    "max_output_tokens",
+    "temperature",
+    "top_p",
+    "stream",
+    "text",
+    "tools",
+    "tool_choice",
+    "reasoning",
+    "previous_response_id",
+    "background",
+    "metadata",
+    "store",
+    "top_logprobs",
+    "truncation",
 ]
 
 
@@ -340,9 +361,60 @@ def _tools(rng: random.Random) -> Any:
     )
 
 
+def _format(rng: random.Random) -> Any:
+    deep: Any = {"type": "object"}
+    for _ in range(rng.choice([1, 40, 2000])):
+        deep = {"type": "object", "properties": {"x": deep}}
+    return rng.choice(
+        [
+            {"type": "json_object"},
+            {"type": "text"},
+            {"type": rng.choice(_STRINGS)},
+            {"type": "json_schema", "json_schema": _value(rng)},
+            {"type": "json_schema", "json_schema": {"name": "n", "schema": deep}},
+            {"type": "json_schema", "json_schema": {"name": "n", "schema": {"$ref": "http://x/y"}}},
+            {"type": "json_schema", "name": "n", "schema": {"type": "object"}},
+            _value(rng),
+        ]
+    )
+
+
+def _input(rng: random.Random) -> Any:
+    item = rng.choice(
+        [
+            {"role": "user", "content": "hi"},
+            {"role": _value(rng), "content": "hi"},
+            {"role": "user", "content": [{"type": "input_text", "text": _value(rng)}]},
+            {"role": "user", "content": [{"type": "input_image", "image_url": "x"}]},
+            {"type": "function_call", "call_id": _value(rng), "name": "f", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c", "output": _value(rng)},
+            {"type": "reasoning", "summary": []},
+            {"type": rng.choice(_STRINGS)},
+            _value(rng),
+        ]
+    )
+    return rng.choice(["", "hi", [], [item], [item] * rng.randrange(1, 50), _value(rng)])
+
+
 def _field_value(rng: random.Random, name: str) -> Any:
     if rng.random() < 0.4:
         return _value(rng)
+    if name == "input":
+        return _input(rng)
+    if name == "response_format":
+        return _format(rng)
+    if name == "text":
+        return rng.choice([{"format": _format(rng)}, _value(rng)])
+    if name == "tool_choice":
+        return rng.choice(
+            [
+                "none",
+                "auto",
+                "required",
+                {"type": "function", "function": {"name": "f"}},
+                {"type": "function", "name": "g"},
+            ]
+        )
     if name == "prompt":
         return _prompt(rng)
     if name == "messages":
@@ -390,6 +462,8 @@ def _encode_body(rng: random.Random, doc: Any) -> bytes:
 
 
 def http_case(rng: random.Random) -> HttpCase:
+    if rng.random() < 0.25:
+        return _responses_case(rng)
     chat = rng.random() < 0.5
     path = "/v1/chat/completions" if chat else "/v1/completions"
     fields = _CHAT_FIELDS if chat else _COMPLETION_FIELDS
@@ -450,6 +524,23 @@ def http_case(rng: random.Random) -> HttpCase:
         doc["max_completion_tokens"] = 8
     if rng.random() < 0.05:
         doc = {"wrapper": doc}
+    return HttpCase(path, _encode_body(rng, doc))
+
+
+def _responses_case(rng: random.Random) -> HttpCase:
+    path = "/v1/responses"
+    doc: Any = {"model": MODEL, "input": "hi", "max_output_tokens": 4}
+    if rng.random() < 0.1:
+        good = _encode_body(rng, doc)
+        return HttpCase(path, good[: rng.randrange(len(good))])
+    for _ in range(rng.randrange(1, 4)):
+        name = rng.choice(_RESPONSES_FIELDS)
+        if rng.randrange(6) == 0:
+            doc.pop(name, None)
+        else:
+            doc[name] = _field_value(rng, name)
+    if doc.get("max_output_tokens") is None:
+        doc["max_output_tokens"] = 8
     return HttpCase(path, _encode_body(rng, doc))
 
 

@@ -190,6 +190,9 @@ async def test_describe_and_discovery_carry_the_model_card() -> None:
         "total_kv_blocks": 256,
         "engine": "mocker",
         "role": "aggregated",
+        "reasoning_parser": "",
+        "tool_call_parser": "",
+        "structured_output": False,
     }
     assert [(r.dp_rank, r.total_blocks, r.active_blocks) for r in load.ranks] == [(0, 256, 0)]
 

@@ -57,6 +57,10 @@ async def test_worker_process_registers_serves_and_exits_cleanly(
             "16",
             "--mocker-num-gpu-blocks",
             "512",
+            "--reasoning-parser",
+            "think",
+            "--tool-call-parser",
+            "hermes",
         ]
     )
     instance = await wait_for_instance(url, "worker", proc=proc)
@@ -70,6 +74,9 @@ async def test_worker_process_registers_serves_and_exits_cleanly(
         "total_kv_blocks": 512,
         "engine": "mocker",
         "role": "aggregated",
+        "reasoning_parser": "think",
+        "tool_call_parser": "hermes",
+        "structured_output": False,
     }
 
     async with grpc.aio.insecure_channel(instance.address) as channel:
