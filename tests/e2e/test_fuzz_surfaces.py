@@ -363,7 +363,8 @@ def _tools(rng: random.Random) -> Any:
 
 def _format(rng: random.Random) -> Any:
     deep: Any = {"type": "object"}
-    for _ in range(rng.choice([1, 40, 2000])):
+    # Deeper than the schema limit (32), within what the JSON encoder here can write.
+    for _ in range(rng.choice([1, 40, 300])):
         deep = {"type": "object", "properties": {"x": deep}}
     return rng.choice(
         [
