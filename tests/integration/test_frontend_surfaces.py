@@ -388,10 +388,29 @@ async def test_a_client_that_disconnects_mid_stream_frees_the_worker_blocks(stac
     first = json.loads((await response.content.readline())[6:])
     s.request_ids.append(first["id"].split("-", 1)[1])
     assert await s.slow.active_blocks() > 0
+    before = await _samples(
+        s, "tokenyard_frontend_model_cancellation_total", "tokenyard_frontend_disconnected_clients"
+    )
     response.close()
     # 8000 tokens at milliseconds per step would keep them for seconds: only the cancellation
     # of the worker call frees them this soon.
     await s.drained()
+    after = await _samples(
+        s, "tokenyard_frontend_model_cancellation_total", "tokenyard_frontend_disconnected_clients"
+    )
+    assert [b + 1 for b in before] == after
+
+
+async def _samples(s: Stack, *names: str) -> list[float]:
+    """Sums of the named series (every label set) on the frontend's /metrics."""
+    async with s.http.get(s.base + "/metrics") as r:
+        text = await r.text()
+    totals = dict.fromkeys(names, 0.0)
+    for line in text.splitlines():
+        for name in names:
+            if line.startswith(name + "{") or line.startswith(name + " "):
+                totals[name] += float(line.rsplit(" ", 1)[1])
+    return [totals[n] for n in names]
 
 
 async def test_a_client_that_gives_up_on_a_unary_request_frees_the_worker_blocks(stack: Stack) -> None:
@@ -433,6 +452,13 @@ async def test_health_models_and_metrics(stack: Stack) -> None:
         "tokenyard_frontend_request_duration_seconds_bucket",
         "tokenyard_frontend_input_sequence_tokens_bucket",
         "tokenyard_frontend_output_sequence_tokens_bucket",
+        f'tokenyard_frontend_active_requests{{model="{MODEL}"}} 0.0',
+        f'tokenyard_frontend_tokenizer_latency_ms_count{{model="{MODEL}",operation="tokenize"}}',
+        f'tokenyard_frontend_tokenizer_latency_ms_count{{model="{MODEL}",operation="detokenize"}}',
+        "tokenyard_frontend_kv_hit_rate_bucket",
+        "tokenyard_frontend_model_migration_limit 3.0",
+        f'tokenyard_frontend_model_context_length{{model="{MODEL}"}} 4096.0',
+        f'tokenyard_frontend_model_kv_cache_block_size{{model="{MODEL}"}} 4.0',
         "tokenyard_rpc_requests_total",
     ):
         assert name in metrics
