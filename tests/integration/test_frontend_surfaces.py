@@ -746,6 +746,7 @@ async def test_kserve_metadata_and_config_agree(stack: Stack) -> None:
         "streaming",
         "stream",
         "max_tokens",
+        "min_length",
         "exclude_input_in_output",
         "sampling_parameters",
     }

@@ -39,6 +39,8 @@ INPUTS = (
     TensorSpec("streaming", "BOOL", mc.TYPE_BOOL, True),
     TensorSpec("stream", "BOOL", mc.TYPE_BOOL, True),
     TensorSpec("max_tokens", "INT32", mc.TYPE_INT32, True),
+    # TensorRT-LLM's name for min_tokens (genai-perf sends it for deterministic output lengths).
+    TensorSpec("min_length", "INT32", mc.TYPE_INT32, True),
     TensorSpec("exclude_input_in_output", "BOOL", mc.TYPE_BOOL, True),
     TensorSpec("sampling_parameters", "BYTES", mc.TYPE_STRING, True),
 )
@@ -155,6 +157,8 @@ def parse_infer_request(request: pb.ModelInferRequest) -> TextInferRequest:
         sampling.update(_sampling_json(values["sampling_parameters"]))
     if "max_tokens" in values:
         sampling["max_tokens"] = values["max_tokens"]
+    if "min_length" in values:
+        sampling["min_tokens"] = values["min_length"]
     return TextInferRequest(
         model=request.model_name,
         request_id=request.id,

@@ -77,7 +77,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ServerMetadataRequest, context: Context
     ) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(
-            name=PLATFORM, version=self._version, extensions=["model_configuration", "statistics"]
+            # No "statistics": per-model counters live in /metrics, and perf_analyzer, told the
+            # extension exists, picks the model version whose statistics counts grew.
+            name=PLATFORM, version=self._version, extensions=["model_configuration"]
         )
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:

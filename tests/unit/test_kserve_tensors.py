@@ -1,0 +1,57 @@
+"""KServe tensors to a generation request: the input sets of the common clients."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tokenyard.frontend.generation import Endpoint
+from tokenyard.frontend.kserve_tensors import build_request, parse_infer_request
+from tokenyard.kserve.v2 import grpc_service_pb2 as pb
+
+pytestmark = pytest.mark.unit
+
+
+def _request(*inputs: tuple[str, str, object]) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="m", id="r1")
+    for name, datatype, value in inputs:
+        tensor = request.inputs.add(name=name, datatype=datatype, shape=[1])
+        if datatype == "BYTES":
+            assert isinstance(value, bytes)
+            tensor.contents.bytes_contents.append(value)
+        elif datatype == "BOOL":
+            tensor.contents.bool_contents.append(bool(value))
+        else:
+            assert isinstance(value, int)
+            tensor.contents.int_contents.append(value)
+    return request
+
+
+def test_tensorrtllm_input_set_with_deterministic_lengths() -> None:
+    # What genai-perf sends for --backend tensorrtllm --output-tokens-mean-deterministic.
+    parsed = parse_infer_request(
+        _request(
+            ("text_input", "BYTES", b"hello"),
+            ("max_tokens", "INT32", 32),
+            ("min_length", "INT32", 32),
+            ("stream", "BOOL", True),
+            ("exclude_input_in_output", "BOOL", True),
+        )
+    )
+    request = build_request(parsed, Endpoint.KSERVE_STREAM_INFER)
+    assert (request.stop.max_tokens, request.stop.min_tokens, request.stream) == (32, 32, True)
+
+
+def test_vllm_input_set_reads_sampling_parameters_json() -> None:
+    sampling = json.dumps({"max_tokens": 12, "min_tokens": 12, "ignore_eos": True}).encode()
+    parsed = parse_infer_request(
+        _request(
+            ("text_input", "BYTES", b"hello"),
+            ("sampling_parameters", "BYTES", sampling),
+            ("stream", "BOOL", False),
+            ("exclude_input_in_output", "BOOL", True),
+        )
+    )
+    request = build_request(parsed, Endpoint.KSERVE_INFER)
+    assert (request.stop.max_tokens, request.stop.min_tokens, request.stop.ignore_eos) == (12, 12, True)
