@@ -79,7 +79,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerMetadataResponse(
             # No "statistics": per-model counters live in /metrics, and perf_analyzer, told the
             # extension exists, picks the model version whose statistics counts grew.
-            name=PLATFORM, version=self._version, extensions=["model_configuration"]
+            name=PLATFORM,
+            version=self._version,
+            extensions=["model_configuration"],
         )
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
