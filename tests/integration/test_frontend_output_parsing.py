@@ -50,8 +50,10 @@ class TextWorker(ScriptedWorker):
         super().__init__()
         self.tokenizer = load_tokenizer("smollm2")
         self.script = ""
+        self.requests: list[worker_pb2.GenerateRequest] = []
 
     async def Generate(self, request: Any, context: Any) -> AsyncIterator[worker_pb2.GenerateResponse]:
+        self.requests.append(request)
         ids = self.tokenizer.encode(self.script)
         for i in range(0, len(ids), 3):
             yield worker_pb2.GenerateResponse(token_ids=ids[i : i + 3])
@@ -82,6 +84,7 @@ async def text_worker(discovery_url: str, card: ModelCard) -> AsyncIterator[Text
 @dataclass
 class Stack:
     worker: TextWorker
+    plain_worker: TextWorker
     frontend: FrontendServer
     client: openai.AsyncOpenAI
     http: aiohttp.ClientSession
@@ -110,17 +113,19 @@ async def stack(router_process: tuple[str, ServiceProcess]) -> AsyncIterator[Sta
     await wait_for_instance(discovery, "router", proc=proc)
     settings = FrontendSettings(host="127.0.0.1", port=0, http_port=0, discovery=discovery, grace_period=1.0)
     card = ModelCard(MODEL, "smollm2", 16, 4096, 100, "scripted", "aggregated", "think", "hermes")
-    plain = ModelCard(PLAIN, "smollm2", 16, 4096, 100, "scripted", "aggregated")
+    plain = ModelCard(
+        PLAIN, "smollm2", 16, 4096, 100, "scripted", "aggregated", structured_output=("json_object",)
+    )
     async with (
         text_worker(discovery, card) as worker,
-        text_worker(discovery, plain),
+        text_worker(discovery, plain) as plain_worker,
         FrontendServer(settings) as frontend,
         aiohttp.ClientSession() as http,
     ):
         client = openai.AsyncOpenAI(
             base_url=f"http://127.0.0.1:{frontend.http_port}/v1", api_key="unused", max_retries=0, timeout=30
         )
-        s = Stack(worker, frontend, client, http)
+        s = Stack(worker, plain_worker, frontend, client, http)
 
         async def routes() -> bool:
             for model in (MODEL, PLAIN):
@@ -205,7 +210,17 @@ async def test_responses_stream_reasoning_message_and_function_call(stack: Stack
 @pytest.mark.parametrize(
     ("model", "extra", "fragment"),
     [
-        (MODEL, {"response_format": {"type": "json_object"}}, "cannot constrain its output"),
+        (MODEL, {"response_format": {"type": "json_object"}}, "it supports no structured output"),
+        (
+            PLAIN,
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "object"}},
+                }
+            },
+            "cannot constrain its output to json_schema (it supports only json_object)",
+        ),
         (
             MODEL,
             {
@@ -240,3 +255,18 @@ async def test_what_the_engine_cannot_honour_is_a_clear_400(
         stack.base + "/v1/chat/completions", json={"model": model, "messages": body["messages"]}
     ) as r:
         assert r.status == 200
+
+
+async def test_response_format_reaches_a_worker_whose_engine_honours_it(stack: Stack) -> None:
+    stack.plain_worker.script = '{"city": "Paris"}'
+    stack.plain_worker.requests.clear()
+    reply = await stack.client.chat.completions.create(
+        model=PLAIN, messages=[{"role": "user", "content": "hi"}], response_format={"type": "json_object"}
+    )
+    assert json.loads(reply.choices[0].message.content or "") == {"city": "Paris"}
+    [request] = stack.plain_worker.requests
+    assert request.guided_decoding.kind == worker_pb2.GUIDED_DECODING_KIND_JSON_OBJECT
+    assert request.guided_decoding.json_schema == ""
+    # Without response_format the worker is asked for free text.
+    await stack.client.chat.completions.create(model=PLAIN, messages=[{"role": "user", "content": "hi"}])
+    assert not stack.plain_worker.requests[-1].HasField("guided_decoding")

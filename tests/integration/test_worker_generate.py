@@ -192,7 +192,7 @@ async def test_describe_and_discovery_carry_the_model_card() -> None:
         "role": "aggregated",
         "reasoning_parser": "",
         "tool_call_parser": "",
-        "structured_output": False,
+        "structured_output": [],
     }
     assert [(r.dp_rank, r.total_blocks, r.active_blocks) for r in load.ranks] == [(0, 256, 0)]
 

@@ -76,7 +76,7 @@ async def test_worker_process_registers_serves_and_exits_cleanly(
         "role": "aggregated",
         "reasoning_parser": "think",
         "tool_call_parser": "hermes",
-        "structured_output": False,
+        "structured_output": [],
     }
 
     async with grpc.aio.insecure_channel(instance.address) as channel:

@@ -102,7 +102,7 @@ def test_json_form_is_plain_and_complete() -> None:
             "role": "decode",
             "reasoning_parser": "",
             "tool_call_parser": "",
-            "structured_output": False,
+            "structured_output": [],
         },
         "metadata": {"dp_rank": "0"},
     }
@@ -414,5 +414,19 @@ def test_card_of_an_older_worker_takes_the_defaults_of_the_optional_fields() -> 
     for key in ("reasoning_parser", "tool_call_parser", "structured_output"):
         del doc[key]
     assert ModelCard.from_dict(doc) == CARD
-    with pytest.raises(InvalidRecordError):
-        ModelCard.from_dict({**CARD.to_dict(), "structured_output": "yes"})
+    for wrong in ("yes", ["json_object", 1], [""], {"json_object": True}):
+        with pytest.raises(InvalidRecordError, match="structured_output"):
+            ModelCard.from_dict({**CARD.to_dict(), "structured_output": wrong})
+
+
+def test_structured_output_lists_kinds_and_reads_the_boolean_of_older_workers() -> None:
+    card = ModelCard.from_dict({**CARD.to_dict(), "structured_output": ["json_object"]})
+    assert card.structured_output == ("json_object",)
+    assert card.to_dict()["structured_output"] == ["json_object"]
+    assert ModelCard.from_dict(json.loads(json.dumps(card.to_dict()))) == card
+    # Before the list, a boolean said whether the engine could constrain its output at all.
+    assert ModelCard.from_dict({**CARD.to_dict(), "structured_output": True}).structured_output == (
+        "json_object",
+        "json_schema",
+    )
+    assert ModelCard.from_dict({**CARD.to_dict(), "structured_output": False}).structured_output == ()

@@ -18,6 +18,7 @@ from typing import Any
 from tokenyard.common.discovery.errors import InvalidRecordError
 
 MODEL_ROLES = ("aggregated", "prefill", "decode")
+STRUCTURED_OUTPUT_KINDS = ("json_object", "json_schema")
 
 # Service names become parts of Redis keys and file names, so they stay clear of ':', '.', '/' and globs.
 _SERVICE_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
@@ -108,13 +109,15 @@ class ModelCard:
     # block) and tool calls ("hermes": <tool_call>{json}</tool_call>).
     reasoning_parser: str = ""
     tool_call_parser: str = ""
-    # Whether the engine can constrain its output to JSON (response_format).
-    structured_output: bool = False
+    # The kinds of structured output (response_format) the engine can constrain its output to:
+    # "json_object", "json_schema"; empty when none. Kinds a reader does not know are kept.
+    structured_output: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         where = "model card"
-        if not isinstance(self.structured_output, bool):
-            raise _fail(where, "structured_output must be a boolean")
+        kinds = self.structured_output
+        if not isinstance(kinds, tuple) or not all(isinstance(k, str) and k for k in kinds):
+            raise _fail(where, "structured_output must be a list of non-empty strings")
         for name in ("model", "tokenizer", "engine", "role", "reasoning_parser", "tool_call_parser"):
             _check_str(where, name, getattr(self, name))
         if not self.model:
@@ -138,7 +141,7 @@ class ModelCard:
             "role": self.role,
             "reasoning_parser": self.reasoning_parser,
             "tool_call_parser": self.tool_call_parser,
-            "structured_output": self.structured_output,
+            "structured_output": list(self.structured_output),
         }
 
     @classmethod
@@ -147,7 +150,22 @@ class ModelCard:
             raise _fail("model card", f"must be an object, got {type(doc).__name__}")
         _check_keys("model card", doc, _CARD_FIELDS, _CARD_OPTIONAL)
         # Cards of older workers lack the optional fields: their defaults apply.
-        return cls(**{k: doc[k] for k in (*_CARD_FIELDS, *_CARD_OPTIONAL) if k in doc})
+        fields = {k: doc[k] for k in (*_CARD_FIELDS, *_CARD_OPTIONAL) if k in doc}
+        if "structured_output" in fields:
+            fields["structured_output"] = _structured_output(fields["structured_output"])
+        return cls(**fields)
+
+
+def _structured_output(value: object) -> object:
+    # Older workers published a bool, true meaning every kind; anything else stays for
+    # __post_init__ to judge.
+    if value is True:
+        return STRUCTURED_OUTPUT_KINDS
+    if value is False:
+        return ()
+    if isinstance(value, list):
+        return tuple(value)
+    return value
 
 
 _CARD_FIELDS = ("model", "tokenizer", "block_size", "context_length", "total_kv_blocks", "engine", "role")

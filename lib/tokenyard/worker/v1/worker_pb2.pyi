@@ -126,6 +126,28 @@ STORAGE_TIER_EXTERNAL: StorageTier.ValueType  # 4
 """Shared or remote storage outside the worker."""
 Global___StorageTier: _TypeAlias = StorageTier  # noqa: Y015
 
+class _GuidedDecodingKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _GuidedDecodingKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_GuidedDecodingKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    GUIDED_DECODING_KIND_UNSPECIFIED: _GuidedDecodingKind.ValueType  # 0
+    GUIDED_DECODING_KIND_JSON_OBJECT: _GuidedDecodingKind.ValueType  # 1
+    """One syntactically valid JSON object (RFC 8259), then end of sequence."""
+    GUIDED_DECODING_KIND_JSON_SCHEMA: _GuidedDecodingKind.ValueType  # 2
+    """One JSON object that validates against json_schema, then end of sequence."""
+
+class GuidedDecodingKind(_GuidedDecodingKind, metaclass=_GuidedDecodingKindEnumTypeWrapper):
+    """What the output must be, whatever the model would rather say."""
+
+GUIDED_DECODING_KIND_UNSPECIFIED: GuidedDecodingKind.ValueType  # 0
+GUIDED_DECODING_KIND_JSON_OBJECT: GuidedDecodingKind.ValueType  # 1
+"""One syntactically valid JSON object (RFC 8259), then end of sequence."""
+GUIDED_DECODING_KIND_JSON_SCHEMA: GuidedDecodingKind.ValueType  # 2
+"""One JSON object that validates against json_schema, then end of sequence."""
+Global___GuidedDecodingKind: _TypeAlias = GuidedDecodingKind  # noqa: Y015
+
 @_typing.final
 class SamplingParams(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -361,6 +383,7 @@ class GenerateRequest(_message.Message):
     CACHE_SALT_FIELD_NUMBER: _builtins.int
     DISAGGREGATION_FIELD_NUMBER: _builtins.int
     ANNOTATIONS_FIELD_NUMBER: _builtins.int
+    GUIDED_DECODING_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Unique per client request; migration to another worker keeps it."""
     model: _builtins.str
@@ -391,6 +414,12 @@ class GenerateRequest(_message.Message):
     def annotations(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Free-form key/values carried for tracing and engine-specific hints."""
 
+    @_builtins.property
+    def guided_decoding(self) -> Global___GuidedDecoding:
+        """Absent: the output is unconstrained. A worker whose engine cannot honour the kind refuses
+        the request with INVALID_ARGUMENT rather than ignore it.
+        """
+
     def __init__(
         self,
         *,
@@ -405,16 +434,42 @@ class GenerateRequest(_message.Message):
         cache_salt: _builtins.str = ...,
         disaggregation: Global___DisaggregationParams | None = ...,
         annotations: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        guided_decoding: Global___GuidedDecoding | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_dp_rank", b"_dp_rank", "disaggregation", b"disaggregation", "dp_rank", b"dp_rank", "sampling", b"sampling", "stop", b"stop"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_dp_rank", b"_dp_rank", "disaggregation", b"disaggregation", "dp_rank", b"dp_rank", "guided_decoding", b"guided_decoding", "sampling", b"sampling", "stop", b"stop"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dp_rank", b"_dp_rank", "annotations", b"annotations", "cache_salt", b"cache_salt", "disaggregation", b"disaggregation", "dp_rank", b"dp_rank", "lora_name", b"lora_name", "model", b"model", "priority", b"priority", "request_id", b"request_id", "sampling", b"sampling", "stop", b"stop", "token_ids", b"token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dp_rank", b"_dp_rank", "annotations", b"annotations", "cache_salt", b"cache_salt", "disaggregation", b"disaggregation", "dp_rank", b"dp_rank", "guided_decoding", b"guided_decoding", "lora_name", b"lora_name", "model", b"model", "priority", b"priority", "request_id", b"request_id", "sampling", b"sampling", "stop", b"stop", "token_ids", b"token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__dp_rank: _TypeAlias = _typing.Literal["dp_rank"]  # noqa: Y015
     _WhichOneofArgType__dp_rank: _TypeAlias = _typing.Literal["_dp_rank", b"_dp_rank"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType__dp_rank) -> _WhichOneofReturnType__dp_rank | None: ...
 
 Global___GenerateRequest: _TypeAlias = GenerateRequest  # noqa: Y015
+
+@_typing.final
+class GuidedDecoding(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    JSON_SCHEMA_FIELD_NUMBER: _builtins.int
+    kind: Global___GuidedDecodingKind.ValueType
+    json_schema: _builtins.str
+    """The JSON Schema, serialized; set exactly when kind is GUIDED_DECODING_KIND_JSON_SCHEMA.
+    Property order is the order the engine generates properties in.
+    """
+    def __init__(
+        self,
+        *,
+        kind: Global___GuidedDecodingKind.ValueType = ...,
+        json_schema: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["json_schema", b"json_schema", "kind", b"kind"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GuidedDecoding: _TypeAlias = GuidedDecoding  # noqa: Y015
 
 @_typing.final
 class Usage(_message.Message):

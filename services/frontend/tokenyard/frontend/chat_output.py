@@ -131,15 +131,21 @@ def merge(a: ChatDelta, b: ChatDelta) -> ChatDelta:
 
 def check_capabilities(card: ModelCard, request: GenerationRequest) -> None:
     """Refuse what the model's engine or parsers cannot honour, before anything is generated."""
-    if request.guided is not None and not card.structured_output:
+    if request.guided is not None and request.guided.kind not in card.structured_output:
+        supported = (
+            f"it supports only {', '.join(card.structured_output)}"
+            if card.structured_output
+            else "it supports no structured output"
+        )
         raise InvalidArgument(
             f"response_format: the {card.engine} engine serving {card.model!r} cannot constrain its "
-            f"output to {request.guided.kind.replace('_', ' ')}; ask without response_format, or "
-            "serve the model with an engine that supports structured output"
+            f"output to {request.guided.kind} ({supported}); ask without response_format, or "
+            "serve the model with an engine that supports it"
         )
     if not request.tools or request.tool_choice == "none":
         return
-    if request.tool_choice in ("required", "function") and not card.structured_output:
+    # A forced tool call is a JSON document shaped by the tool's parameter schema.
+    if request.tool_choice in ("required", "function") and "json_schema" not in card.structured_output:
         raise InvalidArgument(
             f"tool_choice: {request.tool_choice!r} needs an engine that can constrain its output; the "
             f"{card.engine} engine serving {card.model!r} cannot (use tool_choice 'auto' or 'none')"

@@ -29,6 +29,7 @@ from tokenyard.frontend.generation import (
     Usage,
     WorkerRequest,
 )
+from tokenyard.frontend.response_format import GuidedDecoding
 from tokenyard.router.v1 import router_pb2, router_pb2_grpc
 from tokenyard.worker.v1 import worker_pb2, worker_pb2_grpc
 
@@ -601,6 +602,7 @@ class WorkerClients:
             dp_rank=request.dp_rank,
             lora_name=request.lora_name,
             cache_salt=request.cache_salt,
+            guided_decoding=_guided_decoding(request.guided),
         )
         call = self._stub(address).Generate(message, metadata=outgoing_metadata(), timeout=request.timeout)
         return WorkerStream(call)
@@ -623,3 +625,15 @@ class WorkerClients:
         for channel in channels:
             with contextlib.suppress(Exception):
                 await channel.close(None)
+
+
+_GUIDED_KINDS = {
+    "json_object": worker_pb2.GUIDED_DECODING_KIND_JSON_OBJECT,
+    "json_schema": worker_pb2.GUIDED_DECODING_KIND_JSON_SCHEMA,
+}
+
+
+def _guided_decoding(guided: GuidedDecoding | None) -> worker_pb2.GuidedDecoding | None:
+    if guided is None:
+        return None
+    return worker_pb2.GuidedDecoding(kind=_GUIDED_KINDS[guided.kind], json_schema=guided.schema_json or "")

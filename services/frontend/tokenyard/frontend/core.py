@@ -45,6 +45,7 @@ from tokenyard.frontend.generation import (
     GenerationRequest,
     Outcome,
     RouteDecision,
+    Sampling,
     StopConditions,
     TokenChunk,
     Usage,
@@ -248,11 +249,12 @@ class Frontend:
             raise
         if max_tokens != request.stop.max_tokens:
             request = replace(request, stop=replace(request.stop, max_tokens=max_tokens))
-        if self._migration_limit and request.sampling.seed is None:
+        sampling = request.sampling
+        if self._migration_limit and sampling.seed is None:
             # A migrated request continues where it stopped only if the engine samples the rest
             # with the seed it began with; one derived from the request id survives re-routing.
-            seed = xxhash.xxh3_64_intdigest(request_id.encode())
-            request = replace(request, sampling=replace(request.sampling, seed=seed))
+            # Only the worker requests carry it: rebuilding the whole request would cost more.
+            sampling = replace(sampling, seed=xxhash.xxh3_64_intdigest(request_id.encode()))
         tracer = tracing.tracer()
         spans = RequestSpans(tracer, trace_parent, request, request_id) if tracer is not None else None
         timeout = limits.request_timeout
@@ -269,7 +271,7 @@ class Frontend:
                     raise expired from None
             else:
                 routed = await self._route(request, request_id, spans)
-            return self._open(request, request_id, started, *routed, spans)
+            return self._open(request, request_id, started, sampling, *routed, spans)
         except BaseException as exc:
             if spans is not None:
                 spans.fail(exc)
@@ -313,6 +315,7 @@ class Frontend:
         request: GenerationRequest,
         request_id: str,
         started: float,
+        sampling: Sampling,
         card: ModelCard,
         tokenizer: Tokenizer,
         prepared: Prepared,
@@ -324,13 +327,13 @@ class Frontend:
         try:
             if spans is None:
                 stream = self._generate(
-                    request, request_id, prepared.token_ids, request.stop, decision, deadline
+                    request, request_id, prepared.token_ids, sampling, request.stop, decision, deadline
                 )
             else:
                 # The worker's Generate span joins the trace under this one.
                 with trace.use_span(spans.open_generate(), end_on_exit=False):
                     stream = self._generate(
-                        request, request_id, prepared.token_ids, request.stop, decision, deadline
+                        request, request_id, prepared.token_ids, sampling, request.stop, decision, deadline
                     )
         except Exception as exc:
             lifecycle.finish(Outcome.FAILED, 0)
@@ -343,7 +346,7 @@ class Frontend:
 
             async def reroute(generated: Sequence[int], avoid: frozenset[int]) -> tuple[int, TokenStream]:
                 return await self._reroute(
-                    request, request_id, prepared.token_ids, generated, avoid, deadline
+                    request, request_id, prepared.token_ids, sampling, generated, avoid, deadline
                 )
 
         return Generation(
@@ -370,6 +373,7 @@ class Frontend:
         request: GenerationRequest,
         request_id: str,
         token_ids: Sequence[int],
+        sampling: Sampling,
         stop: StopConditions,
         decision: RouteDecision,
         deadline: float | None,
@@ -383,13 +387,14 @@ class Frontend:
             request_id=request_id,
             model=request.model,
             token_ids=token_ids,
-            sampling=request.sampling,
+            sampling=sampling,
             stop=stop,
             priority=request.priority,
             dp_rank=decision.dp_rank,
             lora_name=request.lora_name,
             cache_salt=request.cache_salt,
             timeout=timeout,
+            guided=request.guided,
         )
         return self._workers.generate(decision.address, worker_request)
 
@@ -398,6 +403,7 @@ class Frontend:
         request: GenerationRequest,
         request_id: str,
         prompt: Sequence[int],
+        sampling: Sampling,
         generated: Sequence[int],
         avoid: frozenset[int],
         deadline: float | None,
@@ -429,7 +435,7 @@ class Frontend:
                 min_tokens=max(0, request.stop.min_tokens - n),
             )
             return decision.worker_id, self._generate(
-                request, request_id, token_ids, stop, decision, deadline
+                request, request_id, token_ids, sampling, stop, decision, deadline
             )
         finally:
             request_id_var.reset(token)
@@ -500,12 +506,15 @@ class Generation:
         self._admission = admission
         self._spans = spans
         self._timeout = timeout
-        # Milliseconds spent detokenizing (observed once, at the end).
-        self._detok_ms = 0.0
+        # Seconds spent detokenizing (observed once, at the end).
+        self._detok_s = 0.0
         series = metrics.model(request.model)
         series.active.inc()
         series.isl.observe(self.prompt_tokens)
         self._gen = self._run()
+        # The next delta: what ``__anext__`` returns, minus one coroutine per token for
+        # consumers that loop over a long stream.
+        self.next_delta: Callable[[], Awaitable[Delta]] = self._gen.__anext__
 
     def __aiter__(self) -> Generation:
         return self
@@ -532,7 +541,7 @@ class Generation:
         """The whole output text and the last delta (finish reason and usage)."""
         parts: list[str] = []
         last = Delta("")
-        async for delta in self:
+        async for delta in self._gen:
             parts.append(delta.text)
             last = delta
         return "".join(parts), last
@@ -548,7 +557,7 @@ class Generation:
         series = self._metrics.model(req.model)
         series.active.dec()
         series.duration.observe(time.perf_counter() - self._started)
-        series.detokenize_ms.observe(self._detok_ms)
+        series.detokenize_ms.observe(self._detok_s * 1000)
         if outcome is Outcome.FINISHED:
             self._metrics.count(req.model, req.endpoint.value, req.stream, "success")
         elif outcome is Outcome.CANCELLED:
@@ -566,9 +575,13 @@ class Generation:
         series = self._metrics.model(req.model)
         matcher = StopStringMatcher(req.stop.stop_strings) if req.stop.stop_strings else None
         detok = self._detok
+        hidden = self._hidden
+        migratable = self._migration_limit > 0
+        perf_counter = time.perf_counter
         output_tokens = 0
-        # Every token so far, whichever worker made it: a migrated request continues after them.
-        generated: list[int] = []
+        # Every chunk's tokens so far, whichever worker made them: a migrated request continues
+        # after them. Kept as the chunks' own sequences and joined only when the request moves.
+        generated: list[Sequence[int]] = []
         # Workers whose stream of this request broke.
         lost: set[int] = set()
         # The current worker has sent nothing yet (its first token is news to the router).
@@ -584,10 +597,13 @@ class Generation:
                     if reopen:
                         reopen = False
                         assert self._reroute is not None
-                        self._worker_id, self._stream = await self._reroute(generated, frozenset(lost))
+                        so_far = [token for ids in generated for token in ids]
+                        self._worker_id, self._stream = await self._reroute(so_far, frozenset(lost))
                     async for chunk in self._stream:
-                        if chunk.token_ids:
-                            last_at = time.perf_counter()
+                        ids = chunk.token_ids
+                        finish = chunk.finish_reason
+                        if ids:
+                            last_at = perf_counter()
                             if not output_tokens:
                                 first_at = last_at
                                 series.ttft.observe(first_at - self._started)
@@ -595,23 +611,19 @@ class Generation:
                                 fresh = False
                                 # A request done in its first chunk skips the call: finishing
                                 # releases its prefill load as well.
-                                if chunk.finish_reason is None:
+                                if finish is None:
                                     self._lifecycle.first_token()
-                            output_tokens += len(chunk.token_ids)
-                            if self._migration_limit:
-                                generated.extend(chunk.token_ids)
-                            began = time.perf_counter()
-                            ids = chunk.token_ids
-                            if chunk.finish_reason is FinishReason.STOP and ids[-1] in self._hidden:
+                            output_tokens += len(ids)
+                            if migratable:
+                                generated.append(ids)
+                            if finish is FinishReason.STOP and ids[-1] in hidden:
                                 # The token that stopped the request (EOS, a stop token id) is
                                 # counted but never shown.
                                 ids = ids[:-1]
                             text = detok.push(ids)
-                            self._detok_ms += (time.perf_counter() - began) * 1000
+                            self._detok_s += perf_counter() - last_at
                         else:
                             text = ""
-                        finish = chunk.finish_reason
-                        usage = chunk.usage
                         if finish is not None:
                             text += detok.flush()
                             if matcher is not None:
@@ -631,6 +643,7 @@ class Generation:
                                 self._stream.cancel()
                                 finish = FinishReason.STOP
                         if finish is not None:
+                            usage = chunk.usage
                             if usage is None or self.migrations:
                                 # The last worker saw the earlier output as prompt.
                                 cached = min(usage.cached_tokens, self.prompt_tokens) if usage else 0

@@ -104,7 +104,9 @@ class Usage:
     cached_tokens: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+# Delta and TokenChunk are built once per token: not frozen, whose __init__ costs three times
+# as much (object.__setattr__ per field). Nothing changes them after construction.
+@dataclass(slots=True)
 class Delta:
     """New output text. The last delta of a request has ``finish_reason`` and ``usage``."""
 
@@ -136,9 +138,11 @@ class WorkerRequest:
     cache_salt: str = ""
     # Seconds left of the request's timeout (the call's deadline); None: no deadline.
     timeout: float | None = None
+    # What the engine must constrain the output to; None: free text.
+    guided: GuidedDecoding | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TokenChunk:
     """Tokens from the worker since its previous chunk; the last chunk has ``finish_reason``."""
 

@@ -176,11 +176,14 @@ async def _stream(
     options: HttpOptions,
 ) -> None:
     delta = first
+    next_delta = generation.next_delta
+    write = response.write
+    chunk = writer.chunk
     try:
         while delta.finish_reason is None:
-            await response.write(writer.chunk(delta))
-            delta = await generation.__anext__()
-        tail = writer.chunk(delta)
+            await write(chunk(delta))
+            delta = await next_delta()
+        tail = chunk(delta)
         if writer.include_usage and delta.usage is not None:
             tail += writer.usage_chunk(delta.usage)
     except TokenyardError as exc:
@@ -254,7 +257,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
                         break
                     if out:
                         await response.write(out)
-                    delta = await generation.__anext__()
+                    delta = await generation.next_delta()
             except TokenyardError as exc:
                 _, kind, message = http_status(exc, options.overload_status)
                 tail = writer.fail(kind, message)
@@ -279,7 +282,7 @@ async def _stream_parsed(
             part = parser.feed(delta.text)
             if part:
                 await response.write(writer.chunk_parts(part, None, False))
-            delta = await generation.__anext__()
+            delta = await generation.next_delta()
         part = merge(parser.feed(delta.text), parser.flush())
         tail = writer.chunk_parts(part, delta.finish_reason, parser.tool_call_count > 0)
         if writer.include_usage and delta.usage is not None:

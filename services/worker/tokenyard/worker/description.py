@@ -30,4 +30,5 @@ class WorkerDescription:
             role=self.role,
             reasoning_parser=self.reasoning_parser,
             tool_call_parser=self.tool_call_parser,
+            structured_output=tuple(kind.value for kind in self.engine.guided_kinds),
         )

@@ -4,7 +4,8 @@ Everything here is a plain domain type: the servicer translates protobuf to and 
 an engine never sees a ``*_pb2`` message. Engines report failures with the domain errors of
 :mod:`tokenyard.common.errors`, which reach the client as gRPC status codes:
 
-* ``InvalidArgument`` - a request this engine can never serve (prompt too long, bad dp_rank, ...);
+* ``InvalidArgument`` - a request this engine can never serve (prompt too long, bad dp_rank, a
+  guided decoding kind it does not honour, ...);
 * ``AlreadyExists`` - a request id that is already running here;
 * ``Unavailable`` - the engine is not running, or failed before the request produced a token;
 * ``Unimplemented`` - an optional capability (KV export/import) the engine does not have.
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
+from tokenyard.common.errors import InvalidArgument
 from tokenyard.worker.kv_events import KvEventListener, KvStored
 
 
@@ -46,6 +48,34 @@ class SamplingParams:
     repetition_penalty: float | None = None
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
+
+
+class GuidedKind(StrEnum):
+    """What a guided request's output must be."""
+
+    JSON_OBJECT = "json_object"
+    """One syntactically valid JSON object (RFC 8259), then end of sequence."""
+    JSON_SCHEMA = "json_schema"
+    """One JSON object valid against a JSON Schema, then end of sequence."""
+
+
+@dataclass(frozen=True, slots=True)
+class GuidedDecoding:
+    kind: GuidedKind
+    json_schema: str = ""
+    """The serialized schema; set exactly when ``kind`` is ``json_schema``."""
+
+
+def refuse_unguidable(guided: GuidedDecoding | None, kind: str, supported: tuple[GuidedKind, ...]) -> None:
+    """Raise InvalidArgument when an engine of ``kind`` cannot honour ``guided``: an engine never
+    ignores a constraint it was asked for."""
+    if guided is None or guided.kind in supported:
+        return
+    can = ", ".join(k.value for k in supported) if supported else "no guided decoding at all"
+    raise InvalidArgument(
+        f"guided_decoding: the {kind} engine cannot constrain its output to {guided.kind.value} "
+        f"(it supports {can})"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +110,8 @@ class EngineRequest:
     kv_transfer: KvTransferParams | None = None
     """Decode side: import the prompt's KV from here instead of computing it."""
     annotations: Mapping[str, str] = field(default_factory=dict)
+    guided: GuidedDecoding | None = None
+    """None: the output is unconstrained."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +200,8 @@ class EngineInfo:
     max_num_batched_tokens: int
     eos_token_ids: tuple[int, ...]
     publishes_kv_events: bool
+    guided_kinds: tuple[GuidedKind, ...] = ()
+    """The guided decoding kinds the engine honours; it refuses the others."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,7 +29,15 @@ from tokenyard.common.errors import (
     TokenyardError,
     Unavailable,
 )
-from tokenyard.worker.engine import Engine, EngineInfo, EngineRequest, FinishReason, KvTransferParams, Usage
+from tokenyard.worker.engine import (
+    Engine,
+    EngineInfo,
+    EngineRequest,
+    FinishReason,
+    KvTransferParams,
+    Usage,
+    refuse_unguidable,
+)
 from tokenyard.worker.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
@@ -110,6 +118,7 @@ def validate(request: EngineRequest, model: str, served_model: str, info: Engine
         raise InvalidArgument(
             f"dp_rank {request.dp_rank} out of range: this worker has ranks 0..{info.dp_size - 1}"
         )
+    refuse_unguidable(request.guided, info.kind, info.guided_kinds)
     s = request.sampling
     _check_range("temperature", s.temperature, 0.0, math.inf)
     _check_range("top_p", s.top_p, 0.0, 1.0, low_open=True)

@@ -14,6 +14,8 @@ from tokenyard.worker.engine import (
     Engine,
     EngineRequest,
     FinishReason,
+    GuidedDecoding,
+    GuidedKind,
     KvSnapshot,
     KvTransferParams,
     RankLoad,
@@ -37,6 +39,10 @@ _FINISH = {
     FinishReason.LENGTH: worker_pb2.FINISH_REASON_LENGTH,
     FinishReason.CANCELLED: worker_pb2.FINISH_REASON_CANCELLED,
     FinishReason.ERROR: worker_pb2.FINISH_REASON_ERROR,
+}
+_GUIDED_KINDS = {
+    worker_pb2.GUIDED_DECODING_KIND_JSON_OBJECT: GuidedKind.JSON_OBJECT,
+    worker_pb2.GUIDED_DECODING_KIND_JSON_SCHEMA: GuidedKind.JSON_SCHEMA,
 }
 _ROLES = {
     "aggregated": worker_pb2.WORKER_ROLE_AGGREGATED,
@@ -190,6 +196,15 @@ def _engine_request(request: worker_pb2.GenerateRequest) -> EngineRequest:
             num_tokens=t.num_tokens,
             engine_params=t.engine_params,
         )
+    guided = None
+    if request.HasField("guided_decoding"):
+        g = request.guided_decoding
+        kind = _GUIDED_KINDS.get(g.kind)
+        if kind is None:
+            raise InvalidArgument("guided_decoding.kind must be set")
+        if (kind is GuidedKind.JSON_SCHEMA) != bool(g.json_schema):
+            raise InvalidArgument("guided_decoding.json_schema must be set exactly when kind is JSON_SCHEMA")
+        guided = GuidedDecoding(kind, g.json_schema)
     return EngineRequest(
         request_id=request.request_id,
         token_ids=tuple(request.token_ids),
@@ -214,6 +229,7 @@ def _engine_request(request: worker_pb2.GenerateRequest) -> EngineRequest:
         prefill_only=disagg.prefill_only,
         kv_transfer=transfer,
         annotations=dict(request.annotations),
+        guided=guided,
     )
 
 

@@ -36,6 +36,7 @@ from tokenyard.common.errors import AlreadyExists, InvalidArgument, NotFound, Un
 from tokenyard.worker.config import WorkerRole
 from tokenyard.worker.cpu import attention
 from tokenyard.worker.cpu.config import CpuEngineConfig
+from tokenyard.worker.cpu.guided import GuideVocabulary, JsonObjectGuide
 from tokenyard.worker.cpu.kv_cache import BlockTable, KvGeometry, PagedKvCache
 from tokenyard.worker.cpu.model import LoadedModel, ModelLoadError, load_model
 from tokenyard.worker.cpu.runner import ModelRunner
@@ -46,6 +47,7 @@ from tokenyard.worker.engine import (
     EngineRequest,
     FinishReason,
     GenerateChunk,
+    GuidedKind,
     KvBlockExport,
     KvBlockLayout,
     KvSnapshot,
@@ -55,6 +57,7 @@ from tokenyard.worker.engine import (
     StepMetrics,
     StepRequests,
     Usage,
+    refuse_unguidable,
 )
 from tokenyard.worker.kv_events import KvEventListener, KvEventPublisher
 
@@ -117,6 +120,7 @@ class CpuEngine:
         self._runner: ModelRunner | None = None
         self._info: EngineInfo | None = None
         self._layout: KvBlockLayout | None = None
+        self._vocabulary: GuideVocabulary | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -186,6 +190,7 @@ class CpuEngine:
             max_num_batched_tokens=cfg.max_num_batched_tokens,
             eos_token_ids=self._loaded.eos_token_ids,
             publishes_kv_events=self.publishes_kv_events,
+            guided_kinds=(GuidedKind.JSON_OBJECT,) if self._vocabulary is not None else (),
         )
         self._running = True
         self._task = asyncio.create_task(self._run(), name="cpu-engine")
@@ -214,10 +219,20 @@ class CpuEngine:
         else:
             self._loaded.model.set_attn_implementation(attention.ATTN_IMPLEMENTATION)
         g = self._loaded.geometry
+        self._vocabulary = self._guide_vocabulary(self._loaded)
         geometry = KvGeometry(g.num_layers, g.num_kv_heads, g.head_dim, cfg.block_size)
         num_blocks = cfg.num_kv_blocks or max(1, int(cfg.kv_cache_gib * (1 << 30)) // geometry.block_bytes)
         sink = self._events.publish if self.publishes_kv_events else None
         return PagedKvCache(num_blocks, geometry, enable_prefix_caching=cfg.enable_prefix_caching, sink=sink)
+
+    @staticmethod
+    def _guide_vocabulary(loaded: LoadedModel) -> GuideVocabulary | None:
+        """What guided decoding needs; None (no guided decoding) for a model without EOS or
+        without a byte-level tokenizer next to its weights."""
+        path = loaded.weights_dir / "tokenizer.json"
+        if not loaded.eos_token_ids or not path.is_file():
+            return None
+        return GuideVocabulary.from_tokenizer_file(path, loaded.geometry.vocab_size)
 
     async def stop(self) -> None:
         """Stop stepping; requests still in flight end with ``cancelled``."""
@@ -257,13 +272,16 @@ class CpuEngine:
             raise AlreadyExists(f"request {request.request_id!r} is already running on this worker")
         if request.prefill_only or self.role is WorkerRole.PREFILL:
             request = dataclasses.replace(request, max_tokens=1, prefill_only=True)
+        refuse_unguidable(request.guided, self.kind, self._info.guided_kinds if self._info else ())
         try:
             sampler = Sampler.from_params(
                 request.sampling, self.config.default_temperature, self.config.default_top_p
             )
+            guide = self._guide(request)
             seq = self._scheduler.add(request, sampler)
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from None
+        seq.guide = guide
         if request.kv_transfer is not None:
             imported = self._imports.pop(request.kv_transfer.transfer_id, None)
             if imported is not None:
@@ -300,6 +318,14 @@ class CpuEngine:
             if self._streams.get(request.request_id) is stream:
                 del self._streams[request.request_id]
                 self._scheduler.abort(request.request_id)
+
+    def _guide(self, request: EngineRequest) -> JsonObjectGuide | None:
+        if request.guided is None or self._vocabulary is None or self._loaded is None:
+            return None
+        # Once the object is closed the output ends: on the model's EOS or a stop token, whichever
+        # the model prefers (a stop token is what ends a request that ignores EOS).
+        ends = dict.fromkeys((*self._loaded.eos_token_ids, *sorted(request.stop_token_ids)))
+        return JsonObjectGuide(self._vocabulary, tuple(ends))
 
     def abort(self, request_id: str) -> bool:
         stream = self._streams.pop(request_id, None)

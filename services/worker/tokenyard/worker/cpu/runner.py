@@ -20,6 +20,7 @@ from tokenyard.worker.cpu.attention import (
     PrefillSpan,
     causal_mask_with_prefix,
 )
+from tokenyard.worker.cpu.guided import JsonObjectGuide, sample_guided
 from tokenyard.worker.cpu.kv_cache import PagedKvCache
 from tokenyard.worker.cpu.sampling import Sampler, sample
 from tokenyard.worker.cpu.scheduler import Scheduled, SequenceState
@@ -38,6 +39,8 @@ class StepInputs:
     prompts: tuple[Seq[int], ...]
     """Per sampled request: the prompt and the output so far, for penalties (empty when unused)."""
     outputs: tuple[Seq[int], ...]
+    guides: tuple[JsonObjectGuide | None, ...] = ()
+    """Per sampled request: its output constraint, if any; empty when no request has one."""
 
 
 class ModelRunner:
@@ -87,6 +90,7 @@ class ModelRunner:
             decode = DecodeGroup(torch.tensor(decode_rows), padded.flatten(), longest, mask)
 
         penalized = [s.sampler.penalized for s in sample_seqs]
+        guides = tuple(s.guide for s in sample_seqs)
         return StepInputs(
             input_ids=torch.tensor(ids, dtype=torch.int64)[None],
             position_ids=torch.cat(positions)[None],
@@ -99,6 +103,7 @@ class ModelRunner:
                 for s, p in zip(sample_seqs, penalized, strict=True)
             ),
             outputs=tuple(tuple(s.output) if p else () for s, p in zip(sample_seqs, penalized, strict=True)),
+            guides=guides if any(g is not None for g in guides) else (),
         )
 
     def step(self, plan: Seq[Scheduled]) -> dict[SequenceState, int]:
@@ -119,4 +124,26 @@ class ModelRunner:
             if not inputs.sample_seqs:
                 return []
             logits = out.logits[0].float()
+            if inputs.guides:
+                return _sample_with_guides(logits, inputs)
             return sample(logits, inputs.samplers, inputs.prompts, inputs.outputs)
+
+
+def _sample_with_guides(logits: torch.Tensor, inputs: StepInputs) -> list[int]:
+    free = [i for i, g in enumerate(inputs.guides) if g is None]
+    tokens = [0] * len(inputs.guides)
+    if free:
+        picked = sample(
+            logits[free],
+            [inputs.samplers[i] for i in free],
+            [inputs.prompts[i] for i in free],
+            [inputs.outputs[i] for i in free],
+        )
+        for i, token in zip(free, picked, strict=True):
+            tokens[i] = token
+    for i, guide in enumerate(inputs.guides):
+        if guide is not None:
+            tokens[i] = sample_guided(
+                logits[i], inputs.samplers[i], guide, inputs.prompts[i], inputs.outputs[i]
+            )
+    return tokens

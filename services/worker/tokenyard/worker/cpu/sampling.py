@@ -96,6 +96,12 @@ def sample_one(logits: torch.Tensor, sampler: Sampler) -> int:
     """A token from one request's ``[vocab]`` logits."""
     if sampler.greedy:
         return int(torch.argmax(logits))
+    return int(torch.multinomial(probabilities(logits, sampler), 1, generator=sampler.generator))
+
+
+def probabilities(logits: torch.Tensor, sampler: Sampler) -> torch.Tensor:
+    """The distribution a non-greedy ``sampler`` draws from: temperature, then top-k, min-p and
+    top-p (filtered tokens get 0, the rest keep their unnormalized mass)."""
     scaled = logits / sampler.temperature
     if sampler.top_k and sampler.top_k < scaled.shape[0]:
         kth = torch.topk(scaled, sampler.top_k).values[-1]
@@ -109,7 +115,7 @@ def sample_one(logits: torch.Tensor, sampler: Sampler) -> int:
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
         sorted_probs = sorted_probs.masked_fill(before >= sampler.top_p * sorted_probs.sum(), 0.0)
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=sampler.generator))
+    return probs
 
 
 def sample(

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 
 from tokenyard.common.hashing import local_block_hashes, salt_hash, sequence_hashes
+from tokenyard.worker.cpu.guided import JsonObjectGuide
 from tokenyard.worker.cpu.kv_cache import BlockTable, PagedKvCache
 from tokenyard.worker.cpu.sampling import Sampler
 from tokenyard.worker.engine import EngineRequest, FinishReason, Usage
@@ -48,6 +49,8 @@ class SequenceState:
         self.accepted_at = time.monotonic()
         self.scheduled_at: float | None = None
         self.finished = False
+        self.guide: JsonObjectGuide | None = None
+        """The output constraint, advanced by the runner as each token is sampled."""
         self.imported: tuple[tuple[int, bytes], ...] | None = None
         """KV blocks fetched from a prefill worker, ``(sequence hash, bytes)`` in prompt order,
         placed into the cache when the request is admitted."""

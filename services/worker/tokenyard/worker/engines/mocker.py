@@ -30,6 +30,7 @@ from tokenyard.worker.engine import (
     StepMetrics,
     StepRequests,
     Usage,
+    refuse_unguidable,
 )
 from tokenyard.worker.kv_events import KvEvent, KvEventListener
 from tokenyard.worker.mocker import request as mocker_request
@@ -95,6 +96,8 @@ class MockerAdapter:
     async def generate(self, request: EngineRequest) -> AsyncGenerator[GenerateChunk, None]:
         if request.request_id in self._requests:
             raise AlreadyExists(f"request {request.request_id!r} is already running on this worker")
+        # The mocker's tokens are made up: it has no vocabulary to constrain.
+        refuse_unguidable(request.guided, self.kind, ())
         prompt_len = len(request.token_ids)
         max_tokens = request.max_tokens
         if max_tokens is None:
