@@ -52,7 +52,7 @@ from tokenyard.frontend.generation import (
     WorkerRequest,
 )
 from tokenyard.frontend.lifecycle import RequestLifecycle
-from tokenyard.frontend.limits import Admission, Limits
+from tokenyard.frontend.limits import Admission, Limits, check_stop_strings
 from tokenyard.frontend.metrics import FrontendMetrics, error_type
 from tokenyard.frontend.models import ModelRegistry
 from tokenyard.frontend.preprocess import Prepared, Preprocessor
@@ -244,6 +244,7 @@ class Frontend:
         limits = self.limits
         try:
             max_tokens = limits.output_tokens(request.stop.max_tokens)
+            check_stop_strings(request.stop.stop_strings)
         except TokenyardError as exc:
             self.count_failure(request, exc)
             raise

@@ -6,6 +6,7 @@ client reading the error and the operator reading the log know which knob to tur
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tokenyard.common.errors import InvalidArgument, Overloaded
@@ -45,6 +46,22 @@ class Limits:
                 f"the prompt has {prompt_tokens} tokens, more than this server allows ({limit}, "
                 f"{_setting('max-prompt-tokens')})"
             )
+
+
+# Stop strings are matched on every piece of output text, on the event loop: their number and
+# length bound the work per token (OpenAI itself takes 4).
+MAX_STOP_STRINGS = 256
+MAX_STOP_STRING_CHARS = 1024
+
+
+def check_stop_strings(stop: Sequence[str]) -> None:
+    if len(stop) > MAX_STOP_STRINGS:
+        raise InvalidArgument(f"stop: at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(stop)}")
+    longest = max(map(len, stop), default=0)
+    if longest > MAX_STOP_STRING_CHARS:
+        raise InvalidArgument(
+            f"stop: a stop string may have at most {MAX_STOP_STRING_CHARS} characters, got one of {longest}"
+        )
 
 
 class Admission:

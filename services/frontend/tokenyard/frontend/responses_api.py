@@ -138,7 +138,9 @@ def input_messages(body: ResponsesBody) -> list[dict[str, Any]]:
         where = f"input.{i}"
         kind = item.get("type", "message")
         if kind == "message":
-            role = _ROLES.get(item.get("role"))  # type: ignore[arg-type]
+            given = item.get("role")
+            # Not a dict lookup of any JSON value: a list or an object there is unhashable.
+            role = _ROLES.get(given) if isinstance(given, str) else None
             if role is None:
                 raise InvalidArgument(f"{where}.role: must be one of user, assistant, system, developer")
             messages.append({"role": role, "content": _text_of(item.get("content"), f"{where}.content")})

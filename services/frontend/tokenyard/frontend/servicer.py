@@ -211,7 +211,17 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             reader.cancel()
             for task in list(tasks):
                 task.cancel()
-            await asyncio.gather(reader, *tasks, return_exceptions=True)
+            everything = [reader, *tasks]
+            pending = set(everything)
+            while pending:
+                # Nobody reads the queue any more: empty it, or a cancelled task whose cleanup
+                # puts its done marker into a full queue (a client that stopped reading, then
+                # left) would wait for room forever.
+                while not queue.empty():
+                    queue.get_nowait()
+                _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            # Retrieves their exceptions (all are done by now).
+            await asyncio.gather(*everything, return_exceptions=True)
 
     async def _serve_one(
         self, request: pb.ModelInferRequest, queue: asyncio.Queue[pb.ModelStreamInferResponse | _Marker]
