@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import struct
+from typing import Any
 
 import pytest
 
+from tokenyard.common.errors import InvalidArgument
 from tokenyard.frontend.generation import Endpoint
 from tokenyard.frontend.kserve_tensors import build_request, parse_infer_request
 from tokenyard.kserve.v2 import grpc_service_pb2 as pb
@@ -55,3 +58,33 @@ def test_vllm_input_set_reads_sampling_parameters_json() -> None:
     )
     request = build_request(parsed, Endpoint.KSERVE_INFER)
     assert (request.stop.max_tokens, request.stop.min_tokens, request.stop.ignore_eos) == (12, 12, True)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "fragment"),
+    [
+        (lambda r: r.inputs[0].shape.__setitem__(0, 2), "holds 2 elements"),
+        (
+            lambda r: r.inputs[0].contents.bytes_contents.append(b"second prompt"),
+            "2 elements where the shape holds one",
+        ),
+        (lambda r: r.inputs[1].contents.int_contents.append(9), "2 elements where the shape holds one"),
+        (lambda r: r.inputs[1].contents.int64_contents.append(9), "more than one contents field"),
+    ],
+)
+def test_a_batch_is_refused_rather_than_served_in_part(mutate: Any, fragment: str) -> None:
+    request = _request(("text_input", "BYTES", b"hello"), ("max_tokens", "INT32", 8))
+    mutate(request)
+    with pytest.raises(InvalidArgument, match=fragment):
+        parse_infer_request(request)
+
+
+def test_raw_contents_of_more_than_one_element_are_refused() -> None:
+    request = pb.ModelInferRequest(model_name="m")
+    request.inputs.add(name="text_input", datatype="BYTES", shape=[1])
+    request.inputs.add(name="max_tokens", datatype="INT32", shape=[1])
+    request.raw_input_contents.extend([struct.pack("<I", 2) + b"hi", struct.pack("<ii", 4, 5)])
+    with pytest.raises(InvalidArgument, match="8 bytes of raw data for one 4-byte element"):
+        parse_infer_request(request)
+    request.raw_input_contents[1] = struct.pack("<i", 4)
+    assert parse_infer_request(request).prompt == "hi"

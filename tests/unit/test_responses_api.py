@@ -6,6 +6,8 @@ import json
 from typing import Any
 
 import pytest
+from openai.types.responses import Response, ResponseStreamEvent
+from pydantic import TypeAdapter
 
 from tokenyard.common.errors import InvalidArgument
 from tokenyard.frontend.generation import Endpoint, FinishReason, Usage
@@ -86,6 +88,8 @@ def test_input_items_become_chat_messages() -> None:
         ({"model": "m", "input": "hi", "max_output_tokens": 0}, "max_output_tokens"),
         ({"model": "m", "input": "hi", "temperature": 3}, "temperature"),
         ({"input": "hi"}, "model"),
+        ({"model": "m", "input": "hi", "metadata": {str(i): "v" for i in range(17)}}, "metadata"),
+        ({"model": "m", "input": "hi", "metadata": {"k": "v" * 513}}, "metadata.k"),
         ([1, 2], "JSON object"),
     ],
 )
@@ -104,6 +108,9 @@ def test_stream_of_reasoning_text_and_a_call_is_well_formed() -> None:
     raw += w.function_call(FunctionCall("call_1", "weather", '{"city":"Paris"}'))
     raw += w.finish(FinishReason.STOP, Usage(5, 9, 2))
     evs = events(raw)
+    # Strictly what the openai package's types accept, every event.
+    for ev in evs:
+        TypeAdapter(ResponseStreamEvent).validate_python(ev)
     assert [e["sequence_number"] for e in evs] == list(range(len(evs)))
     assert [e["type"] for e in evs] == [
         "response.created",
@@ -134,7 +141,7 @@ def test_stream_of_reasoning_text_and_a_call_is_well_formed() -> None:
     assert call["call_id"] == "call_1" and call["arguments"] == '{"city":"Paris"}'
     assert final["usage"] == {
         "input_tokens": 5,
-        "input_tokens_details": {"cached_tokens": 2},
+        "input_tokens_details": {"cached_tokens": 2, "cache_write_tokens": 0},
         "output_tokens": 9,
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": 14,
@@ -157,6 +164,9 @@ def test_an_output_cut_by_the_limit_is_incomplete_and_an_empty_one_still_has_its
 def test_an_error_mid_stream_closes_the_open_item_and_fails_the_response() -> None:
     w = _writer()
     evs = events(w.start() + w.text("partial") + w.fail("service_unavailable", "the worker went away"))
+    # Every event is one the openai package can read.
+    for ev in evs:
+        TypeAdapter(ResponseStreamEvent).validate_python(ev)
     assert [e["type"] for e in evs[-4:]] == [
         "response.output_text.done",
         "response.content_part.done",
@@ -165,12 +175,18 @@ def test_an_error_mid_stream_closes_the_open_item_and_fails_the_response() -> No
     ]
     final = evs[-1]["response"]
     assert final["status"] == "failed"
-    assert final["error"] == {"code": "service_unavailable", "message": "the worker went away"}
+    assert final["error"] == {
+        "code": "server_error",
+        "message": "the worker went away",
+        "type": "service_unavailable",
+    }
 
 
 def test_the_whole_object_orders_reasoning_message_and_calls() -> None:
     w = _writer()
     doc = w.full("", "why", [FunctionCall("c", "f", "{}")], FinishReason.STOP, Usage(1, 2))
     assert [item["type"] for item in doc["output"]] == ["reasoning", "function_call"]
+    Response.model_validate(doc)
     doc = _writer().full("answer", "", [], FinishReason.STOP, Usage(1, 2))
+    Response.model_validate(doc)
     assert doc["output"][0]["content"][0]["text"] == "answer" and doc["status"] == "completed"

@@ -262,16 +262,25 @@ class Frontend:
         # Within this scope, logs and outgoing calls (Route, Generate) carry the request id.
         token = request_id_var.set(request_id)
         try:
-            if timeout:
-                try:
-                    async with asyncio.timeout(timeout):
-                        routed = await self._route(request, request_id, spans)
-                except TimeoutError:
-                    expired = timeout_error(timeout)
-                    self.count_failure(request, expired)
-                    raise expired from None
-            else:
-                routed = await self._route(request, request_id, spans)
+            try:
+                if timeout:
+                    try:
+                        async with asyncio.timeout(timeout):
+                            routed = await self._route(request, request_id, spans)
+                    except TimeoutError:
+                        expired = timeout_error(timeout)
+                        self.count_failure(request, expired)
+                        raise expired from None
+                else:
+                    routed = await self._route(request, request_id, spans)
+            except (asyncio.CancelledError, DeadlineExceeded) as exc:
+                # Cut short while the Route call may have reached the router: tell it the request
+                # is over, or it would count the load until its expiry (a no-op if it never saw it).
+                cancelled = isinstance(exc, asyncio.CancelledError)
+                self._router.notify_finished(
+                    request_id, Outcome.CANCELLED if cancelled else Outcome.FAILED, 0
+                )
+                raise
             return self._open(request, request_id, started, sampling, *routed, spans)
         except BaseException as exc:
             if spans is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,35 +93,53 @@ def _bytes_elements(raw: bytes, name: str) -> list[bytes]:
     return out
 
 
+def _one(items: Sequence[Any], name: str) -> Any:
+    if not items:
+        raise InvalidArgument(f"input {name}: no data")
+    if len(items) > 1:
+        raise InvalidArgument(f"input {name}: {len(items)} elements where the shape holds one")
+    return items[0]
+
+
+def _one_raw(raw: bytes, size: int, name: str) -> None:
+    if not raw:
+        raise InvalidArgument(f"input {name}: no data")
+    if len(raw) != size:
+        raise InvalidArgument(f"input {name}: {len(raw)} bytes of raw data for one {size}-byte element")
+
+
 def _first_value(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> Any:
-    """The first element of a tensor: bytes for BYTES, bool for BOOL, int for integers."""
+    """The one element of a tensor: bytes for BYTES, bool for BOOL, int for integers.
+
+    One request is one prompt: a tensor of several elements (a batch) is refused rather than
+    served in part."""
     name, dtype = tensor.name, tensor.datatype
-    if _element_count(tensor.shape) < 1:
+    count = _element_count(tensor.shape)
+    if count < 1:
         raise InvalidArgument(f"input {name}: shape {list(tensor.shape)} has no elements")
+    if count > 1:
+        raise InvalidArgument(
+            f"input {name}: shape {list(tensor.shape)} holds {count} elements; one request takes one "
+            "(shape [1] or [1, 1])"
+        )
     if dtype == "BYTES":
         items = _bytes_elements(raw, name) if raw is not None else list(tensor.contents.bytes_contents)
-        if not items:
-            raise InvalidArgument(f"input {name}: no data")
-        return items[0]
+        return _one(items, name)
     if dtype == "BOOL":
         if raw is not None:
-            if not raw:
-                raise InvalidArgument(f"input {name}: no data")
+            _one_raw(raw, 1, name)
             return raw[0] != 0
-        if not tensor.contents.bool_contents:
-            raise InvalidArgument(f"input {name}: no data")
-        return bool(tensor.contents.bool_contents[0])
+        return bool(_one(tensor.contents.bool_contents, name))
     if dtype in _INTEGER_TYPES:
+        fmt = _RAW_INT[dtype]
         if raw is not None:
-            fmt = _RAW_INT[dtype]
-            if len(raw) < struct.calcsize(fmt):
-                raise InvalidArgument(f"input {name}: no data")
-            return struct.unpack_from(fmt, raw)[0]
+            _one_raw(raw, struct.calcsize(fmt), name)
+            return struct.unpack(fmt, raw)[0]
         c = tensor.contents
-        for values in (c.int_contents, c.int64_contents, c.uint_contents, c.uint64_contents):
-            if values:
-                return int(values[0])
-        raise InvalidArgument(f"input {name}: no data")
+        filled = [v for v in (c.int_contents, c.int64_contents, c.uint_contents, c.uint64_contents) if v]
+        if len(filled) > 1:
+            raise InvalidArgument(f"input {name}: data in more than one contents field")
+        return int(_one(filled[0] if filled else [], name))
     raise InvalidArgument(f"input {name}: unsupported datatype {dtype}")
 
 

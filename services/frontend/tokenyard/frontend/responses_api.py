@@ -193,6 +193,24 @@ def chat_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
     return out
 
 
+# OpenAI's limits on metadata: it is echoed in every response object (three times a stream).
+MAX_METADATA_PAIRS = 16
+MAX_METADATA_KEY = 64
+MAX_METADATA_VALUE = 512
+
+
+def _check_metadata(metadata: Mapping[str, str] | None) -> None:
+    if not metadata:
+        return
+    if len(metadata) > MAX_METADATA_PAIRS:
+        raise InvalidArgument(f"metadata: at most {MAX_METADATA_PAIRS} key-value pairs")
+    for key, value in metadata.items():
+        if len(key) > MAX_METADATA_KEY:
+            raise InvalidArgument(f"metadata: keys are at most {MAX_METADATA_KEY} characters")
+        if len(value) > MAX_METADATA_VALUE:
+            raise InvalidArgument(f"metadata.{key}: values are at most {MAX_METADATA_VALUE} characters")
+
+
 def parse_responses(raw: object) -> ResponsesRequest:
     if not isinstance(raw, dict):
         raise InvalidArgument("the request body must be a JSON object")
@@ -204,6 +222,7 @@ def parse_responses(raw: object) -> ResponsesRequest:
         raise InvalidArgument(
             "previous_response_id: this server does not store responses; send the whole conversation in input"
         )
+    _check_metadata(body.metadata)
     if body.background:
         raise InvalidArgument("background: background responses are not supported")
     if body.top_logprobs:
@@ -255,7 +274,8 @@ def usage_json(usage: Usage | None, reasoning_tokens: int = 0) -> dict[str, Any]
         return None
     return {
         "input_tokens": usage.prompt_tokens,
-        "input_tokens_details": {"cached_tokens": usage.cached_tokens},
+        # Nothing is written to a cache on request: prefix caching is the engine's own.
+        "input_tokens_details": {"cached_tokens": usage.cached_tokens, "cache_write_tokens": 0},
         "output_tokens": usage.completion_tokens,
         "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
         "total_tokens": usage.prompt_tokens + usage.completion_tokens,
@@ -410,9 +430,12 @@ class ResponsesWriter:
         kind = "response.incomplete" if status == "incomplete" else "response.completed"
         return out + self._event(kind, response=self.response(status, usage))
 
-    def fail(self, code: str, message: str) -> bytes:
+    def fail(self, kind: str, message: str) -> bytes:
+        """``kind``: the error's OpenAI type (``overloaded_error``, ``timeout_error``, ...)."""
         out = self._close()
-        error = {"code": code, "message": message}
+        # Clients know a fixed set of codes; the specific kind goes in "type".
+        code = "rate_limit_exceeded" if kind == "overloaded_error" else "server_error"
+        error = {"code": code, "message": message, "type": kind}
         return out + self._event("response.failed", response=self.response("failed", error=error))
 
     def _switch(self, kind: str) -> bytes:
