@@ -5,22 +5,16 @@ tasks or KV blocks behind."""
 from __future__ import annotations
 
 import asyncio
-import functools
-import json
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import AsyncIterator, Iterator
 
-import aiohttp
 import grpc
 import pytest
 import pytest_asyncio
 
-from tests.fixtures.processes import ServiceProcess, wait_for_instance
-from tests.fixtures.worker import MODEL, RunningWorker, eventually, running_worker
-from tokenyard.frontend.config import FrontendSettings
+from tests.fixtures.frontend import FrontendStack, frontend_stack, router_process
+from tests.fixtures.processes import ServiceProcess
+from tests.fixtures.worker import MODEL, eventually
 from tokenyard.frontend.limits import MAX_STOP_STRINGS
-from tokenyard.frontend.server import FrontendServer
 from tokenyard.kserve.v2 import grpc_service_pb2 as pb
 from tokenyard.kserve.v2 import grpc_service_pb2_grpc as pb_grpc
 from tokenyard.worker.mocker.config import MockerConfig
@@ -33,69 +27,19 @@ FAST = MockerConfig(speedup_ratio=0, block_size=4, num_gpu_blocks=8192, max_mode
 PER_STREAM = 8
 
 
-@dataclass
-class Stack:
-    worker: RunningWorker
-    frontend: FrontendServer
-    http: aiohttp.ClientSession
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.frontend.http_port}"
-
-    async def post(self, path: str, body: Any) -> tuple[int, Any]:
-        async with self.http.post(self.base + path, data=json.dumps(body).encode()) as r:
-            return r.status, await r.json(content_type=None)
-
-    async def idle(self) -> None:
-        await eventually(functools.partial(_idle, self), "every request ended")
-
-
-async def _idle(s: Stack) -> bool:
-    return s.frontend.frontend.admission.active == 0 and await s.worker.active_blocks() == 0
-
-
 @pytest.fixture(scope="module")
-def router_process(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    root = tmp_path_factory.mktemp("frontend-hostile")
-    discovery = f"dir://{root / 'discovery'}"
-    proc = ServiceProcess(
-        ["router", "--port", "0", "--metrics-port", "0", "--discovery", discovery, "--mode", "round-robin"],
-        root / "router.log",
-    )
-    yield discovery, proc
-    proc.terminate()
-    proc.close()
+def router(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, ServiceProcess]]:
+    with router_process(tmp_path_factory.mktemp("frontend-hostile")) as r:
+        yield r
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def stack(router_process: tuple[str, ServiceProcess]) -> AsyncIterator[Stack]:
-    discovery, proc = router_process
-    await wait_for_instance(discovery, "router", proc=proc)
-    settings = FrontendSettings(
-        host="127.0.0.1",
-        port=0,
-        http_port=0,
-        discovery=discovery,
-        grace_period=1.0,
-        max_streams_per_connection=PER_STREAM,
-    )
-    async with (
-        running_worker(FAST, discovery=discovery) as worker,
-        FrontendServer(settings) as frontend,
-        aiohttp.ClientSession() as http,
-    ):
-        s = Stack(worker, frontend, http)
-
-        async def routes() -> bool:
-            status, _ = await s.post("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 1})
-            return status == 200
-
-        await eventually(routes, "the frontend serves the model")
+async def stack(router: tuple[str, ServiceProcess]) -> AsyncIterator[FrontendStack]:
+    async with frontend_stack(router, FAST, max_streams_per_connection=PER_STREAM) as s:
         yield s
 
 
-async def test_a_message_role_that_is_not_a_string_is_400(stack: Stack) -> None:
+async def test_a_message_role_that_is_not_a_string_is_400(stack: FrontendStack) -> None:
     s = stack
     for role in (["user"], {"role": "user"}):
         body = {"model": MODEL, "input": [{"role": role, "content": "hi"}], "max_output_tokens": 2}
@@ -106,7 +50,7 @@ async def test_a_message_role_that_is_not_a_string_is_400(stack: Stack) -> None:
     assert status == 200 and doc["status"] == "incomplete"
 
 
-async def test_too_many_stop_strings_are_400_on_every_surface(stack: Stack) -> None:
+async def test_too_many_stop_strings_are_400_on_every_surface(stack: FrontendStack) -> None:
     s = stack
     stop = ["never in the output"] * (MAX_STOP_STRINGS + 1)
     chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -136,7 +80,9 @@ def _stream_tasks() -> list[str]:
     return [n for n in names if n.startswith("KServeServicer.")]
 
 
-async def test_a_stream_client_that_stops_reading_then_leaves_leaves_nothing_behind(stack: Stack) -> None:
+async def test_a_stream_client_that_stops_reading_then_leaves_leaves_nothing_behind(
+    stack: FrontendStack,
+) -> None:
     s = stack
     # A small HTTP/2 window: the server's writes block soon after the client stops reading.
     options = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 0)]

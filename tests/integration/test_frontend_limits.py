@@ -5,23 +5,18 @@ in flight) and a frontend in this process with small limits."""
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import AsyncIterator, Iterator
 
-import aiohttp
 import grpc
 import pytest
 import pytest_asyncio
 
+from tests.fixtures.frontend import FrontendStack, frontend_stack, router_process
 from tests.fixtures.http import counter_total
-from tests.fixtures.processes import ServiceProcess, wait_for_instance
-from tests.fixtures.worker import MODEL, RunningWorker, eventually, running_worker
-from tokenyard.frontend.config import FrontendSettings
+from tests.fixtures.processes import ServiceProcess
+from tests.fixtures.worker import MODEL
 from tokenyard.frontend.openai_api import parse_chat
-from tokenyard.frontend.server import FrontendServer
 from tokenyard.kserve.v2 import grpc_service_pb2 as pb
 from tokenyard.kserve.v2 import grpc_service_pb2_grpc as pb_grpc
 from tokenyard.worker.mocker.config import MockerConfig
@@ -37,52 +32,17 @@ PER_STREAM = 2
 TIMEOUT = 1.5
 
 
-@dataclass
-class Stack:
-    worker: RunningWorker
-    frontend: FrontendServer
-    http: aiohttp.ClientSession
-    channel: grpc.aio.Channel
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.frontend.http_port}"
-
-    async def post(self, path: str, body: Any) -> tuple[int, Any]:
-        async with self.http.post(self.base + path, data=json.dumps(body).encode()) as r:
-            return r.status, await r.json(content_type=None)
-
-    async def idle(self) -> None:
-        await eventually(functools.partial(_idle, self), "every request ended")
-
-
-async def _idle(s: Stack) -> bool:
-    return s.frontend.frontend.admission.active == 0 and await s.worker.active_blocks() == 0
-
-
 @pytest.fixture(scope="module")
-def router_process(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    root = tmp_path_factory.mktemp("frontend-limits")
-    discovery = f"dir://{root / 'discovery'}"
-    proc = ServiceProcess(
-        ["router", "--port", "0", "--metrics-port", "0", "--discovery", discovery, "--mode", "round-robin"],
-        root / "router.log",
-    )
-    yield discovery, proc
-    proc.terminate()
-    proc.close()
+def router(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, ServiceProcess]]:
+    with router_process(tmp_path_factory.mktemp("frontend-limits")) as r:
+        yield r
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def stack(router_process: tuple[str, ServiceProcess]) -> AsyncIterator[Stack]:
-    discovery, proc = router_process
-    await wait_for_instance(discovery, "router", proc=proc)
-    settings = FrontendSettings(
-        host="127.0.0.1",
-        port=0,
-        http_port=0,
-        discovery=discovery,
-        grace_period=1.0,
+async def stack(router: tuple[str, ServiceProcess]) -> AsyncIterator[FrontendStack]:
+    async with frontend_stack(
+        router,
+        REAL_TIME,
         max_prompt_tokens=MAX_PROMPT,
         max_output_tokens=MAX_OUTPUT,
         max_inflight_requests=MAX_INFLIGHT,
@@ -90,24 +50,13 @@ async def stack(router_process: tuple[str, ServiceProcess]) -> AsyncIterator[Sta
         request_timeout=TIMEOUT,
         max_body_bytes=64 * 1024,
         overload_status=503,
-    )
-    async with (
-        running_worker(REAL_TIME, discovery=discovery) as worker,
-        FrontendServer(settings) as frontend,
-        aiohttp.ClientSession() as http,
-        grpc.aio.insecure_channel(frontend.address) as channel,
-    ):
-        s = Stack(worker, frontend, http, channel)
-
-        async def routes() -> bool:
-            status, _ = await s.post("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 1})
-            return status == 200
-
-        await eventually(routes, "the frontend serves the model")
+    ) as s:
         yield s
 
 
-async def test_output_tokens_over_the_limit_are_refused_and_a_missing_limit_takes_it(stack: Stack) -> None:
+async def test_output_tokens_over_the_limit_are_refused_and_a_missing_limit_takes_it(
+    stack: FrontendStack,
+) -> None:
     s = stack
     status, out = await s.post(
         "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": MAX_OUTPUT + 1}
@@ -122,7 +71,7 @@ async def test_output_tokens_over_the_limit_are_refused_and_a_missing_limit_take
     await s.idle()
 
 
-async def test_a_prompt_over_the_limit_is_refused(stack: Stack) -> None:
+async def test_a_prompt_over_the_limit_is_refused(stack: FrontendStack) -> None:
     s = stack
     status, out = await s.post("/v1/completions", {"model": MODEL, "prompt": "word " * 200, "max_tokens": 1})
     assert status == 400
@@ -131,13 +80,13 @@ async def test_a_prompt_over_the_limit_is_refused(stack: Stack) -> None:
     assert status == 200, out
 
 
-async def test_a_body_over_the_limit_is_413_naming_the_setting(stack: Stack) -> None:
+async def test_a_body_over_the_limit_is_413_naming_the_setting(stack: FrontendStack) -> None:
     status, out = await stack.post("/v1/completions", {"model": MODEL, "prompt": "x" * 70_000})
     assert status == 413
     assert "--max-body-bytes" in out["error"]["message"]
 
 
-async def test_requests_over_the_inflight_limit_get_the_overload_status(stack: Stack) -> None:
+async def test_requests_over_the_inflight_limit_get_the_overload_status(stack: FrontendStack) -> None:
     s = stack
     long_body = {"model": MODEL, "prompt": "x", "max_tokens": 3000, "ignore_eos": True, "stream": True}
     before = await counter_total(s.http, s.base + "/metrics", "tokenyard_frontend_model_rejection")
@@ -161,7 +110,7 @@ async def test_requests_over_the_inflight_limit_get_the_overload_status(stack: S
     assert status == 200, out
 
 
-async def test_a_request_past_its_timeout_is_504_and_the_worker_stops(stack: Stack) -> None:
+async def test_a_request_past_its_timeout_is_504_and_the_worker_stops(stack: FrontendStack) -> None:
     s = stack
     body = {"model": MODEL, "prompt": "x", "max_tokens": 3000, "ignore_eos": True}
     status, out = await s.post("/v1/completions", body)
@@ -182,7 +131,7 @@ async def test_a_request_past_its_timeout_is_504_and_the_worker_stops(stack: Sta
     assert 'error_type="response_timeout"' in text
 
 
-async def test_kserve_stream_refuses_requests_over_its_limit_in_band(stack: Stack) -> None:
+async def test_kserve_stream_refuses_requests_over_its_limit_in_band(stack: FrontendStack) -> None:
     s = stack
 
     def request(rid: str, max_tokens: int) -> pb.ModelInferRequest:
@@ -207,27 +156,28 @@ async def test_kserve_stream_refuses_requests_over_its_limit_in_band(stack: Stac
         while (item := await queue.get()) is not None:
             yield item
 
-    call = pb_grpc.GRPCInferenceServiceStub(s.channel).ModelStreamInfer(requests())
-    for rid in ("a", "b"):
-        await queue.put(request(rid, 20))
-    # Both are in flight (each has answered) before the third arrives.
-    seen: set[str] = set()
-    while seen != {"a", "b"}:
-        first = await call.read()
-        assert isinstance(first, pb.ModelStreamInferResponse)
-        seen.add(first.infer_response.id)
-    await queue.put(request("c", 20))
-    errors: dict[str, str] = {}
-    finals: set[str] = set()
-    while finals != {"a", "b", "c"}:
-        response = await call.read()
-        assert isinstance(response, pb.ModelStreamInferResponse)
-        rid = response.infer_response.id
-        if response.error_message:
-            errors[rid] = response.error_message
-        if response.infer_response.parameters["triton_final_response"].bool_param:
-            finals.add(rid)
-    await queue.put(None)
-    assert list(errors) == ["c"]
-    assert "RESOURCE_EXHAUSTED" in errors["c"] and "--max-streams-per-connection" in errors["c"]
-    await s.idle()
+    async with grpc.aio.insecure_channel(s.frontend.address) as channel:
+        call = pb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(requests())
+        for rid in ("a", "b"):
+            await queue.put(request(rid, 20))
+        # Both are in flight (each has answered) before the third arrives.
+        seen: set[str] = set()
+        while seen != {"a", "b"}:
+            first = await call.read()
+            assert isinstance(first, pb.ModelStreamInferResponse)
+            seen.add(first.infer_response.id)
+        await queue.put(request("c", 20))
+        errors: dict[str, str] = {}
+        finals: set[str] = set()
+        while finals != {"a", "b", "c"}:
+            response = await call.read()
+            assert isinstance(response, pb.ModelStreamInferResponse)
+            rid = response.infer_response.id
+            if response.error_message:
+                errors[rid] = response.error_message
+            if response.infer_response.parameters["triton_final_response"].bool_param:
+                finals.add(rid)
+        await queue.put(None)
+        assert list(errors) == ["c"]
+        assert "RESOURCE_EXHAUSTED" in errors["c"] and "--max-streams-per-connection" in errors["c"]
+        await s.idle()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +18,7 @@ import pytest
 import pytest_asyncio
 from openai.types.responses import ResponseCompletedEvent
 
+from tests.fixtures.frontend import router_process
 from tests.fixtures.processes import ServiceProcess, wait_for_instance
 from tests.fixtures.worker import eventually
 from tests.integration.test_router_service import ScriptedWorker
@@ -95,21 +96,14 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def router_process(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    root = tmp_path_factory.mktemp("output-parsing")
-    discovery = f"dir://{root / 'discovery'}"
-    proc = ServiceProcess(
-        ["router", "--port", "0", "--metrics-port", "0", "--discovery", discovery, "--mode", "round-robin"],
-        root / "router.log",
-    )
-    yield discovery, proc
-    proc.terminate()
-    proc.close()
+def router(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, ServiceProcess]]:
+    with router_process(tmp_path_factory.mktemp("output-parsing")) as r:
+        yield r
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def stack(router_process: tuple[str, ServiceProcess]) -> AsyncIterator[Stack]:
-    discovery, proc = router_process
+async def stack(router: tuple[str, ServiceProcess]) -> AsyncIterator[Stack]:
+    discovery, proc = router
     await wait_for_instance(discovery, "router", proc=proc)
     settings = FrontendSettings(host="127.0.0.1", port=0, http_port=0, discovery=discovery, grace_period=1.0)
     card = ModelCard(MODEL, "smollm2", 16, 4096, 100, "scripted", "aggregated", "think", "hermes")

@@ -7,7 +7,7 @@ and a frontend in this process: one long request makes the only worker busy."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
@@ -15,6 +15,7 @@ import grpc
 import pytest
 import pytest_asyncio
 
+from tests.fixtures.frontend import router_process
 from tests.fixtures.processes import ServiceProcess, wait_for_instance
 from tests.fixtures.worker import MODEL, eventually, running_worker
 from tokenyard.frontend.config import FrontendSettings
@@ -29,32 +30,16 @@ REAL_TIME = MockerConfig(speedup_ratio=1, block_size=4, num_gpu_blocks=8192, max
 
 
 @pytest.fixture(scope="module")
-def router_process(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    root = tmp_path_factory.mktemp("frontend-overload")
-    discovery = f"dir://{root / 'discovery'}"
-    proc = ServiceProcess(
-        [
-            "router",
-            "--port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--discovery",
-            discovery,
-            # 0.1 % of 8192 blocks: any running request makes the worker busy.
-            "--active-decode-blocks-threshold",
-            "0.001",
-        ],
-        root / "router.log",
-    )
-    yield discovery, proc
-    proc.terminate()
-    proc.close()
+def router(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, ServiceProcess]]:
+    # 0.1 % of 8192 blocks: any running request makes the worker busy.
+    flags = ("--mode", "kv", "--active-decode-blocks-threshold", "0.001")
+    with router_process(tmp_path_factory.mktemp("frontend-overload"), *flags) as r:
+        yield r
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def frontend(router_process: tuple[str, ServiceProcess]) -> AsyncIterator[FrontendServer]:
-    discovery, proc = router_process
+async def frontend(router: tuple[str, ServiceProcess]) -> AsyncIterator[FrontendServer]:
+    discovery, proc = router
     await wait_for_instance(discovery, "router", proc=proc)
     settings = FrontendSettings(host="127.0.0.1", port=0, http_port=0, discovery=discovery, grace_period=1.0)
     async with running_worker(REAL_TIME, discovery=discovery), FrontendServer(settings) as server:

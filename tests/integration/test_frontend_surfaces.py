@@ -17,7 +17,7 @@ import functools
 import io
 import json
 import struct
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,7 @@ import grpc
 import pytest
 import pytest_asyncio
 
+from tests.fixtures.frontend import router_process
 from tests.fixtures.processes import ServiceProcess, wait_for_instance
 from tests.fixtures.worker import MODEL, RunningWorker, eventually, running_worker
 from tokenyard.frontend.config import FrontendSettings
@@ -125,22 +126,15 @@ async def _no_blocks(worker: RunningWorker) -> bool:
 
 
 @pytest.fixture(scope="module")
-def router_process(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    root = tmp_path_factory.mktemp("frontend-stack")
-    discovery = f"dir://{root / 'discovery'}"
-    proc = ServiceProcess(
-        ["router", "--port", "0", "--metrics-port", "0", "--discovery", discovery, "--mode", "round-robin"],
-        root / "router.log",
-    )
-    yield discovery, proc
-    proc.terminate()
-    proc.close()
+def router(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, ServiceProcess]]:
+    with router_process(tmp_path_factory.mktemp("frontend-stack")) as r:
+        yield r
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def stack(router_process: tuple[str, ServiceProcess]) -> AsyncIterator[Stack]:
-    discovery, proc = router_process
-    router = await wait_for_instance(discovery, "router", proc=proc)
+async def stack(router: tuple[str, ServiceProcess]) -> AsyncIterator[Stack]:
+    discovery, proc = router
+    instance = await wait_for_instance(discovery, "router", proc=proc)
     settings = FrontendSettings(host="127.0.0.1", port=0, http_port=0, discovery=discovery, grace_period=1.0)
     async with (
         running_worker(FAST, discovery=discovery) as fast,
@@ -148,7 +142,7 @@ async def stack(router_process: tuple[str, ServiceProcess]) -> AsyncIterator[Sta
         FrontendServer(settings) as frontend,
         aiohttp.ClientSession() as http,
         grpc.aio.insecure_channel(frontend.address) as channel,
-        grpc.aio.insecure_channel(router.address) as router_channel,
+        grpc.aio.insecure_channel(instance.address) as router_channel,
     ):
         s = Stack(
             fast, slow, frontend, router_pb2_grpc.RouterServiceStub(router_channel), http, channel, discovery
