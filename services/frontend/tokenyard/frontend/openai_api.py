@@ -45,10 +45,9 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class _SamplingBody(_Body):
-    model: str = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1, le=_U32)
-    min_tokens: int = Field(default=0, ge=0, le=_U32)
+class SamplingOptions(_Body):
+    """The sampling fields every generation endpoint takes (the Responses API too)."""
+
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     # vLLM's convention: -1 (or 0) means no top-k limit.
@@ -58,15 +57,40 @@ class _SamplingBody(_Body):
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     repetition_penalty: float | None = Field(default=None, gt=0)
+    min_tokens: int = Field(default=0, ge=0, le=_U32)
     stop: str | list[str] | None = None
+    priority: int = Field(default=0, ge=-(2**31), le=2**31 - 1)
+    cache_salt: str | None = None
+
+    def sampling(self) -> Sampling:
+        seed = self.seed
+        if seed is not None and seed < 0:
+            # Clients send signed 64-bit seeds; the engine takes the same bits unsigned.
+            seed &= _U64
+        return Sampling(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k if self.top_k and self.top_k > 0 else None,
+            min_p=self.min_p,
+            seed=seed,
+            repetition_penalty=self.repetition_penalty,
+            frequency_penalty=self.frequency_penalty,
+            presence_penalty=self.presence_penalty,
+        )
+
+    def stop_strings(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+
+class _SamplingBody(SamplingOptions):
+    model: str = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=_U32)
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1)
     logprobs: Any = None
-    priority: int = Field(default=0, ge=-(2**31), le=2**31 - 1)
-    cache_salt: str | None = None
 
 
 class CompletionBody(_SamplingBody):
@@ -140,32 +164,18 @@ def _common(body: _SamplingBody, max_tokens: int | None) -> dict[str, Any]:
         raise InvalidArgument("n: only one choice per request is supported")
     if body.logprobs not in (None, False):
         raise InvalidArgument("logprobs: log probabilities are not supported")
-    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     if any(t < 0 or t > _U32 for t in body.stop_token_ids or ()):
         raise InvalidArgument("stop_token_ids: token ids must be in [0, 2**32)")
-    seed = body.seed
-    if seed is not None and seed < 0:
-        # Clients send signed 64-bit seeds; the engine takes the same bits unsigned.
-        seed &= _U64
     return {
         "model": body.model,
         "stream": body.stream,
-        "sampling": Sampling(
-            temperature=body.temperature,
-            top_p=body.top_p,
-            top_k=body.top_k if body.top_k and body.top_k > 0 else None,
-            min_p=body.min_p,
-            seed=seed,
-            repetition_penalty=body.repetition_penalty,
-            frequency_penalty=body.frequency_penalty,
-            presence_penalty=body.presence_penalty,
-        ),
+        "sampling": body.sampling(),
         "stop": StopConditions(
             max_tokens=max_tokens,
             min_tokens=body.min_tokens,
             stop_token_ids=tuple(body.stop_token_ids or ()),
             ignore_eos=body.ignore_eos,
-            stop_strings=stop,
+            stop_strings=body.stop_strings(),
         ),
         "priority": body.priority,
         "cache_salt": body.cache_salt or "",

@@ -25,17 +25,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from tokenyard.common.errors import InvalidArgument
 from tokenyard.frontend.generation import (
     Endpoint,
     FinishReason,
     GenerationRequest,
-    Sampling,
     StopConditions,
     Usage,
 )
+from tokenyard.frontend.openai_api import SamplingOptions
 from tokenyard.frontend.response_format import parse_text_format
 from tokenyard.frontend.tool_calls import validate_tool_choice, validate_tools
 
@@ -45,16 +45,12 @@ _U64 = 2**64 - 1
 MAX_INPUT_ITEMS = 4096
 
 
-class ResponsesBody(BaseModel):
-    # Unknown fields are ignored: SDKs add new ones faster than servers follow.
-    model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
-
+class ResponsesBody(SamplingOptions):
+    # Unknown fields are ignored (SamplingOptions' config): SDKs add new ones faster than servers follow.
     model: str = Field(min_length=1)
     input: str | list[dict[str, Any]]
     instructions: str | None = None
     max_output_tokens: int | None = Field(default=None, ge=1, le=_U32)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
     stream: bool = False
     text: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
@@ -68,17 +64,8 @@ class ResponsesBody(BaseModel):
     user: str | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     truncation: str | None = None
-    # Extensions with vLLM's names, as on the other endpoints.
-    top_k: int | None = Field(default=None, ge=-1, le=_U32)
-    min_p: float | None = Field(default=None, ge=0, le=1)
-    seed: int | None = Field(default=None, ge=-(2**63), le=_U64)
-    min_tokens: int = Field(default=0, ge=0, le=_U32)
-    repetition_penalty: float | None = Field(default=None, gt=0)
-    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
-    stop: str | list[str] | None = None
-    priority: int = Field(default=0, ge=-(2**31), le=2**31 - 1)
-    cache_salt: str | None = None
+    # Sampling (with the other endpoints' extensions: top_k, min_p, seed, penalties, stop, ...)
+    # comes from SamplingOptions.
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,8 +221,6 @@ def parse_responses(raw: object) -> ResponsesRequest:
         choice = {"type": "function", "function": {"name": choice.get("name")}}
     tool_choice = validate_tool_choice(choice, tools)
     text_format = (body.text or {}).get("format")
-    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-    seed = body.seed & _U64 if body.seed is not None and body.seed < 0 else body.seed
     generation = GenerationRequest(
         model=body.model,
         endpoint=Endpoint.RESPONSES,
@@ -245,17 +230,10 @@ def parse_responses(raw: object) -> ResponsesRequest:
         tool_choice=tool_choice.mode,
         tool_choice_name=tool_choice.name,
         guided=parse_text_format(text_format),
-        sampling=Sampling(
-            temperature=body.temperature,
-            top_p=body.top_p,
-            top_k=body.top_k if body.top_k and body.top_k > 0 else None,
-            min_p=body.min_p,
-            seed=seed,
-            repetition_penalty=body.repetition_penalty,
-            frequency_penalty=body.frequency_penalty,
-            presence_penalty=body.presence_penalty,
+        sampling=body.sampling(),
+        stop=StopConditions(
+            max_tokens=body.max_output_tokens, min_tokens=body.min_tokens, stop_strings=body.stop_strings()
         ),
-        stop=StopConditions(max_tokens=body.max_output_tokens, min_tokens=body.min_tokens, stop_strings=stop),
         priority=body.priority,
         cache_salt=body.cache_salt or "",
     )
