@@ -264,3 +264,25 @@ async def test_response_format_reaches_a_worker_whose_engine_honours_it(stack: S
     # Without response_format the worker is asked for free text.
     await stack.client.chat.completions.create(model=PLAIN, messages=[{"role": "user", "content": "hi"}])
     assert not stack.plain_worker.requests[-1].HasField("guided_decoding")
+
+
+async def test_a_conversation_with_a_tool_call_turn_and_null_content_is_served(stack: Stack) -> None:
+    stack.worker.script = "It is sunny in Paris."
+    messages: Any = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "weather", "arguments": '{"city":"Paris"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ]
+    reply = await stack.client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER])
+    assert reply.choices[0].message.content == "It is sunny in Paris."
+    assert reply.choices[0].finish_reason == "stop"

@@ -218,6 +218,9 @@ def _message_text(message: Mapping[str, Any], index: int) -> dict[str, Any]:
     if not isinstance(role, str) or not role:
         raise InvalidArgument(f"messages.{index}.role: must be a non-empty string")
     content = message.get("content")
+    if content is None and role != "assistant":
+        # Only an assistant turn (one that made tool calls) may come without content.
+        raise InvalidArgument(f"messages.{index}.content: is required for role {role!r}")
     if content is None or isinstance(content, str):
         return dict(message)
     if isinstance(content, list):

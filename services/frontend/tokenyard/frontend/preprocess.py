@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from tokenyard.common.discovery import ModelCard
 from tokenyard.common.errors import FailedPrecondition, InvalidArgument
@@ -67,7 +68,7 @@ class Preprocessor:
         prompt_text: str | None
         if request.messages is not None:
             prompt_text = tokenizer.apply_chat_template(
-                [dict(m) for m in request.messages],
+                [_templatable(m) for m in request.messages],
                 add_generation_prompt=request.add_generation_prompt,
                 tools=[dict(t) for t in request.tools] if request.tools else None,
                 template_kwargs=request.template_kwargs,
@@ -93,6 +94,15 @@ class Preprocessor:
         seed = salt_hash(request.lora_name, request.cache_salt)
         hashes = local_block_hashes(token_ids, card.block_size, seed)
         return Prepared(token_ids, prompt_text, hashes)
+
+
+def _templatable(message: Mapping[str, Any]) -> dict[str, Any]:
+    """OpenAI sends ``content: null`` beside an assistant's tool calls; most chat templates
+    concatenate content as a string, so they get "" (templates that know tool calls read those)."""
+    out = dict(message)
+    if out.get("content") is None:
+        out["content"] = ""
+    return out
 
 
 def _encode(tokenizer: Tokenizer, text: str, *, add_special_tokens: bool) -> Sequence[int]:
