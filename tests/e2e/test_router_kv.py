@@ -156,7 +156,10 @@ async def test_routing_follows_what_workers_cached(
     inst = (await instances(d.url, "router", 1, [router]))[0]
     async with grpc.aio.insecure_channel(inst.address) as channel:
         stub = router_pb2_grpc.RouterServiceStub(channel)
-        prefixes = [[p * 10_000 + i for i in range(6 * BS)] for p in range(4)]
+        await eventually_true(lambda: _knows_workers(inst, len(d.workers)), "the router knows both workers")
+        # Cold requests tie, and ties go to a worker at random: with 12 of them, both workers get
+        # some but for a 1-in-2048 chance.
+        prefixes = [[p * 10_000 + i for i in range(6 * BS)] for p in range(12)]
         first: dict[int, int] = {}
         for p, prefix in enumerate(prefixes):
             decision, _ = await serve_one(stub, d, f"warm-{p}", [*prefix, *range(p, p + 10)])
@@ -168,6 +171,19 @@ async def test_routing_follows_what_workers_cached(
             decision, done = await serve_one(stub, d, f"hot-{p}", [*prefix, *range(100 + p, 200 + p)])
             assert decision.worker_id == first[p] and decision.overlap_blocks == 6
             assert done.usage.cached_tokens == 6 * BS, "the worker really had the prefix"
+
+
+async def _knows_workers(router: Instance, count: int) -> bool:
+    """The router's worker set (its /metrics gauge) has ``count`` workers."""
+    reader, writer = await asyncio.open_connection(*router.metrics_address.rsplit(":", 1))
+    writer.write(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+    text = (await reader.read()).decode()
+    writer.close()
+    await writer.wait_closed()
+    for line in text.splitlines():
+        if line.startswith("tokenyard_router_workers_registered "):
+            return float(line.split()[1]) == count
+    return False
 
 
 async def _all_indexed(stub: router_pb2_grpc.RouterServiceAsyncStub, prefixes: list[list[int]]) -> bool:
