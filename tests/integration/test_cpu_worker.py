@@ -7,29 +7,17 @@ from typing import Any
 
 import pytest
 
+from tests.fixtures.cpu import CPU, hf_tokenizer, prompt_of
 from tests.fixtures.worker import generate_request, running_worker
-from tokenyard.worker.cpu.config import CpuEngineConfig
-from tokenyard.worker.cpu.model import load_model
 from tokenyard.worker.mocker.config import MockerConfig
 from tokenyard.worker.v1 import worker_pb2
 
 pytestmark = pytest.mark.integration
 
-CPU = CpuEngineConfig(num_kv_blocks=128, num_threads=2)
-
 
 @pytest.fixture(scope="module")
 def tokenizer() -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(load_model(CPU).weights_dir)
-
-
-def prompt_of(tokenizer: Any, question: str) -> list[int]:
-    ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True
-    )
-    return [int(t) for t in (ids["input_ids"] if not isinstance(ids, list) else ids)]
+    return hf_tokenizer()
 
 
 async def test_a_cpu_worker_answers_with_the_real_model(tokenizer: Any) -> None:

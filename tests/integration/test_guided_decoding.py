@@ -12,19 +12,17 @@ import grpc
 import openai
 import pytest
 
+from tests.fixtures.cpu import CPU, hf_tokenizer, prompt_of
 from tests.fixtures.processes import ServiceProcess, wait_for_instance
 from tests.fixtures.worker import MODEL, eventually, generate_request, running_worker
 from tokenyard.frontend.config import FrontendSettings
 from tokenyard.frontend.server import FrontendServer
-from tokenyard.worker.cpu.config import CpuEngineConfig
 from tokenyard.worker.cpu.json_constraint import JsonObjectAutomaton
-from tokenyard.worker.cpu.model import load_model
 from tokenyard.worker.mocker.config import MockerConfig
 from tokenyard.worker.v1 import worker_pb2
 
 pytestmark = pytest.mark.integration
 
-CPU = CpuEngineConfig(num_kv_blocks=128, num_threads=2)
 JSON_OBJECT = worker_pb2.GuidedDecoding(kind=worker_pb2.GUIDED_DECODING_KIND_JSON_OBJECT)
 JSON_SCHEMA = worker_pb2.GuidedDecoding(
     kind=worker_pb2.GUIDED_DECODING_KIND_JSON_SCHEMA, json_schema='{"type":"object"}'
@@ -34,16 +32,7 @@ QUESTION = "Describe a person with a JSON object with the keys name and age."
 
 @pytest.fixture(scope="module")
 def tokenizer() -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(load_model(CPU).weights_dir)
-
-
-def prompt_of(tokenizer: Any, question: str) -> list[int]:
-    ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True
-    )
-    return [int(t) for t in (ids["input_ids"] if not isinstance(ids, list) else ids)]
+    return hf_tokenizer()
 
 
 def guided(

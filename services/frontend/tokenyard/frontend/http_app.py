@@ -127,27 +127,25 @@ def _generate_handler(
         except TokenyardError as exc:
             return _error_from(exc, request)
         writer = ResponseWriter(endpoint, request_id, gen_request.model, include_usage)
-        card = generation.card
-        parsed = endpoint is Endpoint.CHAT_COMPLETIONS and card is not None
+        # Chat output may hold reasoning and tool calls, as the model's card says; completions is text.
+        card = generation.card if endpoint is Endpoint.CHAT_COMPLETIONS else None
         async with generation:
             if not gen_request.stream:
                 try:
                     text, last = await generation.collect()
                 except TokenyardError as exc:
                     return _error_from(exc, request)
-                if parsed and card is not None and output_parser(card, gen_request) is not None:
+                if card is not None:
                     doc = writer.full_parts(*parse_output(card, gen_request, text), last)
                 else:
                     doc = writer.full(text, last)
                 return web.json_response(doc, dumps=_dumps)
             try:
-                first = await generation.__anext__()
-            except TokenyardError as exc:
-                return _error_from(exc, request)
-            response = _EventStream(headers=_SSE_HEADERS)
-            try:
-                await response.prepare(request)
-                parser = output_parser(card, gen_request) if parsed and card is not None else None
+                opened = await _open_stream(request, generation)
+                if isinstance(opened, web.Response):
+                    return opened
+                first, response = opened
+                parser = output_parser(card, gen_request) if card is not None else None
                 if parser is None:
                     await _stream(response, generation, writer, first, request.app[OPTIONS_KEY])
                 else:
@@ -160,6 +158,20 @@ def _generate_handler(
             return response
 
     return handle
+
+
+async def _open_stream(
+    request: web.Request, generation: Generation
+) -> tuple[Delta, web.StreamResponse] | web.Response:
+    """The first delta and the SSE response, its headers sent. The status line waits for the first
+    delta, so an error before any output is still an HTTP status (that response is returned)."""
+    try:
+        first = await generation.__anext__()
+    except TokenyardError as exc:
+        return _error_from(exc, request)
+    response = _EventStream(headers=_SSE_HEADERS)
+    await response.prepare(request)
+    return first, response
 
 
 class _EventStream(web.StreamResponse):
@@ -217,6 +229,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
     except TokenyardError as exc:
         return _error_from(exc, request)
     writer = ResponsesWriter(parsed, request_id)
+    card = generation.card
     async with generation:
         if not parsed.body.stream:
             try:
@@ -224,24 +237,18 @@ async def responses(request: web.Request) -> web.StreamResponse:
             except TokenyardError as exc:
                 return _error_from(exc, request)
             content, reasoning, calls = (
-                parse_output(generation.card, parsed.generation, text)
-                if generation.card is not None
-                else (text, "", [])
+                parse_output(card, parsed.generation, text) if card is not None else (text, "", [])
             )
             functions = [FunctionCall(c.id, c.name, c.arguments) for c in calls]
             doc = writer.full(content, reasoning, functions, last.finish_reason, last.usage)
             return web.json_response(doc, dumps=_dumps)
         try:
-            first = await generation.__anext__()
-        except TokenyardError as exc:
-            return _error_from(exc, request)
-        response = _EventStream(headers=_SSE_HEADERS)
-        try:
-            await response.prepare(request)
+            opened = await _open_stream(request, generation)
+            if isinstance(opened, web.Response):
+                return opened
+            first, response = opened
             await response.write(writer.start())
-            parser = (
-                output_parser(generation.card, parsed.generation) if generation.card is not None else None
-            )
+            parser = output_parser(card, parsed.generation) if card is not None else None
             delta = first
             try:
                 while True:

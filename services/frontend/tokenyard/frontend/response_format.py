@@ -50,18 +50,7 @@ def parse_response_format(
     obj: object, *, limits: SchemaLimits = SchemaLimits(), path: str = "response_format"
 ) -> GuidedDecoding | None:
     """Validate a chat/completions ``response_format``; ``None`` when the output is free text."""
-    if obj is None:
-        return None
-    fmt = _object(obj, path)
-    kind = _type(fmt, path)
-    if kind is None:
-        return None
-    if kind == "json_object":
-        return GuidedDecoding(kind="json_object")
-    spec = fmt.get("json_schema")
-    if not isinstance(spec, dict):
-        raise InvalidArgument(f"{path}.json_schema: is required and must be an object")
-    return _json_schema(spec, f"{path}.json_schema", limits)
+    return _parse_format(obj, path, limits, flat=False)
 
 
 def parse_text_format(
@@ -69,6 +58,10 @@ def parse_text_format(
 ) -> GuidedDecoding | None:
     """Validate a Responses API ``text.format``: like ``response_format`` with the
     ``json_schema`` fields (``name``, ``schema``, ``strict``) flattened into it."""
+    return _parse_format(obj, path, limits, flat=True)
+
+
+def _parse_format(obj: object, path: str, limits: SchemaLimits, *, flat: bool) -> GuidedDecoding | None:
     if obj is None:
         return None
     fmt = _object(obj, path)
@@ -77,7 +70,12 @@ def parse_text_format(
         return None
     if kind == "json_object":
         return GuidedDecoding(kind="json_object")
-    return _json_schema(fmt, path, limits)
+    if flat:
+        return _json_schema(fmt, path, limits)
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict):
+        raise InvalidArgument(f"{path}.json_schema: is required and must be an object")
+    return _json_schema(spec, f"{path}.json_schema", limits)
 
 
 def check_schema(schema: object, path: str, limits: SchemaLimits = SchemaLimits()) -> str:
