@@ -27,10 +27,10 @@ from typing import Any
 
 import torch
 
-from tokenyard.worker.cpu.config import CpuEngineConfig
-from tokenyard.worker.cpu.engine import CpuEngine, default_num_threads
-from tokenyard.worker.cpu.model import load_model
-from tokenyard.worker.engine import EngineRequest, SamplingParams
+from tokenyard.worker.engines.base import EngineRequest, SamplingParams
+from tokenyard.worker.engines.cpu.config import CpuEngineConfig
+from tokenyard.worker.engines.cpu.engine import CpuEngine, default_num_threads
+from tokenyard.worker.engines.cpu.model import load_model
 
 GREEDY = SamplingParams(temperature=0.0)
 RESULTS = Path(__file__).parent / "results" / "cpu_engine.json"

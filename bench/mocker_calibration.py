@@ -23,9 +23,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tokenyard.worker.mocker.config import MockerConfig
-from tokenyard.worker.mocker.engine import MockerEngine
-from tokenyard.worker.mocker.request import MockerRequest
+from tokenyard.worker.engines.mocker.config import MockerConfig
+from tokenyard.worker.engines.mocker.engine import MockerEngine
+from tokenyard.worker.engines.mocker.request import MockerRequest
 
 ISLS = (100, 500, 1000, 2000, 4000)
 OUTPUT_TOKENS = 32

@@ -19,16 +19,16 @@ import torch
 from tokenyard.router.index import WorkerRank
 from tokenyard.router.radix import RadixIndex
 from tokenyard.worker.config import WorkerRole
-from tokenyard.worker.cpu.config import CpuEngineConfig
-from tokenyard.worker.cpu.engine import CpuEngine
-from tokenyard.worker.cpu.model import LoadedModel, load_model
-from tokenyard.worker.engine import (
+from tokenyard.worker.engines.base import (
     EngineRequest,
     FinishReason,
     GenerateChunk,
     SamplingParams,
     StepMetrics,
 )
+from tokenyard.worker.engines.cpu.config import CpuEngineConfig
+from tokenyard.worker.engines.cpu.engine import CpuEngine
+from tokenyard.worker.engines.cpu.model import LoadedModel, load_model
 from tokenyard.worker.kv_events import KvCleared, KvEvent, KvRemoved, KvStored
 
 pytestmark = pytest.mark.integration

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from tokenyard.worker.cpu import model as model_mod
-from tokenyard.worker.cpu.config import CpuEngineConfig
-from tokenyard.worker.cpu.model import ModelLoadError, load_model, models_cache_root, resolve_weights
+from tokenyard.worker.engines.cpu import model as model_mod
+from tokenyard.worker.engines.cpu.config import CpuEngineConfig
+from tokenyard.worker.engines.cpu.model import ModelLoadError, load_model, models_cache_root, resolve_weights
 
 pytestmark = pytest.mark.integration
 

@@ -19,7 +19,7 @@ from tests.fixtures.worker import MODEL
 from tokenyard.frontend.openai_api import parse_chat
 from tokenyard.kserve.v2 import grpc_service_pb2 as pb
 from tokenyard.kserve.v2 import grpc_service_pb2_grpc as pb_grpc
-from tokenyard.worker.mocker.config import MockerConfig
+from tokenyard.worker.engines.mocker.config import MockerConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 

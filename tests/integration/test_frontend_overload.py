@@ -22,7 +22,7 @@ from tokenyard.frontend.config import FrontendSettings
 from tokenyard.frontend.server import FrontendServer
 from tokenyard.kserve.v2 import grpc_service_pb2 as pb
 from tokenyard.kserve.v2 import grpc_service_pb2_grpc as pb_grpc
-from tokenyard.worker.mocker.config import MockerConfig
+from tokenyard.worker.engines.mocker.config import MockerConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 

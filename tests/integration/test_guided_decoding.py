@@ -17,8 +17,8 @@ from tests.fixtures.processes import ServiceProcess, wait_for_instance
 from tests.fixtures.worker import MODEL, eventually, generate_request, running_worker
 from tokenyard.frontend.config import FrontendSettings
 from tokenyard.frontend.server import FrontendServer
-from tokenyard.worker.cpu.json_constraint import JsonObjectAutomaton
-from tokenyard.worker.mocker.config import MockerConfig
+from tokenyard.worker.engines.cpu.json_constraint import JsonObjectAutomaton
+from tokenyard.worker.engines.mocker.config import MockerConfig
 from tokenyard.worker.v1 import worker_pb2
 
 pytestmark = pytest.mark.integration

@@ -25,7 +25,7 @@ from tokenyard.common.hashing import block_hashes, sequence_hashes
 from tokenyard.router.config import RouterSettings
 from tokenyard.router.server import RouterServer
 from tokenyard.router.v1 import router_pb2, router_pb2_grpc
-from tokenyard.worker.mocker.config import MockerConfig
+from tokenyard.worker.engines.mocker.config import MockerConfig
 from tokenyard.worker.v1 import worker_pb2, worker_pb2_grpc
 
 pytestmark = pytest.mark.integration

@@ -10,12 +10,12 @@ import grpc
 import pytest
 
 from tests.fixtures.worker import RunningWorker, eventually, generate_request, running_worker
-from tokenyard.worker.engine import KvSnapshot, RankLoad
-from tokenyard.worker.engines.mocker import MockerAdapter
+from tokenyard.worker.engines.base import KvSnapshot, RankLoad
+from tokenyard.worker.engines.mocker.adapter import MockerAdapter
+from tokenyard.worker.engines.mocker.config import MockerConfig
+from tokenyard.worker.engines.mocker.request import MockerRequest
 from tokenyard.worker.kv_events import KvRemoved, KvStored
 from tokenyard.worker.kv_stream import KvEventBatch, KvEventHub
-from tokenyard.worker.mocker.config import MockerConfig
-from tokenyard.worker.mocker.request import MockerRequest
 from tokenyard.worker.v1 import worker_pb2
 
 pytestmark = pytest.mark.integration

@@ -11,7 +11,7 @@ import torch
 from tokenyard.common.hashing import block_hashes
 from tokenyard.router.index import InvalidEvent, WorkerRank
 from tokenyard.router.radix import RadixIndex
-from tokenyard.worker.cpu.kv_cache import BlockTable, KvGeometry, PagedKvCache
+from tokenyard.worker.engines.cpu.kv_cache import BlockTable, KvGeometry, PagedKvCache
 from tokenyard.worker.kv_events import KvCleared, KvEventData, KvRemoved, KvStored, StoredBlock
 
 pytestmark = pytest.mark.unit

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tokenyard.worker.cpu.sampling import Sampler, apply_penalties, sample, sample_one
-from tokenyard.worker.engine import SamplingParams
+from tokenyard.worker.engines.base import SamplingParams
+from tokenyard.worker.engines.cpu.sampling import Sampler, apply_penalties, sample, sample_one
 
 pytestmark = pytest.mark.unit
 

@@ -7,10 +7,10 @@ from collections.abc import Sequence
 
 import pytest
 
-from tokenyard.worker.cpu.kv_cache import KvGeometry, PagedKvCache
-from tokenyard.worker.cpu.sampling import Sampler
-from tokenyard.worker.cpu.scheduler import Scheduled, Scheduler, SequenceState, TokenOutput
-from tokenyard.worker.engine import EngineRequest, FinishReason, SamplingParams
+from tokenyard.worker.engines.base import EngineRequest, FinishReason, SamplingParams
+from tokenyard.worker.engines.cpu.kv_cache import KvGeometry, PagedKvCache
+from tokenyard.worker.engines.cpu.sampling import Sampler
+from tokenyard.worker.engines.cpu.scheduler import Scheduled, Scheduler, SequenceState, TokenOutput
 
 pytestmark = pytest.mark.unit
 

@@ -11,10 +11,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokenyard.worker.cpu.guided import GuideVocabulary, JsonObjectGuide, sample_guided
-from tokenyard.worker.cpu.json_constraint import MAX_WHITESPACE_RUN, JsonObjectAutomaton
-from tokenyard.worker.cpu.sampling import Sampler
-from tokenyard.worker.engine import SamplingParams
+from tokenyard.worker.engines.base import SamplingParams
+from tokenyard.worker.engines.cpu.guided import GuideVocabulary, JsonObjectGuide, sample_guided
+from tokenyard.worker.engines.cpu.json_constraint import MAX_WHITESPACE_RUN, JsonObjectAutomaton
+from tokenyard.worker.engines.cpu.sampling import Sampler
 
 pytestmark = pytest.mark.unit
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from tokenyard.common.hashing import block_hashes, chain_hash
+from tokenyard.worker.engines.mocker.block_manager import BlockTable, KvBlockManager
 from tokenyard.worker.kv_events import KvCleared, KvEventData, KvRemoved, KvStored, StoredBlock
-from tokenyard.worker.mocker.block_manager import BlockTable, KvBlockManager
 
 pytestmark = pytest.mark.unit
 

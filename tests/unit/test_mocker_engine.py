@@ -7,16 +7,16 @@ import contextlib
 
 import pytest
 
-from tokenyard.worker.kv_events import KvCleared, KvEvent, KvStored
-from tokenyard.worker.mocker.config import EngineRole, MockerConfig
-from tokenyard.worker.mocker.engine import EngineError, MockerEngine, StepReport
-from tokenyard.worker.mocker.request import (
+from tokenyard.worker.engines.mocker.config import EngineRole, MockerConfig
+from tokenyard.worker.engines.mocker.engine import EngineError, MockerEngine, StepReport
+from tokenyard.worker.engines.mocker.request import (
     FinishReason,
     MockerRequest,
     TokenChunk,
     pseudo_token,
     request_seed,
 )
+from tokenyard.worker.kv_events import KvCleared, KvEvent, KvStored
 
 pytestmark = pytest.mark.unit
 

@@ -9,7 +9,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tokenyard.worker.mocker.perf_model import InterpolatedPerfModel, PolynomialPerfModel, load_perf_model
+from tokenyard.worker.engines.mocker.perf_model import (
+    InterpolatedPerfModel,
+    PolynomialPerfModel,
+    load_perf_model,
+)
 
 pytestmark = pytest.mark.unit
 

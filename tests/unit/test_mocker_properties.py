@@ -13,12 +13,12 @@ from hypothesis import HealthCheck, event, given, settings, target
 from hypothesis import strategies as st
 
 from tokenyard.common.hashing import chain_hash
+from tokenyard.worker.engines.mocker.config import MockerConfig, PreemptionMode
+from tokenyard.worker.engines.mocker.engine import MockerEngine
+from tokenyard.worker.engines.mocker.perf_model import PolynomialPerfModel
+from tokenyard.worker.engines.mocker.request import MockerRequest, pseudo_token, request_seed
+from tokenyard.worker.engines.mocker.scheduler import Scheduler
 from tokenyard.worker.kv_events import KvCleared, KvEvent, KvEventPublisher, KvRemoved, KvStored
-from tokenyard.worker.mocker.config import MockerConfig, PreemptionMode
-from tokenyard.worker.mocker.engine import MockerEngine
-from tokenyard.worker.mocker.perf_model import PolynomialPerfModel
-from tokenyard.worker.mocker.request import MockerRequest, pseudo_token, request_seed
-from tokenyard.worker.mocker.scheduler import Scheduler
 
 pytestmark = pytest.mark.unit
 
@@ -221,7 +221,7 @@ def test_block_manager_events_replay_through_resets(
     chains: list[tuple[int, int, bool]], num_blocks: int, resets: set[int]
 ) -> None:
     from tokenyard.common.hashing import block_hashes
-    from tokenyard.worker.mocker.block_manager import BlockTable, KvBlockManager
+    from tokenyard.worker.engines.mocker.block_manager import BlockTable, KvBlockManager
 
     publisher = KvEventPublisher(0)
     index = ReplayIndex()

@@ -6,10 +6,16 @@ from typing import Any
 
 import pytest
 
-from tokenyard.worker.mocker.config import EngineRole, MockerConfig, PreemptionMode
-from tokenyard.worker.mocker.perf_model import PolynomialPerfModel
-from tokenyard.worker.mocker.request import FinishReason, MockerRequest, Usage, pseudo_token, request_seed
-from tokenyard.worker.mocker.scheduler import Scheduler, StepResult, TokenOutput
+from tokenyard.worker.engines.mocker.config import EngineRole, MockerConfig, PreemptionMode
+from tokenyard.worker.engines.mocker.perf_model import PolynomialPerfModel
+from tokenyard.worker.engines.mocker.request import (
+    FinishReason,
+    MockerRequest,
+    Usage,
+    pseudo_token,
+    request_seed,
+)
+from tokenyard.worker.engines.mocker.scheduler import Scheduler, StepResult, TokenOutput
 
 pytestmark = pytest.mark.unit
 

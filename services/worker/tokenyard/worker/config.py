@@ -15,15 +15,10 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from tokenyard.common.settings import MetricsPortSettings, ServiceSettings, settings_config
-from tokenyard.worker.cpu.config import CpuEngineConfig
-from tokenyard.worker.mocker.config import MockerConfig
-
-
-class EngineKind(StrEnum):
-    MOCKER = "mocker"
-    CPU = "cpu"
-    VLLM = "vllm"
-    TRTLLM = "trtllm"
+from tokenyard.worker.engines.cpu.config import CpuEngineConfig
+from tokenyard.worker.engines.mocker.config import MockerConfig
+from tokenyard.worker.engines.registry import EngineKind
+from tokenyard.worker.engines.vllm.config import VllmEngineConfig
 
 
 class WorkerRole(StrEnum):
@@ -40,7 +35,11 @@ class WorkerSettings(MetricsPortSettings, ServiceSettings):
     metrics_port: int = Field(
         default=9300, ge=0, le=65535, description="Port of the Prometheus /metrics endpoint."
     )
-    engine: EngineKind = Field(default=EngineKind.MOCKER, description="Engine behind this worker.")
+    engine: EngineKind = Field(
+        default=EngineKind.MOCKER,
+        description="Engine behind this worker: mocker (simulated, no model), cpu (PyTorch on the CPU), "
+        "vllm (vLLM's engine; needs the vllm extra).",
+    )
     role: WorkerRole = Field(default=WorkerRole.AGGREGATED, description="aggregated, prefill or decode.")
     model: str = Field(
         default="SmolLM2-135M-Instruct", min_length=1, description="Model name served to clients."
@@ -95,4 +94,7 @@ class WorkerSettings(MetricsPortSettings, ServiceSettings):
     )
     cpu: CpuEngineConfig = Field(
         default_factory=CpuEngineConfig, description="Real model on the CPU (used when --engine cpu)."
+    )
+    vllm: VllmEngineConfig = Field(
+        default_factory=VllmEngineConfig, description="vLLM's engine (used when --engine vllm)."
     )

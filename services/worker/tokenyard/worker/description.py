@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tokenyard.common.discovery import ModelCard
-from tokenyard.worker.engine import EngineInfo
+from tokenyard.worker.engines.base import EngineInfo
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 from tokenyard.common.errors import InvalidArgument, Unavailable
-from tokenyard.worker.engine import Engine, StepMetrics, StepRequests
+from tokenyard.worker.engines.base import Engine, StepMetrics, StepRequests
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,7 +29,7 @@ from tokenyard.common.errors import (
     TokenyardError,
     Unavailable,
 )
-from tokenyard.worker.engine import (
+from tokenyard.worker.engines.base import (
     Engine,
     EngineInfo,
     EngineRequest,

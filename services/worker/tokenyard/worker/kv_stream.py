@@ -29,7 +29,7 @@ from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 
 from tokenyard.common.errors import InvalidArgument, Unavailable
-from tokenyard.worker.engine import Engine, KvSnapshot, RankLoad
+from tokenyard.worker.engines.base import Engine, KvSnapshot, RankLoad
 from tokenyard.worker.kv_events import KvCleared, KvEvent, KvRemoved
 from tokenyard.worker.metrics import WorkerMetrics
 
@@ -70,6 +70,7 @@ class KvEventHub:
         self._queue_size = queue_size
         self._metrics = metrics
         self._rings: dict[int, deque[KvEvent]] = {}
+        self._last_ids: dict[int, int] = {}
         self._subscriptions: set[KvSubscription] = set()
         self._closed = False
         # Subscribed at construction, before the engine starts, so that the buffer holds event 0.
@@ -84,6 +85,7 @@ class KvEventHub:
         if ring is None:
             ring = self._rings[event.dp_rank] = deque(maxlen=self._buffer_size)
         ring.append(event)
+        self._last_ids[event.dp_rank] = event.event_id
         if self._metrics is not None:
             self._metrics.kv_events.labels(str(event.dp_rank), _kind(event)).inc()
         for subscription in self._subscriptions:
@@ -91,7 +93,7 @@ class KvEventHub:
 
     def events_from(self, dp_rank: int, first_wanted: int) -> list[KvEvent] | None:
         """The rank's events from ``first_wanted`` on; None when they are not all buffered."""
-        last = self._engine.last_event_id(dp_rank)
+        last = self._last_ids.get(dp_rank, -1)
         if first_wanted == last + 1:
             return []
         ring = self._rings.get(dp_rank)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from prometheus_client import Counter, Gauge
 
 from tokenyard.common.metrics import Metrics
-from tokenyard.worker.engine import RankLoad
+from tokenyard.worker.engines.base import RankLoad
 
 
 class WorkerMetrics:

@@ -20,8 +20,8 @@ from tokenyard.common.errors import TokenyardError
 from tokenyard.common.service import ServiceRuntime, StartupError
 from tokenyard.worker.config import WorkerSettings
 from tokenyard.worker.description import WorkerDescription
-from tokenyard.worker.engine import Engine
 from tokenyard.worker.engines import create_engine
+from tokenyard.worker.engines.base import Engine
 from tokenyard.worker.forward_pass import ForwardPassHub
 from tokenyard.worker.intake import Intake
 from tokenyard.worker.kv_stream import KvEventHub

@@ -10,7 +10,7 @@ import grpc
 
 from tokenyard.common.errors import InvalidArgument
 from tokenyard.worker.description import WorkerDescription
-from tokenyard.worker.engine import (
+from tokenyard.worker.engines.base import (
     Engine,
     EngineRequest,
     FinishReason,

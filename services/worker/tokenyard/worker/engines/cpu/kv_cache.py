@@ -4,7 +4,7 @@ K and V live in two tensors per engine, ``[num_layers, num_blocks * block_size, 
 head_dim]``: a block is ``block_size`` consecutive slots, and a token's slot is
 ``block_id * block_size + offset``. Which blocks a sequence uses is its :class:`BlockTable`.
 
-Block states follow the simulated engine's manager (:mod:`tokenyard.worker.mocker.block_manager`),
+Block states follow the simulated engine's manager (:mod:`tokenyard.worker.engines.mocker.block_manager`),
 with one difference that real KV data forces: a block is *cached* (gets its sequence hash, is
 announced with ``stored``, and can be shared) only once its tokens have been computed, in
 :meth:`PagedKvCache.commit`, never when it is allocated. A request therefore never finds a block

@@ -1,4 +1,4 @@
-"""The simulated engine behind the :class:`~tokenyard.worker.engine.Engine` protocol.
+"""The simulated engine behind the :class:`~tokenyard.worker.engines.base.Engine` protocol.
 
 A thin translation: the mocker keeps its own request and report types (it is also used on its own,
 in benchmarks), and this adapter maps them to the worker's domain types and errors.
@@ -17,7 +17,7 @@ from contextlib import aclosing
 
 from tokenyard.common.errors import AlreadyExists, InvalidArgument, Unavailable, Unimplemented
 from tokenyard.common.hashing import block_hashes
-from tokenyard.worker.engine import (
+from tokenyard.worker.engines.base import (
     EngineInfo,
     EngineRequest,
     FinishReason,
@@ -32,11 +32,11 @@ from tokenyard.worker.engine import (
     Usage,
     refuse_unguidable,
 )
+from tokenyard.worker.engines.mocker import request as mocker_request
+from tokenyard.worker.engines.mocker.config import EngineRole, MockerConfig
+from tokenyard.worker.engines.mocker.engine import EngineError, MockerEngine, StepReport
+from tokenyard.worker.engines.mocker.perf_model import PerfModel
 from tokenyard.worker.kv_events import KvEvent, KvEventListener
-from tokenyard.worker.mocker import request as mocker_request
-from tokenyard.worker.mocker.config import EngineRole, MockerConfig
-from tokenyard.worker.mocker.engine import EngineError, MockerEngine, StepReport
-from tokenyard.worker.mocker.perf_model import PerfModel
 
 _FINISH = {
     mocker_request.FinishReason.STOP: FinishReason.STOP,
@@ -50,7 +50,7 @@ _NO_KV_BYTES = (
 
 
 class MockerAdapter:
-    """:class:`~tokenyard.worker.engine.Engine` over :class:`~tokenyard.worker.mocker.engine.MockerEngine`."""
+    """:class:`~tokenyard.worker.engines.base.Engine` over :class:`~tokenyard.worker.engines.mocker.engine.MockerEngine`."""
 
     kind = "mocker"
 

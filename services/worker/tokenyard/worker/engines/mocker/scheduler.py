@@ -27,11 +27,17 @@ from dataclasses import dataclass, field
 from enum import Enum, auto
 
 from tokenyard.common.hashing import local_block_hashes, salt_hash, sequence_hashes
-from tokenyard.worker.mocker.block_manager import BlockTable, KvBlockManager, KvEventSink
-from tokenyard.worker.mocker.config import EngineRole, MockerConfig, PreemptionMode
-from tokenyard.worker.mocker.perf_model import PerfModel
-from tokenyard.worker.mocker.request import FinishReason, MockerRequest, Usage, pseudo_token, request_seed
-from tokenyard.worker.waiting import WaitingQueue
+from tokenyard.worker.engines.core.waiting import WaitingQueue
+from tokenyard.worker.engines.mocker.block_manager import BlockTable, KvBlockManager, KvEventSink
+from tokenyard.worker.engines.mocker.config import EngineRole, MockerConfig, PreemptionMode
+from tokenyard.worker.engines.mocker.perf_model import PerfModel
+from tokenyard.worker.engines.mocker.request import (
+    FinishReason,
+    MockerRequest,
+    Usage,
+    pseudo_token,
+    request_seed,
+)
 
 
 class _Outcome(Enum):

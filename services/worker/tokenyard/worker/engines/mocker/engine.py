@@ -1,6 +1,6 @@
 """The simulated engine behind a worker: data-parallel ranks stepping in real (or scaled) time.
 
-Each rank runs its own :class:`~tokenyard.worker.mocker.scheduler.Scheduler` in a background
+Each rank runs its own :class:`~tokenyard.worker.engines.mocker.scheduler.Scheduler` in a background
 task. A step's state change happens at once; then the task sleeps for the step's modelled
 duration and hands the step's tokens out. Step deadlines are chained (the next step starts when
 the previous one was due, not when the sleep happened to return), so the timer's overshoot does
@@ -19,11 +19,11 @@ import logging
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 
+from tokenyard.worker.engines.mocker.config import EngineRole, MockerConfig
+from tokenyard.worker.engines.mocker.perf_model import PerfModel, load_perf_model
+from tokenyard.worker.engines.mocker.request import FinishReason, MockerRequest, Timings, TokenChunk, Usage
+from tokenyard.worker.engines.mocker.scheduler import Scheduler, StepResult
 from tokenyard.worker.kv_events import KvEvent, KvEventListener, KvEventPublisher, KvStored
-from tokenyard.worker.mocker.config import EngineRole, MockerConfig
-from tokenyard.worker.mocker.perf_model import PerfModel, load_perf_model
-from tokenyard.worker.mocker.request import FinishReason, MockerRequest, Timings, TokenChunk, Usage
-from tokenyard.worker.mocker.scheduler import Scheduler, StepResult
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 
-from tokenyard.worker.cpu.json_constraint import JsonObjectAutomaton
-from tokenyard.worker.cpu.sampling import Sampler, apply_penalties, probabilities
+from tokenyard.worker.engines.base import GuidedDecoding, GuidedKind
+from tokenyard.worker.engines.cpu.json_constraint import JsonObjectAutomaton
+from tokenyard.worker.engines.cpu.sampling import Sampler, apply_penalties, probabilities
 
 # Redraws before falling back to scanning candidates in order.
 MAX_REJECTIONS = 8
@@ -153,3 +154,23 @@ def _most_likely_allowed(logits: torch.Tensor, guide: JsonObjectGuide) -> int:
             return int(token)
     # A byte-level vocabulary spells every ASCII character, so some token always continues.
     raise ValueError("no token of the vocabulary continues the JSON object")
+
+
+Guide = JsonObjectGuide
+
+
+class GuideFactory:
+    """Builds each request's guide over one vocabulary."""
+
+    kinds: tuple[GuidedKind, ...] = (GuidedKind.JSON_OBJECT,)
+
+    def __init__(self, vocabulary: GuideVocabulary) -> None:
+        self.vocabulary = vocabulary
+
+    @classmethod
+    def load(cls, tokenizer_file: Path, vocab_size: int) -> GuideFactory | None:
+        vocabulary = GuideVocabulary.from_tokenizer_file(tokenizer_file, vocab_size)
+        return None if vocabulary is None else cls(vocabulary)
+
+    def guide(self, guided: GuidedDecoding, terminators: Sequence[int]) -> Guide:
+        return JsonObjectGuide(self.vocabulary, terminators)

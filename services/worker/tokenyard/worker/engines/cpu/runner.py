@@ -13,17 +13,17 @@ from typing import Any
 
 import torch
 
-from tokenyard.worker.cpu.attention import (
+from tokenyard.worker.engines.cpu.attention import (
     BATCH_KWARG,
     DecodeGroup,
     PagedBatch,
     PrefillSpan,
     causal_mask_with_prefix,
 )
-from tokenyard.worker.cpu.guided import JsonObjectGuide, sample_guided
-from tokenyard.worker.cpu.kv_cache import PagedKvCache
-from tokenyard.worker.cpu.sampling import Sampler, sample
-from tokenyard.worker.cpu.scheduler import Scheduled, SequenceState
+from tokenyard.worker.engines.cpu.guided import JsonObjectGuide, sample_guided
+from tokenyard.worker.engines.cpu.kv_cache import PagedKvCache
+from tokenyard.worker.engines.cpu.sampling import Sampler, sample
+from tokenyard.worker.engines.cpu.scheduler import Scheduled, SequenceState
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,11 +22,11 @@ import time
 from dataclasses import dataclass
 
 from tokenyard.common.hashing import local_block_hashes, salt_hash, sequence_hashes
-from tokenyard.worker.cpu.guided import JsonObjectGuide
-from tokenyard.worker.cpu.kv_cache import BlockTable, PagedKvCache
-from tokenyard.worker.cpu.sampling import Sampler
-from tokenyard.worker.engine import EngineRequest, FinishReason, Usage
-from tokenyard.worker.waiting import WaitingQueue
+from tokenyard.worker.engines.base import EngineRequest, FinishReason, Usage
+from tokenyard.worker.engines.core.waiting import WaitingQueue
+from tokenyard.worker.engines.cpu.guided import JsonObjectGuide
+from tokenyard.worker.engines.cpu.kv_cache import BlockTable, PagedKvCache
+from tokenyard.worker.engines.cpu.sampling import Sampler
 
 
 class SequenceState:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tokenyard.worker.engine import SamplingParams
+from tokenyard.worker.engines.base import SamplingParams
 
 
 @dataclass(slots=True)

@@ -1,4 +1,4 @@
-"""The seam between a worker and the engine behind it (mocker now; cpu, vllm, trtllm later).
+"""The seam between a worker and the engine behind it: domain types, the core protocol, capabilities.
 
 Everything here is a plain domain type: the servicer translates protobuf to and from these, and
 an engine never sees a ``*_pb2`` message. Engines report failures with the domain errors of
@@ -8,7 +8,6 @@ an engine never sees a ``*_pb2`` message. Engines report failures with the domai
   guided decoding kind it does not honour, ...);
 * ``AlreadyExists`` - a request id that is already running here;
 * ``Unavailable`` - the engine is not running, or failed before the request produced a token;
-* ``Unimplemented`` - an optional capability (KV export/import) the engine does not have.
 
 Listeners passed to ``subscribe_*`` are called synchronously from the engine's own loop, in order;
 they must be quick and must not raise.
@@ -19,7 +18,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from tokenyard.common.errors import InvalidArgument
 from tokenyard.worker.kv_events import KvEventListener, KvStored
@@ -222,21 +221,29 @@ class KvBlockExport:
 
 
 class Engine(Protocol):
-    def info(self) -> EngineInfo:
-        """Geometry and limits; valid once :meth:`start` returned."""
-        ...
+    """What every engine does. Optional abilities are the capability protocols below, which the
+    worker checks for with ``isinstance``; an engine simply leaves out what it cannot do."""
+
+    kind: str
+    """The engine's registry name (``mocker``, ``cpu``, ``vllm``); shown in the model card."""
 
     async def start(self) -> None:
-        """Load the model and start serving; raises on failure."""
+        """Load the model and start serving; raises on failure (StartupError or Unavailable with a
+        message that names what to fix)."""
         ...
 
     async def stop(self) -> None:
         """Stop; requests still in flight end with ``cancelled``."""
         ...
 
+    def info(self) -> EngineInfo:
+        """Geometry and limits, from which the model card is built; valid once :meth:`start` returned."""
+        ...
+
     def generate(self, request: EngineRequest) -> AsyncGenerator[GenerateChunk, None]:
         """Stream the request's tokens. Closing the iterator (or cancelling its consumer) aborts
-        the request and frees its KV blocks."""
+        the request and frees its KV blocks. The worker has validated the request against
+        :meth:`info` (context length, dp_rank, sampling ranges, guided kinds) before calling."""
         ...
 
     def abort(self, request_id: str) -> bool:
@@ -249,20 +256,27 @@ class Engine(Protocol):
 
     def subscribe_kv_events(self, listener: KvEventListener) -> Callable[[], None]:
         """Call ``listener`` for every later KV event of every rank; returns the unsubscribe function.
-        Subscribing before :meth:`start` sees every event from id 0."""
+        Subscribing before :meth:`start` sees every event from id 0. An engine that publishes no
+        events (``info().publishes_kv_events`` false) never calls it."""
         ...
 
     def kv_snapshot(self, dp_rank: int) -> KvSnapshot:
         """The rank's cache now, consistent with the events published so far."""
         ...
 
-    def last_event_id(self, dp_rank: int) -> int:
-        """Id of the rank's newest KV event, -1 before the first."""
-        ...
+
+@runtime_checkable
+class StepMetricsSource(Protocol):
+    """Capability: per-step metrics (the planner's load-based regressions feed on them)."""
 
     def subscribe_steps(self, listener: StepListener) -> Callable[[], None]:
-        """Call ``listener`` after every engine step that did work."""
+        """Call ``listener`` after every engine step that did work; returns the unsubscribe function."""
         ...
+
+
+@runtime_checkable
+class KvBlockTransfer(Protocol):
+    """Capability: KV blocks with real bytes leave and enter the engine (disaggregated serving)."""
 
     async def export_kv_blocks(self, transfer_id: str, block_hashes: Sequence[int]) -> KvBlockExport:
         """The bytes of blocks held for a transfer (all of them when ``block_hashes`` is empty).
@@ -275,4 +289,14 @@ class Engine(Protocol):
 
     async def import_kv_blocks(self, params: KvTransferParams, blocks: KvBlockExport) -> None:
         """Place blocks fetched from a prefill worker into this engine's cache."""
+        ...
+
+
+@runtime_checkable
+class GuidedDecoder(Protocol):
+    """Capability: the engine constrains its output (structured output). The kinds it honours are
+    ``info().guided_kinds``; the worker refuses every other kind before the engine sees it."""
+
+    def guided_kinds(self) -> tuple[GuidedKind, ...]:
+        """The kinds this engine honours now (after :meth:`Engine.start`)."""
         ...

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tokenyard.worker.cpu.config import CpuEngineConfig
+from tokenyard.worker.engines.cpu.config import CpuEngineConfig
 
 log = logging.getLogger(__name__)
 

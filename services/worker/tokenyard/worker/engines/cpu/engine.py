@@ -34,20 +34,11 @@ import xxhash
 
 from tokenyard.common.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 from tokenyard.worker.config import WorkerRole
-from tokenyard.worker.cpu import attention
-from tokenyard.worker.cpu.config import CpuEngineConfig
-from tokenyard.worker.cpu.guided import GuideVocabulary, JsonObjectGuide
-from tokenyard.worker.cpu.kv_cache import BlockTable, KvGeometry, PagedKvCache
-from tokenyard.worker.cpu.model import LoadedModel, ModelLoadError, load_model
-from tokenyard.worker.cpu.runner import ModelRunner
-from tokenyard.worker.cpu.sampling import Sampler
-from tokenyard.worker.cpu.scheduler import Scheduled, Scheduler, SequenceState, TokenOutput
-from tokenyard.worker.engine import (
+from tokenyard.worker.engines.base import (
     EngineInfo,
     EngineRequest,
     FinishReason,
     GenerateChunk,
-    GuidedKind,
     KvBlockExport,
     KvBlockLayout,
     KvSnapshot,
@@ -59,6 +50,14 @@ from tokenyard.worker.engine import (
     Usage,
     refuse_unguidable,
 )
+from tokenyard.worker.engines.cpu import attention
+from tokenyard.worker.engines.cpu.config import CpuEngineConfig
+from tokenyard.worker.engines.cpu.guided import Guide, GuideFactory
+from tokenyard.worker.engines.cpu.kv_cache import BlockTable, KvGeometry, PagedKvCache
+from tokenyard.worker.engines.cpu.model import LoadedModel, ModelLoadError, load_model
+from tokenyard.worker.engines.cpu.runner import ModelRunner
+from tokenyard.worker.engines.cpu.sampling import Sampler
+from tokenyard.worker.engines.cpu.scheduler import Scheduled, Scheduler, SequenceState, TokenOutput
 from tokenyard.worker.kv_events import KvEventListener, KvEventPublisher
 
 log = logging.getLogger(__name__)
@@ -94,7 +93,7 @@ class _HeldTransfer:
 
 
 class CpuEngine:
-    """:class:`~tokenyard.worker.engine.Engine` running a transformers model on the CPU."""
+    """:class:`~tokenyard.worker.engines.base.Engine` running a transformers model on the CPU."""
 
     kind = "cpu"
 
@@ -105,7 +104,7 @@ class CpuEngine:
         role: WorkerRole = WorkerRole.AGGREGATED,
         model: LoadedModel | None = None,
     ) -> None:
-        """``model``: weights loaded already (by :func:`~tokenyard.worker.cpu.model.load_model`);
+        """``model``: weights loaded already (by :func:`~tokenyard.worker.engines.cpu.model.load_model`);
         the engine switches it to paged attention, so it must not be shared with other users."""
         self.config = config or CpuEngineConfig()
         self.role = role
@@ -120,7 +119,7 @@ class CpuEngine:
         self._runner: ModelRunner | None = None
         self._info: EngineInfo | None = None
         self._layout: KvBlockLayout | None = None
-        self._vocabulary: GuideVocabulary | None = None
+        self._guides: GuideFactory | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -190,7 +189,7 @@ class CpuEngine:
             max_num_batched_tokens=cfg.max_num_batched_tokens,
             eos_token_ids=self._loaded.eos_token_ids,
             publishes_kv_events=self.publishes_kv_events,
-            guided_kinds=(GuidedKind.JSON_OBJECT,) if self._vocabulary is not None else (),
+            guided_kinds=self._guides.kinds if self._guides is not None else (),
         )
         self._running = True
         self._task = asyncio.create_task(self._run(), name="cpu-engine")
@@ -219,20 +218,20 @@ class CpuEngine:
         else:
             self._loaded.model.set_attn_implementation(attention.ATTN_IMPLEMENTATION)
         g = self._loaded.geometry
-        self._vocabulary = self._guide_vocabulary(self._loaded)
+        self._guides = self._guide_factory(self._loaded)
         geometry = KvGeometry(g.num_layers, g.num_kv_heads, g.head_dim, cfg.block_size)
         num_blocks = cfg.num_kv_blocks or max(1, int(cfg.kv_cache_gib * (1 << 30)) // geometry.block_bytes)
         sink = self._events.publish if self.publishes_kv_events else None
         return PagedKvCache(num_blocks, geometry, enable_prefix_caching=cfg.enable_prefix_caching, sink=sink)
 
     @staticmethod
-    def _guide_vocabulary(loaded: LoadedModel) -> GuideVocabulary | None:
+    def _guide_factory(loaded: LoadedModel) -> GuideFactory | None:
         """What guided decoding needs; None (no guided decoding) for a model without EOS or
-        without a byte-level tokenizer next to its weights."""
+        without a tokenizer file next to its weights."""
         path = loaded.weights_dir / "tokenizer.json"
         if not loaded.eos_token_ids or not path.is_file():
             return None
-        return GuideVocabulary.from_tokenizer_file(path, loaded.geometry.vocab_size)
+        return GuideFactory.load(path, loaded.geometry.vocab_size)
 
     async def stop(self) -> None:
         """Stop stepping; requests still in flight end with ``cancelled``."""
@@ -319,13 +318,14 @@ class CpuEngine:
                 del self._streams[request.request_id]
                 self._scheduler.abort(request.request_id)
 
-    def _guide(self, request: EngineRequest) -> JsonObjectGuide | None:
-        if request.guided is None or self._vocabulary is None or self._loaded is None:
+    def _guide(self, request: EngineRequest) -> Guide | None:
+        """The request's output constraint; ValueError for a schema the guide cannot compile."""
+        if request.guided is None or self._guides is None or self._loaded is None:
             return None
-        # Once the object is closed the output ends: on the model's EOS or a stop token, whichever
-        # the model prefers (a stop token is what ends a request that ignores EOS).
+        # Once the output is complete it ends: on the model's EOS or a stop token, whichever the
+        # model prefers (a stop token is what ends a request that ignores EOS).
         ends = dict.fromkeys((*self._loaded.eos_token_ids, *sorted(request.stop_token_ids)))
-        return JsonObjectGuide(self._vocabulary, tuple(ends))
+        return self._guides.guide(request.guided, tuple(ends))
 
     def abort(self, request_id: str) -> bool:
         stream = self._streams.pop(request_id, None)
