@@ -18,6 +18,8 @@ class WorkerDescription:
     engine: EngineInfo
     reasoning_parser: str = ""
     tool_call_parser: str = ""
+    structured_output: tuple[str, ...] = ()
+    """The guided decoding kinds the engine honours."""
 
     def model_card(self) -> ModelCard:
         return ModelCard(
@@ -30,5 +32,5 @@ class WorkerDescription:
             role=self.role,
             reasoning_parser=self.reasoning_parser,
             tool_call_parser=self.tool_call_parser,
-            structured_output=tuple(kind.value for kind in self.engine.guided_kinds),
+            structured_output=self.structured_output,
         )

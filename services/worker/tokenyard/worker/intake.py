@@ -34,9 +34,11 @@ from tokenyard.worker.engines.base import (
     EngineInfo,
     EngineRequest,
     FinishReason,
+    GuidedDecoder,
+    GuidedDecoding,
+    GuidedKind,
     KvTransferParams,
     Usage,
-    refuse_unguidable,
 )
 from tokenyard.worker.metrics import WorkerMetrics
 
@@ -88,6 +90,18 @@ class _Drain:
     cancelled: int = 0
 
 
+def refuse_unguidable(guided: GuidedDecoding | None, kind: str, supported: tuple[GuidedKind, ...]) -> None:
+    """Raise InvalidArgument when an engine of ``kind`` cannot honour ``guided``: an engine never
+    ignores a constraint it was asked for."""
+    if guided is None or guided.kind in supported:
+        return
+    can = ", ".join(k.value for k in supported) if supported else "no guided decoding at all"
+    raise InvalidArgument(
+        f"guided_decoding: the {kind} engine cannot constrain its output to {guided.kind.value} "
+        f"(it supports {can})"
+    )
+
+
 def _check_range(name: str, value: float | None, low: float, high: float, *, low_open: bool = False) -> None:
     if value is None:
         return
@@ -96,7 +110,13 @@ def _check_range(name: str, value: float | None, low: float, high: float, *, low
         raise InvalidArgument(f"sampling.{name} must be in {bracket}{low:g}, {high:g}], got {value:g}")
 
 
-def validate(request: EngineRequest, model: str, served_model: str, info: EngineInfo) -> None:
+def validate(
+    request: EngineRequest,
+    model: str,
+    served_model: str,
+    info: EngineInfo,
+    guided_kinds: tuple[GuidedKind, ...] = (),
+) -> None:
     """Raise InvalidArgument or NotFound for a request this worker can never serve."""
     if not request.request_id:
         raise InvalidArgument("request_id must be set")
@@ -118,7 +138,7 @@ def validate(request: EngineRequest, model: str, served_model: str, info: Engine
         raise InvalidArgument(
             f"dp_rank {request.dp_rank} out of range: this worker has ranks 0..{info.dp_size - 1}"
         )
-    refuse_unguidable(request.guided, info.kind, info.guided_kinds)
+    refuse_unguidable(request.guided, info.kind, guided_kinds)
     s = request.sampling
     _check_range("temperature", s.temperature, 0.0, math.inf)
     _check_range("top_p", s.top_p, 0.0, 1.0, low_open=True)
@@ -140,6 +160,7 @@ class Intake:
     ) -> None:
         self._engine = engine
         self._info = info
+        self._guided_kinds = engine.guided_kinds() if isinstance(engine, GuidedDecoder) else ()
         self._model = model
         self._max_in_flight = max_in_flight
         self._metrics = metrics
@@ -181,7 +202,7 @@ class Intake:
     def _admit(self, model: str, request: EngineRequest) -> None:
         if self._refusal is not None:
             raise Unavailable(f"worker is {self._refusal}")
-        validate(request, model, self._model, self._info)
+        validate(request, model, self._model, self._info, self._guided_kinds)
         if request.request_id in self._active:
             raise AlreadyExists(f"request {request.request_id!r} is already running on this worker")
         if self._max_in_flight and len(self._active) >= self._max_in_flight:

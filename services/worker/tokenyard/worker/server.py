@@ -21,7 +21,7 @@ from tokenyard.common.service import ServiceRuntime, StartupError
 from tokenyard.worker.config import WorkerSettings
 from tokenyard.worker.description import WorkerDescription
 from tokenyard.worker.engines import create_engine
-from tokenyard.worker.engines.base import Engine
+from tokenyard.worker.engines.base import Engine, GuidedDecoder
 from tokenyard.worker.forward_pass import ForwardPassHub
 from tokenyard.worker.intake import Intake
 from tokenyard.worker.kv_stream import KvEventHub
@@ -81,6 +81,7 @@ class WorkerServer:
             ) from None
         self.runtime.on_close(self.engine.stop)
         info = self.engine.info()
+        guided_kinds = self.engine.guided_kinds() if isinstance(self.engine, GuidedDecoder) else ()
         description = WorkerDescription(
             worker_id=self.runtime.instance_id,
             role=s.role.value,
@@ -89,6 +90,7 @@ class WorkerServer:
             engine=info,
             reasoning_parser=s.reasoning_parser,
             tool_call_parser=s.tool_call_parser,
+            structured_output=tuple(k.value for k in guided_kinds),
         )
         self.runtime.model_card = description.model_card()
         intake = self._intake = Intake(

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol, runtime_checkable
 
-from tokenyard.common.errors import InvalidArgument
 from tokenyard.worker.kv_events import KvEventListener, KvStored
 
 
@@ -63,18 +62,6 @@ class GuidedDecoding:
     kind: GuidedKind
     json_schema: str = ""
     """The serialized schema; set exactly when ``kind`` is ``json_schema``."""
-
-
-def refuse_unguidable(guided: GuidedDecoding | None, kind: str, supported: tuple[GuidedKind, ...]) -> None:
-    """Raise InvalidArgument when an engine of ``kind`` cannot honour ``guided``: an engine never
-    ignores a constraint it was asked for."""
-    if guided is None or guided.kind in supported:
-        return
-    can = ", ".join(k.value for k in supported) if supported else "no guided decoding at all"
-    raise InvalidArgument(
-        f"guided_decoding: the {kind} engine cannot constrain its output to {guided.kind.value} "
-        f"(it supports {can})"
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,8 +186,6 @@ class EngineInfo:
     max_num_batched_tokens: int
     eos_token_ids: tuple[int, ...]
     publishes_kv_events: bool
-    guided_kinds: tuple[GuidedKind, ...] = ()
-    """The guided decoding kinds the engine honours; it refuses the others."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,7 +280,8 @@ class KvBlockTransfer(Protocol):
 @runtime_checkable
 class GuidedDecoder(Protocol):
     """Capability: the engine constrains its output (structured output). The kinds it honours are
-    ``info().guided_kinds``; the worker refuses every other kind before the engine sees it."""
+    what :meth:`guided_kinds` returns (the model card lists them), and the worker refuses every
+    other kind, and every kind for an engine without this capability, before the engine sees it."""
 
     def guided_kinds(self) -> tuple[GuidedKind, ...]:
         """The kinds this engine honours now (after :meth:`Engine.start`)."""

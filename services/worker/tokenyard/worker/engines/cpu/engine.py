@@ -39,6 +39,7 @@ from tokenyard.worker.engines.base import (
     EngineRequest,
     FinishReason,
     GenerateChunk,
+    GuidedKind,
     KvBlockExport,
     KvBlockLayout,
     KvSnapshot,
@@ -48,7 +49,6 @@ from tokenyard.worker.engines.base import (
     StepMetrics,
     StepRequests,
     Usage,
-    refuse_unguidable,
 )
 from tokenyard.worker.engines.cpu import attention
 from tokenyard.worker.engines.cpu.config import CpuEngineConfig
@@ -189,7 +189,6 @@ class CpuEngine:
             max_num_batched_tokens=cfg.max_num_batched_tokens,
             eos_token_ids=self._loaded.eos_token_ids,
             publishes_kv_events=self.publishes_kv_events,
-            guided_kinds=self._guides.kinds if self._guides is not None else (),
         )
         self._running = True
         self._task = asyncio.create_task(self._run(), name="cpu-engine")
@@ -255,6 +254,9 @@ class CpuEngine:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
+    def guided_kinds(self) -> tuple[GuidedKind, ...]:
+        return self._guides.kinds if self._guides is not None else ()
+
     def info(self) -> EngineInfo:
         if self._info is None:
             raise Unavailable("the CPU engine is not started")
@@ -271,7 +273,6 @@ class CpuEngine:
             raise AlreadyExists(f"request {request.request_id!r} is already running on this worker")
         if request.prefill_only or self.role is WorkerRole.PREFILL:
             request = dataclasses.replace(request, max_tokens=1, prefill_only=True)
-        refuse_unguidable(request.guided, self.kind, self._info.guided_kinds if self._info else ())
         try:
             sampler = Sampler.from_params(
                 request.sampling, self.config.default_temperature, self.config.default_top_p

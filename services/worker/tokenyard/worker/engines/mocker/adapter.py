@@ -30,7 +30,6 @@ from tokenyard.worker.engines.base import (
     StepMetrics,
     StepRequests,
     Usage,
-    refuse_unguidable,
 )
 from tokenyard.worker.engines.mocker import request as mocker_request
 from tokenyard.worker.engines.mocker.config import EngineRole, MockerConfig
@@ -96,8 +95,6 @@ class MockerAdapter:
     async def generate(self, request: EngineRequest) -> AsyncGenerator[GenerateChunk, None]:
         if request.request_id in self._requests:
             raise AlreadyExists(f"request {request.request_id!r} is already running on this worker")
-        # The mocker's tokens are made up: it has no vocabulary to constrain.
-        refuse_unguidable(request.guided, self.kind, ())
         prompt_len = len(request.token_ids)
         max_tokens = request.max_tokens
         if max_tokens is None:
