@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tokenyard.worker.engines.mocker.config import MockerConfig
 from tokenyard.worker.engines.mocker.engine import MockerEngine
-from tokenyard.worker.engines.mocker.request import MockerRequest
+from tokenyard.worker.engines.base import EngineRequest
 
 ISLS = (100, 500, 1000, 2000, 4000)
 OUTPUT_TOKENS = 32
@@ -76,7 +76,7 @@ def expected(isl: int, cached: int) -> tuple[float, float]:
     return ttft, itl
 
 
-async def measure(engine: MockerEngine, request: MockerRequest) -> tuple[float, float, int]:
+async def measure(engine: MockerEngine, request: EngineRequest) -> tuple[float, float, int]:
     """(TTFT ms, mean ITL ms, cached tokens) of one streamed request."""
     start = time.perf_counter()
     stamps: list[tuple[float, int]] = []
@@ -105,9 +105,9 @@ async def run_case(engine: MockerEngine, isl: int, mode: str, base: int) -> Row:
         else:
             warm = []
         if warm:
-            async for _ in engine.generate(MockerRequest(f"warm-{isl}-{mode}-{repeat}", warm, max_tokens=1)):
+            async for _ in engine.generate(EngineRequest(f"warm-{isl}-{mode}-{repeat}", tuple(warm), max_tokens=1)):
                 pass
-        request = MockerRequest(f"req-{isl}-{mode}-{repeat}", prompt, max_tokens=OUTPUT_TOKENS)
+        request = EngineRequest(f"req-{isl}-{mode}-{repeat}", tuple(prompt), max_tokens=OUTPUT_TOKENS)
         ttft, itl, cached = await measure(engine, request)
         ttfts.append(ttft)
         itls.append(itl)

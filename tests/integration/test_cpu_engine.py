@@ -298,7 +298,7 @@ async def test_prefill_worker_kv_moves_to_a_decode_worker(
         rest, last = await run(decode, request)
         assert last.usage is not None and last.usage.cached_tokens == len(transfer.block_hashes) * 16
         assert [*first, *rest] == expected(prompt)
-        assert decode.last_event_id(0) == -1  # a decode worker publishes no KV events
+        assert decode.kv_snapshot(0).next_event_id == 0  # a decode worker publishes no KV events
 
 
 # -- the router's view -------------------------------------------------------------------------

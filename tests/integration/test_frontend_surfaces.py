@@ -3,7 +3,7 @@ the frontend in this process, each a gRPC server on a loopback ephemeral port, m
 discovery directory.
 
 The mocker's tokens are a pure function of the request's seed and sequence position
-(tokenyard.worker.engines.mocker.request), so a test that fixes the seed knows the exact text to expect.
+(tokenyard.worker.engines.mocker.executor), so a test that fixes the seed knows the exact text to expect.
 Every test also checks that the requests it made ended cleanly: the worker holds no KV blocks,
 and the router had already been told of each request's first token and end (a late notification
 of ours is then a no-op: ``applied = false``).
@@ -37,7 +37,7 @@ from tokenyard.kserve.v2 import grpc_service_pb2_grpc as pb_grpc
 from tokenyard.kserve.v2 import model_config_pb2 as mc
 from tokenyard.router.v1 import router_pb2, router_pb2_grpc
 from tokenyard.worker.engines.mocker.config import MockerConfig
-from tokenyard.worker.engines.mocker.request import pseudo_token
+from tokenyard.worker.engines.mocker.executor import pseudo_token
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 

@@ -10,10 +10,9 @@ import grpc
 import pytest
 
 from tests.fixtures.worker import RunningWorker, eventually, generate_request, running_worker
-from tokenyard.worker.engines.base import KvSnapshot, RankLoad
-from tokenyard.worker.engines.mocker.adapter import MockerAdapter
+from tokenyard.worker.engines.base import EngineRequest, KvSnapshot, RankLoad
+from tokenyard.worker.engines.mocker.engine import MockerEngine
 from tokenyard.worker.engines.mocker.config import MockerConfig
-from tokenyard.worker.engines.mocker.request import MockerRequest
 from tokenyard.worker.kv_events import KvRemoved, KvStored
 from tokenyard.worker.kv_stream import KvEventBatch, KvEventHub
 from tokenyard.worker.v1 import worker_pb2
@@ -82,7 +81,7 @@ async def read(stream: Stream) -> worker_pb2.SubscribeKvEventsResponse:
 
 async def catch_up(stream: Stream, mirror: Mirror, w: RunningWorker, dp_rank: int = 0) -> None:
     """Read until the mirror holds every event the engine published."""
-    while mirror.next_event_id != w.server.engine.last_event_id(dp_rank) + 1 or mirror._parts:
+    while mirror.next_event_id != w.server.engine.kv_snapshot(dp_rank).next_event_id or mirror._parts:
         mirror.apply(await read(stream))
 
 
@@ -112,7 +111,7 @@ async def test_a_new_subscriber_starts_with_a_snapshot_then_a_load() -> None:
         first, second = await read(stream), await read(stream)
         stream.cancel()
         assert first.WhichOneof("payload") == "snapshot"
-        assert first.snapshot.next_event_id == w.server.engine.last_event_id(0) + 1
+        assert first.snapshot.next_event_id == (w.server.engine.kv_snapshot(0).next_event_id - 1) + 1
         assert {b.block_hash for c in first.snapshot.chains for b in c.stored.blocks} == engine_blocks(w)
         assert second.WhichOneof("payload") == "load"
         assert second.load.total_blocks == 256
@@ -151,7 +150,7 @@ async def test_resuming_from_a_buffered_id_replays_exactly_the_missing_events() 
 async def test_resuming_at_the_next_id_gets_nothing_but_live_events() -> None:
     async with running_worker(FAST) as w:
         await run_prompts(w, "a", 3)
-        next_id = w.server.engine.last_event_id(0) + 1
+        next_id = (w.server.engine.kv_snapshot(0).next_event_id - 1) + 1
         stream = subscribe(w, resume_from_event_id={0: next_id})
         assert (await read(stream)).WhichOneof("payload") == "load"
         await run_prompts(w, "b", 1)
@@ -168,11 +167,11 @@ async def test_an_unavailable_resume_point_gets_a_snapshot_and_replay_matches_th
 ) -> None:
     async with running_worker(TINY_CACHE, kv_event_buffer=4) as w:
         await run_prompts(w, "old", 10)
-        assert w.server.engine.last_event_id(0) > 4
+        assert (w.server.engine.kv_snapshot(0).next_event_id - 1) > 4
         stream = subscribe(w, resume_from_event_id={0: resume_at})
         first = await read(stream)
         assert first.WhichOneof("payload") == "snapshot"
-        assert first.snapshot.next_event_id == w.server.engine.last_event_id(0) + 1
+        assert first.snapshot.next_event_id == (w.server.engine.kv_snapshot(0).next_event_id - 1) + 1
         mirror = Mirror()
         mirror.apply(first)
         await run_prompts(w, "new", 10)
@@ -193,24 +192,24 @@ async def test_a_subscriber_that_does_not_read_never_blocks_the_engine() -> None
 
 
 async def test_an_overflowing_subscriber_is_resynced_with_a_fresh_snapshot() -> None:
-    engine = MockerAdapter(FAST)
+    engine = MockerEngine(FAST)
     hub = KvEventHub(engine, buffer_size=16, queue_size=2)
-    async with engine.mocker:
+    async with engine:
         subscription = hub.subscribe(None, {})
         initial = await subscription.next_items()
         assert [type(i) for i in initial] == [KvSnapshot, RankLoad]
         for i in range(5):  # five distinct prompts: at least five `stored` events, never read
-            request = MockerRequest(f"r{i}", [i * 100 + k for k in range(12)], max_tokens=1)
-            async for _ in engine.mocker.generate(request):
+            request = EngineRequest(f"r{i}", tuple(i * 100 + k for k in range(12)), max_tokens=1)
+            async for _ in engine.generate(request):
                 pass
         resync = await subscription.next_items()
         snapshot = resync[0]
         assert isinstance(snapshot, KvSnapshot)
-        assert snapshot.next_event_id == engine.last_event_id(0) + 1
+        assert snapshot.next_event_id == engine.kv_snapshot(0).next_event_id
         assert {b.block_hash for c in snapshot.chains for b in c.blocks} == {
             b.block_hash for c in engine.kv_snapshot(0).chains for b in c.blocks
         }
-        async for _ in engine.mocker.generate(MockerRequest("after", range(900, 912), max_tokens=1)):
+        async for _ in engine.generate(EngineRequest("after", tuple(range(900, 912)), max_tokens=1)):
             pass
         [live] = await subscription.next_items()
         assert isinstance(live, KvEventBatch)
@@ -265,7 +264,9 @@ async def test_forward_pass_metrics_number_every_step_and_send_idle_heartbeats()
 
         samples = [await next_sample()]  # an idle heartbeat: the stream is live
         await run_prompts(w, "fpm", 2, length=40)
-        while sum(s.scheduled.num_decode_requests for s in samples) < 4 or not idle(samples[-1]):
+        # Two tokens each: the step that completes a prompt samples its first token (a prefill
+        # request), the next one decodes the second.
+        while sum(s.scheduled.num_decode_requests for s in samples) < 2 or not idle(samples[-1]):
             samples.append(await next_sample())
         stream.cancel()
     assert idle(samples[0]) and samples[0].wall_time_ms == 0
@@ -273,4 +274,4 @@ async def test_forward_pass_metrics_number_every_step_and_send_idle_heartbeats()
     assert ids == list(range(ids[0], ids[0] + len(ids)))
     assert sum(s.scheduled.num_prefill_requests for s in samples) == 2
     assert sum(s.scheduled.sum_prefill_tokens for s in samples) == 80
-    assert sum(s.scheduled.num_decode_requests for s in samples) == 4
+    assert sum(s.scheduled.num_decode_requests for s in samples) == 2

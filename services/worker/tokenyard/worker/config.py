@@ -9,22 +9,19 @@ hashing that routers and frontends use.
 
 from __future__ import annotations
 
-from enum import StrEnum
 from typing import ClassVar, Literal
 
 from pydantic import Field
 
 from tokenyard.common.settings import MetricsPortSettings, ServiceSettings, settings_config
+from tokenyard.worker.engines.base import EngineRole
 from tokenyard.worker.engines.cpu.config import CpuEngineConfig
 from tokenyard.worker.engines.mocker.config import MockerConfig
 from tokenyard.worker.engines.registry import EngineKind
 from tokenyard.worker.engines.vllm.config import VllmEngineConfig
 
-
-class WorkerRole(StrEnum):
-    AGGREGATED = "aggregated"
-    PREFILL = "prefill"
-    DECODE = "decode"
+# The worker's role is its engine's: one enum, named for where it is set.
+WorkerRole = EngineRole
 
 
 class WorkerSettings(MetricsPortSettings, ServiceSettings):

@@ -16,7 +16,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 from tokenyard.common.errors import InvalidArgument, Unavailable
-from tokenyard.worker.engines.base import Engine, StepMetrics, StepRequests
+from tokenyard.worker.engines.base import Engine, StepMetrics, StepMetricsSource, StepRequests
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +33,10 @@ class ForwardPassHub:
         self._stepped: set[int] = set()
         self._subscriptions: set[ForwardPassSubscription] = set()
         self._closed = False
-        self._unsubscribe = engine.subscribe_steps(self._on_step)
+        # An engine without per-step metrics still gets idle heartbeats, so subscribers see it live.
+        self._unsubscribe = (
+            engine.subscribe_steps(self._on_step) if isinstance(engine, StepMetricsSource) else lambda: None
+        )
 
     def _on_step(self, metrics: StepMetrics) -> None:
         self._stepped.add(metrics.dp_rank)

@@ -8,7 +8,7 @@ from typing import Any
 
 import grpc
 
-from tokenyard.common.errors import InvalidArgument
+from tokenyard.common.errors import InvalidArgument, Unimplemented
 from tokenyard.worker.description import WorkerDescription
 from tokenyard.worker.engines.base import (
     Engine,
@@ -16,6 +16,7 @@ from tokenyard.worker.engines.base import (
     FinishReason,
     GuidedDecoding,
     GuidedKind,
+    KvBlockTransfer,
     KvSnapshot,
     KvTransferParams,
     RankLoad,
@@ -144,7 +145,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     ) -> AsyncIterator[worker_pb2.FetchKvBlocksResponse]:
         if not request.transfer_id:
             raise InvalidArgument("transfer_id must be set")
-        export = await self._engine.export_kv_blocks(request.transfer_id, tuple(request.block_hashes))
+        engine = self._engine
+        if not isinstance(engine, KvBlockTransfer):
+            raise Unimplemented(
+                f"the {engine.info().kind} engine holds no KV bytes to export (its KV transfer is "
+                "simulated: a decode worker takes the prompt's KV as transferred)"
+            )
+        export = await engine.export_kv_blocks(request.transfer_id, tuple(request.block_hashes))
         layout = export.layout
         for index, (block_hash, data) in enumerate(export.blocks):
             message = worker_pb2.FetchKvBlocksResponse(block_index=index, block_hash=block_hash, data=data)
@@ -161,7 +168,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 )
             yield message
         if request.release:
-            await self._engine.release_kv_transfer(request.transfer_id)
+            await engine.release_kv_transfer(request.transfer_id)
 
     async def Drain(self, request: worker_pb2.DrainRequest, context: Context) -> worker_pb2.DrainResponse:
         grace = request.grace_period_ms / 1000.0 if request.grace_period_ms else None

@@ -23,6 +23,16 @@ from typing import Protocol, runtime_checkable
 from tokenyard.worker.kv_events import KvEventListener, KvStored
 
 
+class EngineRole(StrEnum):
+    """What a worker's engine does with requests (the worker's ``--role``)."""
+
+    AGGREGATED = "aggregated"
+    PREFILL = "prefill"
+    """Computes prompts and hands their KV over: one output token, then transfer parameters."""
+    DECODE = "decode"
+    """Continues requests whose prompt KV was computed by a prefill worker."""
+
+
 class FinishReason(StrEnum):
     STOP = "stop"
     """An end-of-sequence or stop token."""

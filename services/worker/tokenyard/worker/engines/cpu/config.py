@@ -6,6 +6,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tokenyard.worker.engines.core.engine import CoreConfig
+
 DEFAULT_MODEL = "smollm2"
 
 
@@ -69,3 +71,13 @@ class CpuEngineConfig(BaseModel):
         description="Seconds a prefill worker holds a prompt's KV blocks (and a decode worker fetched "
         "blocks) for a transfer that nobody releases.",
     )
+
+    def core_config(self) -> CoreConfig:
+        return CoreConfig(
+            block_size=self.block_size,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+            enable_prefix_caching=self.enable_prefix_caching,
+            kv_transfer_hold_s=self.kv_transfer_hold_s,
+        )

@@ -107,7 +107,13 @@ def gguf_cache_key(path: Path) -> str:
 
 def resolve_weights(config: CpuEngineConfig) -> tuple[Path, Path | None]:
     """``(Hugging Face directory, GGUF file it comes from or None)`` for the configured model."""
-    ref = config.model_path
+    return locate_weights(config.model_path, config.cache_dir)
+
+
+def locate_weights(
+    ref: str, cache_dir: Path | None, setting: str = "--cpu-model-path / TOKENYARD_WORKER_CPU__MODEL_PATH"
+) -> tuple[Path, Path | None]:
+    """:func:`resolve_weights` for any engine: ``setting`` is the flag an error tells to fix."""
     if ref in SHIPPED_GGUF:
         gguf_file: Path | None = shipped_gguf_path(ref)
     else:
@@ -119,14 +125,13 @@ def resolve_weights(config: CpuEngineConfig) -> tuple[Path, Path | None]:
         if not path.is_file():
             known = ", ".join(sorted(SHIPPED_GGUF))
             raise ModelLoadError(
-                f"model {ref!r}: no such file or directory, and not a known name ({known}); "
-                "set --cpu-model-path / TOKENYARD_WORKER_CPU__MODEL_PATH"
+                f"model {ref!r}: no such file or directory, and not a known name ({known}); set {setting}"
             )
         if path.suffix != ".gguf":
             raise ModelLoadError(f"model {ref!r}: expected a .gguf file or a Hugging Face model directory")
         gguf_file = path
     assert gguf_file is not None
-    target = models_cache_root(config.cache_dir) / f"{gguf_file.stem}-{gguf_cache_key(gguf_file)}"
+    target = models_cache_root(cache_dir) / f"{gguf_file.stem}-{gguf_cache_key(gguf_file)}"
     return target, gguf_file
 
 

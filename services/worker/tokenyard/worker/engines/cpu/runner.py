@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from tokenyard.worker.engines.core.scheduler import Scheduled, SequenceState
 from tokenyard.worker.engines.cpu.attention import (
     BATCH_KWARG,
     DecodeGroup,
@@ -20,10 +21,9 @@ from tokenyard.worker.engines.cpu.attention import (
     PrefillSpan,
     causal_mask_with_prefix,
 )
-from tokenyard.worker.engines.cpu.guided import JsonObjectGuide, sample_guided
-from tokenyard.worker.engines.cpu.kv_cache import PagedKvCache
+from tokenyard.worker.engines.cpu.guided import Guide, mask_disallowed
+from tokenyard.worker.engines.cpu.kv_storage import KvStorage
 from tokenyard.worker.engines.cpu.sampling import Sampler, sample
-from tokenyard.worker.engines.cpu.scheduler import Scheduled, SequenceState
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,12 +39,12 @@ class StepInputs:
     prompts: tuple[Seq[int], ...]
     """Per sampled request: the prompt and the output so far, for penalties (empty when unused)."""
     outputs: tuple[Seq[int], ...]
-    guides: tuple[JsonObjectGuide | None, ...] = ()
+    guides: tuple[Guide | None, ...] = ()
     """Per sampled request: its output constraint, if any; empty when no request has one."""
 
 
 class ModelRunner:
-    def __init__(self, model: Any, cache: PagedKvCache) -> None:
+    def __init__(self, model: Any, cache: KvStorage) -> None:
         self.model = model
         self.cache = cache
 
@@ -130,20 +130,13 @@ class ModelRunner:
 
 
 def _sample_with_guides(logits: torch.Tensor, inputs: StepInputs) -> list[int]:
-    free = [i for i, g in enumerate(inputs.guides) if g is None]
-    tokens = [0] * len(inputs.guides)
-    if free:
-        picked = sample(
-            logits[free],
-            [inputs.samplers[i] for i in free],
-            [inputs.prompts[i] for i in free],
-            [inputs.outputs[i] for i in free],
-        )
-        for i, token in zip(free, picked, strict=True):
-            tokens[i] = token
+    """Mask each constrained row to the tokens its guide allows, sample all rows as usual, then
+    advance the guides past their tokens."""
     for i, guide in enumerate(inputs.guides):
         if guide is not None:
-            tokens[i] = sample_guided(
-                logits[i], inputs.samplers[i], guide, inputs.prompts[i], inputs.outputs[i]
-            )
+            mask_disallowed(logits[i], guide)
+    tokens = sample(logits, inputs.samplers, inputs.prompts, inputs.outputs)
+    for guide, token in zip(inputs.guides, tokens, strict=True):
+        if guide is not None:
+            guide.accept(token)
     return tokens

@@ -1,7 +1,8 @@
-"""The simulated engine: a vLLM-style scheduler and KV block manager that spend modelled time.
+"""The simulated engine: the shared batching core with a step executor that spends modelled time
+(the reference timing model) and makes tokens up.
 
-Import from the submodules (``tokenyard.worker.engines.mocker.engine`` and friends); this package
-re-exports nothing so that importing its configuration never pulls in the engine.
+Import from the submodules; this package re-exports nothing, so that importing its configuration
+(the worker's settings do) never pulls in the engine.
 """
 
 from __future__ import annotations
@@ -16,11 +17,10 @@ if TYPE_CHECKING:
 def create(settings: WorkerSettings) -> Engine:
     """The simulated engine of ``settings`` (not started)."""
     from tokenyard.common.service import StartupError
-    from tokenyard.worker.engines.mocker.adapter import MockerAdapter
-    from tokenyard.worker.engines.mocker.config import EngineRole
+    from tokenyard.worker.engines.mocker.engine import MockerEngine
 
     try:
-        return MockerAdapter(settings.mocker, role=EngineRole(settings.role.value))
+        return MockerEngine(settings.mocker, role=settings.role)
     except (OSError, ValueError) as exc:
         raise StartupError(
             f"cannot load the mocker perf model (--mocker-perf-model-path / "

@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-from enum import StrEnum
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tokenyard.worker.engines.base import EngineRole
+from tokenyard.worker.engines.core.engine import CoreConfig
+from tokenyard.worker.engines.core.scheduler import PreemptionMode
 
-class PreemptionMode(StrEnum):
-    LIFO = "lifo"
-    FIFO = "fifo"
-
-
-class EngineRole(StrEnum):
-    """What the engine does with a request; values match the worker's role setting."""
-
-    AGGREGATED = "aggregated"
-    PREFILL = "prefill"
-    DECODE = "decode"
+__all__ = ["EngineRole", "MockerConfig", "PreemptionMode"]
 
 
 class MockerConfig(BaseModel):
@@ -88,3 +80,15 @@ class MockerConfig(BaseModel):
         """Longest sequence a rank can hold: the model limit, and never more than the whole cache."""
         capacity = self.num_gpu_blocks * self.block_size
         return capacity if self.max_model_len is None else min(self.max_model_len, capacity)
+
+    def core_config(self) -> CoreConfig:
+        return CoreConfig(
+            block_size=self.block_size,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+            enable_prefix_caching=self.enable_prefix_caching,
+            enable_chunked_prefill=self.enable_chunked_prefill,
+            preemption_mode=self.preemption_mode,
+            dp_size=self.dp_size,
+        )

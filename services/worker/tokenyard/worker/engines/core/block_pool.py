@@ -1,25 +1,25 @@
-"""The paged KV cache of the CPU engine: block pools in memory, prefix caching by sequence hash.
+"""The paged KV block pool of one rank, with prefix caching by sequence hash (vLLM-style).
 
-K and V live in two tensors per engine, ``[num_layers, num_blocks * block_size, kv_heads,
-head_dim]``: a block is ``block_size`` consecutive slots, and a token's slot is
-``block_id * block_size + offset``. Which blocks a sequence uses is its :class:`BlockTable`.
+The one block pool of the engines Tokenyard schedules itself: the simulated engine uses it for its
+accounting and events, the CPU engine also for where K and V live (a block id is an index into its
+KV tensors, :mod:`tokenyard.worker.engines.cpu.kv_storage`). Which blocks a sequence uses is its
+:class:`BlockTable`.
 
-Block states follow the simulated engine's manager (:mod:`tokenyard.worker.engines.mocker.block_manager`),
-with one difference that real KV data forces: a block is *cached* (gets its sequence hash, is
-announced with ``stored``, and can be shared) only once its tokens have been computed, in
-:meth:`PagedKvCache.commit`, never when it is allocated. A request therefore never finds a block
-whose K and V are still to be written, and a cached block is never written again. The states:
+A block is *cached* (gets its sequence hash, is announced with ``stored``, and can be shared) only
+once its tokens have been computed, in :meth:`BlockPool.commit`, never when it is allocated. A
+request therefore never finds a block whose K and V are still to be written, and a cached block is
+never written again. The states:
 
 * **free** - holds nothing (a never-used block, or one evicted or given back);
 * **private** - held by one sequence only: filling up, or full but not cached (its prefix is not
   cached, or another block already holds its hash: a duplicate);
 * **active** - cached, held by at least one sequence (refcounted);
 * **inactive** - cached, held by none; kept for reuse and evicted least recently used first;
-* **detached** - held when :meth:`PagedKvCache.reset` emptied the cache; freed when let go.
+* **detached** - held when :meth:`BlockPool.reset` emptied the cache; freed when let go.
 
 Only a block whose parent hash is cached gets cached, and a block with cached children is never
 evicted (leaves first), so the ``stored``/``removed``/``cleared`` stream is always a valid series
-of tree edits for a router's radix index, exactly as the simulated engine's.
+of tree edits for a router's radix index: a parent never leaves before its children.
 """
 
 from __future__ import annotations
@@ -27,9 +27,6 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-
-import numpy as np
-import torch
 
 from tokenyard.worker.kv_events import KvCleared, KvEventData, KvRemoved, KvStored, StoredBlock
 
@@ -67,43 +64,21 @@ class BlockTable:
         return [b.block_id for b in self.blocks]
 
 
-@dataclass(frozen=True, slots=True)
-class KvGeometry:
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    block_size: int
-
-    @property
-    def block_bytes(self) -> int:
-        """K and V of one block, every layer, float32."""
-        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * 4
-
-
-class PagedKvCache:
+class BlockPool:
     def __init__(
         self,
         num_blocks: int,
-        geometry: KvGeometry,
+        block_size: int,
         *,
         enable_prefix_caching: bool = True,
         sink: KvEventSink | None = None,
     ) -> None:
-        if num_blocks < 1:
-            raise ValueError("num_blocks must be positive")
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError("num_blocks and block_size must be positive")
         self.num_blocks = num_blocks
-        self.geometry = geometry
-        self.block_size = geometry.block_size
+        self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.sink = sink
-        shape = (
-            geometry.num_layers,
-            num_blocks * geometry.block_size,
-            geometry.num_kv_heads,
-            geometry.head_dim,
-        )
-        self.k = torch.zeros(shape, dtype=torch.float32)
-        self.v = torch.zeros(shape, dtype=torch.float32)
         self._blocks = [Block(i) for i in range(num_blocks)]
         # Free blocks are taken from the end; reversed so that block 0 goes first (easier to read in tests).
         self._free: list[Block] = list(reversed(self._blocks))
@@ -271,63 +246,26 @@ class PagedKvCache:
             open_runs[block.seq_hash] = index
         return [KvStored(parent, start, tuple(blocks)) for parent, start, blocks in runs]
 
-    # -- slots ------------------------------------------------------------------------------
-
-    def slots(self, table: BlockTable, start: int, end: int) -> torch.Tensor:
-        """Pool slots of the table's tokens ``[start, end)``, as a 1-D int64 tensor."""
-        bs = self.block_size
-        first, last = start // bs, -(-end // bs)
-        ids = torch.tensor([b.block_id for b in table.blocks[first:last]], dtype=torch.int64)
-        slots = (ids[:, None] * bs + torch.arange(bs, dtype=torch.int64)).flatten()
-        return slots[start - first * bs : end - first * bs]
-
-    # -- KV bytes ---------------------------------------------------------------------------
-
-    # KV bytes are copied with numpy views of the pools, not torch ops: these run on the event
-    # loop, and a torch op big enough to go parallel would start a second OpenMP thread team
-    # there, which slows every forward pass on the compute thread (the teams' idle workers
-    # stop spinning and sleep, and each parallel region then pays for waking them).
-
-    def read_block(self, block: Block) -> bytes:
-        """K then V of every layer, ``[2, num_layers, block_size, kv_heads, head_dim]`` float32 LE."""
-        lo = block.block_id * self.block_size
-        hi = lo + self.block_size
-        return self.k.numpy()[:, lo:hi].tobytes() + self.v.numpy()[:, lo:hi].tobytes()
-
-    def write_block(self, block: Block, data: bytes) -> None:
-        g = self.geometry
-        if len(data) != g.block_bytes:
-            raise ValueError(f"a KV block of this layout is {g.block_bytes} bytes, got {len(data)}")
-        values = np.frombuffer(data, dtype="<f4").reshape(
-            2, g.num_layers, g.block_size, g.num_kv_heads, g.head_dim
-        )
-        lo = block.block_id * self.block_size
-        hi = lo + self.block_size
-        self.k.numpy()[:, lo:hi] = values[0]
-        self.v.numpy()[:, lo:hi] = values[1]
+    # -- imported KV ------------------------------------------------------------------------
 
     def import_blocks(
         self,
         table: BlockTable,
         seq_hashes: Sequence[int],
         local_hashes: Sequence[int],
-        data: Sequence[bytes | None],
+        fill: Callable[[Block, int], None],
     ) -> bool:
-        """Fill the empty ``table`` with a sequence's first ``len(seq_hashes)`` blocks: cached
-        ones are shared, the others are written from ``data`` (None only where the block is
-        cached) and committed. All or nothing: False when the pool cannot hold them."""
+        """Fill the empty ``table`` with a sequence's first ``len(seq_hashes)`` blocks whose KV
+        was computed elsewhere: cached ones are shared, ``fill(block, i)`` writes each other one
+        (the i-th of the sequence) before it is committed. All or nothing: False when the pool
+        cannot hold them."""
         if table.blocks:
             raise ValueError("blocks can only be imported into an empty block table")
         prefix = self.match_prefix(seq_hashes)
-        missing = len(seq_hashes) - len(prefix)
-        if any(d is None for d in data[len(prefix) :]):
-            raise ValueError("the bytes of a block that is not cached are missing")
         if not self.allocate(table, len(seq_hashes) * self.block_size, prefix):
             return False
-        for i in range(len(prefix), len(prefix) + missing):
-            block_data = data[i]
-            assert block_data is not None
-            self.write_block(table.blocks[i], block_data)
+        for i in range(len(prefix), len(seq_hashes)):
+            fill(table.blocks[i], i)
         self.commit(table, len(seq_hashes) * self.block_size, seq_hashes, local_hashes)
         return True
 

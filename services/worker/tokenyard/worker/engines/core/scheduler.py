@@ -1,39 +1,61 @@
-"""Continuous batching for the CPU engine (vLLM-style), synchronous; the engine drives it.
+"""Continuous batching for one rank (vLLM-style), synchronous; the engine loop drives it.
 
-One step is one forward pass of the model over every scheduled request:
+One step is one forward pass over every scheduled request, real (the CPU engine) or modelled
+(the mocker):
 
 1. The step's budget is ``max_num_batched_tokens`` tokens.
 2. Running requests, oldest first, get ``min(remaining, budget)`` tokens each: one for a request
    that is decoding, a chunk for one still prefilling, so a long prompt spreads over several steps
-   while the others keep decoding. When the KV pool cannot hold a request's next tokens, the newest
-   running request is preempted: its blocks go back (its computed full blocks stay cached), it
-   returns to the front of the queue and later recomputes what the cache no longer has.
+   while the others keep decoding. When the pool cannot hold a request's next tokens, a running
+   request is preempted (the newest under LIFO, the oldest under FIFO): its blocks go back (its
+   computed full blocks stay cached), it returns to the front of the queue and later recomputes
+   what the cache no longer has; if it was already scheduled in this step, its tokens go back to
+   the budget.
 3. If nobody was preempted, waiting requests are admitted (priority, then arrival) while the
    budget and ``max_num_seqs`` allow. An admitted request starts from the longest cached prefix of
-   its sequence (found by sequence hash; at least its last token is computed, for the logits).
+   its sequence, or from KV imported from a prefill worker (at least its last token is computed,
+   for the logits). A waiting request that does not fit stays queued and never preempts; without
+   chunked prefill, neither does one whose prompt does not fit the rest of the budget.
 4. After the forward pass (:meth:`Scheduler.finish_step`), the blocks each request completed are
-   committed to the cache (and announced), and every request whose whole sequence is now computed
+   committed to the pool (and announced), and every request whose whole sequence is now computed
    takes the token sampled for it and is checked against its stop conditions.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
 
 from tokenyard.common.hashing import local_block_hashes, salt_hash, sequence_hashes
 from tokenyard.worker.engines.base import EngineRequest, FinishReason, Usage
+from tokenyard.worker.engines.core.block_pool import Block, BlockPool, BlockTable
 from tokenyard.worker.engines.core.waiting import WaitingQueue
-from tokenyard.worker.engines.cpu.guided import JsonObjectGuide
-from tokenyard.worker.engines.cpu.kv_cache import BlockTable, PagedKvCache
-from tokenyard.worker.engines.cpu.sampling import Sampler
+
+
+class PreemptionMode(StrEnum):
+    LIFO = "lifo"
+    FIFO = "fifo"
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    """Longest sequence (prompt plus output) a request may reach."""
+    eos_token_ids: tuple[int, ...] = ()
+    enable_chunked_prefill: bool = True
+    preemption_mode: PreemptionMode = PreemptionMode.LIFO
 
 
 class SequenceState:
     """A request inside the engine: its tokens so far, its progress and its KV blocks."""
 
     def __init__(
-        self, request: EngineRequest, order: int, block_size: int, max_tokens: int, sampler: Sampler
+        self, request: EngineRequest, order: int, block_size: int, max_tokens: int, sampler: Any
     ) -> None:
         self.request = request
         self.request_id = request.request_id
@@ -42,6 +64,7 @@ class SequenceState:
         self.prompt_len = len(request.token_ids)
         self.max_tokens = max_tokens
         self.sampler = sampler
+        """What the step executor samples this request with (a sampler, a seed); opaque here."""
         self.num_computed = 0
         self.table = BlockTable()
         self.cached_tokens: int | None = None
@@ -49,11 +72,11 @@ class SequenceState:
         self.accepted_at = time.monotonic()
         self.scheduled_at: float | None = None
         self.finished = False
-        self.guide: JsonObjectGuide | None = None
-        """The output constraint, advanced by the runner as each token is sampled."""
+        self.guide: Any = None
+        """The output constraint, advanced by the executor as each token is sampled; None: free."""
         self.imported: tuple[tuple[int, bytes], ...] | None = None
-        """KV blocks fetched from a prefill worker, ``(sequence hash, bytes)`` in prompt order,
-        placed into the cache when the request is admitted."""
+        """KV blocks computed elsewhere (a prefill worker), ``(sequence hash, bytes)`` in prompt
+        order, placed into the pool when the request is admitted."""
         self._block_size = block_size
         self._salt = salt_hash(request.lora_name or None, request.cache_salt or None)
         self.local_hashes: list[int] = []
@@ -94,6 +117,11 @@ class Scheduled:
         """The step computes the sequence's last token, so its logits give the next one."""
         return self.start + self.length == len(self.seq.tokens)
 
+    @property
+    def prompt_tokens(self) -> int:
+        """Prompt tokens this step computes (0 for a decode)."""
+        return max(0, min(self.start + self.length, self.seq.prompt_len) - self.start)
+
 
 @dataclass(frozen=True, slots=True)
 class TokenOutput:
@@ -102,25 +130,25 @@ class TokenOutput:
     finish_reason: FinishReason | None = None
 
 
+KvWriter = Callable[[Block, bytes], None]
+
+
 class Scheduler:
     def __init__(
-        self,
-        cache: PagedKvCache,
-        *,
-        max_num_seqs: int,
-        max_num_batched_tokens: int,
-        max_model_len: int,
-        eos_token_ids: tuple[int, ...],
+        self, pool: BlockPool, config: SchedulerConfig, *, kv_writer: KvWriter | None = None
     ) -> None:
-        self.cache = cache
-        self.block_size = cache.block_size
-        self.max_num_seqs = max_num_seqs
-        self.max_num_batched_tokens = max_num_batched_tokens
-        self.max_model_len = max_model_len
-        self.eos_token_ids = frozenset(eos_token_ids)
+        """``kv_writer`` puts imported KV bytes into a block; None for an engine without KV bytes
+        (the simulated one), where imported blocks are only accounted for."""
+        self.pool = pool
+        self.config = config
+        self.block_size = pool.block_size
+        self.eos_token_ids = frozenset(config.eos_token_ids)
+        self.kv_writer = kv_writer
         self.waiting: WaitingQueue[SequenceState] = WaitingQueue(lambda seq: seq.request.priority)
         self.running: list[SequenceState] = []
         self.requests: dict[str, SequenceState] = {}
+        self.preempted: list[SequenceState] = []
+        """Requests preempted by the latest :meth:`schedule`."""
         self._order = 0
         self._in_flight: list[Scheduled] | None = None
         self._deferred: list[SequenceState] = []
@@ -129,26 +157,33 @@ class Scheduler:
 
     def check(self, request: EngineRequest) -> None:
         """Raise ValueError if this engine can never serve ``request``."""
-        if not request.token_ids:
+        cfg = self.config
+        n = len(request.token_ids)
+        if not n:
             raise ValueError("the prompt must have at least one token")
         if request.max_tokens is not None and request.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {request.max_tokens}")
         if request.min_tokens < 0:
             raise ValueError(f"min_tokens must not be negative, got {request.min_tokens}")
-        if request.dp_rank not in (None, 0):
-            raise ValueError(f"dp_rank {request.dp_rank} out of range: the engine has 1 rank")
-        if len(request.token_ids) >= self.max_model_len:
+        if n >= cfg.max_model_len:
             raise ValueError(
-                f"prompt of {len(request.token_ids)} tokens leaves no room to generate: "
-                f"sequences are limited to {self.max_model_len} tokens"
+                f"prompt of {n} tokens leaves no room to generate: sequences are limited to "
+                f"{cfg.max_model_len} tokens"
+            )
+        if not cfg.enable_chunked_prefill and n > cfg.max_num_batched_tokens:
+            raise ValueError(
+                f"prompt of {n} tokens exceeds max_num_batched_tokens ({cfg.max_num_batched_tokens}) "
+                "and chunked prefill is off"
             )
 
-    def add(self, request: EngineRequest, sampler: Sampler) -> SequenceState:
+    def add(self, request: EngineRequest, sampler: Any = None) -> SequenceState:
         if request.request_id in self.requests:
             raise ValueError(f"request {request.request_id!r} is already in the engine")
         self.check(request)
-        room = self.max_model_len - len(request.token_ids)
+        room = self.config.max_model_len - len(request.token_ids)
         max_tokens = room if request.max_tokens is None else min(request.max_tokens, room)
+        if request.prefill_only:
+            max_tokens = 1
         seq = SequenceState(request, self._order, self.block_size, max_tokens, sampler)
         self._order += 1
         self.requests[request.request_id] = seq
@@ -169,8 +204,11 @@ class Scheduler:
         if self._in_flight is not None and any(s.seq is seq for s in self._in_flight):
             self._deferred.append(seq)
         else:
-            self.cache.release(seq.table)
+            self.pool.release(seq.table)
         return seq
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self.requests
 
     @property
     def has_work(self) -> bool:
@@ -186,19 +224,18 @@ class Scheduler:
     def schedule(self) -> list[Scheduled]:
         """Pick this step's work and give it KV blocks. Every call must be followed by
         :meth:`finish_step` with the same list before the next one."""
-        budget = self.max_num_batched_tokens
+        budget = self.config.max_num_batched_tokens
         plan: dict[SequenceState, Scheduled] = {}
-        preempted = False
+        self.preempted = []
         for seq in list(self.running):
             if budget <= 0:
                 break
             if seq not in self.running:  # preempted earlier in this loop
                 continue
             n = min(len(seq.tokens) - seq.num_computed, budget)
-            while not self.cache.allocate(seq.table, seq.num_computed + n):
-                victim = self.running[-1]
+            while not self.pool.allocate(seq.table, seq.num_computed + n):
+                victim = self._victim()
                 self._preempt(victim)
-                preempted = True
                 undone = plan.pop(victim, None)
                 if undone is not None:
                     budget += undone.length
@@ -208,8 +245,8 @@ class Scheduler:
                 plan[seq] = Scheduled(seq, seq.num_computed, n)
                 budget -= n
 
-        if not preempted:
-            while len(self.running) < self.max_num_seqs and budget > 0:
+        if not self.preempted:
+            while len(self.running) < self.config.max_num_seqs and budget > 0:
                 head = self.waiting.peek()
                 if head is None:
                     break
@@ -227,6 +264,9 @@ class Scheduler:
         self._in_flight = scheduled
         return scheduled
 
+    def _victim(self) -> SequenceState:
+        return self.running[-1] if self.config.preemption_mode is PreemptionMode.LIFO else self.running[0]
+
     def _admit(self, seq: SequenceState, budget: int) -> Scheduled | None:
         bs = self.block_size
         seq_len = len(seq.tokens)
@@ -234,23 +274,28 @@ class Scheduler:
         usable = (seq_len - 1) // bs
         seq.hash_blocks(usable)
         hashes = seq.seq_hashes[:usable]
-        prefix = self.cache.match_prefix(hashes)
+        prefix = self.pool.match_prefix(hashes)
         imported = self._importable(seq, hashes)
+        start = max(imported, len(prefix)) * bs
+        prompt_left = seq.prompt_len - min(start, seq.prompt_len)
+        if not self.config.enable_chunked_prefill and prompt_left > budget:
+            return None
+        n = min(seq_len - start, budget)
         if imported > len(prefix):
             assert seq.imported is not None
-            data = [d for _, d in seq.imported[:imported]]
-            if not self.cache.import_blocks(seq.table, hashes[:imported], seq.local_hashes[:imported], data):
+            data = seq.imported
+
+            def fill(block: Block, i: int) -> None:
+                if self.kv_writer is not None:
+                    self.kv_writer(block, data[i][1])
+
+            if not self.pool.import_blocks(seq.table, hashes[:imported], seq.local_hashes[:imported], fill):
                 return None
-            start = imported * bs
-            n = min(seq_len - start, budget)
-            if not self.cache.allocate(seq.table, start + n):
-                self.cache.release(seq.table)
+            if not self.pool.allocate(seq.table, start + n):
+                self.pool.release(seq.table)
                 return None
-        else:
-            start = len(prefix) * bs
-            n = min(seq_len - start, budget)
-            if not self.cache.allocate(seq.table, start + n, prefix):
-                return None
+        elif not self.pool.allocate(seq.table, start + n, prefix):
+            return None
         seq.imported = None
         seq.num_computed = start
         if seq.cached_tokens is None:
@@ -273,10 +318,11 @@ class Scheduler:
 
     def _preempt(self, victim: SequenceState) -> None:
         self.running.remove(victim)
-        self.cache.release(victim.table)
+        self.pool.release(victim.table)
         victim.num_computed = 0
         victim.num_preemptions += 1
         self.waiting.push_front(victim)
+        self.preempted.append(victim)
 
     def finish_step(self, scheduled: list[Scheduled], sampled: dict[SequenceState, int]) -> list[TokenOutput]:
         """Account for the forward pass of ``scheduled``: commit completed blocks, append each
@@ -291,12 +337,12 @@ class Scheduler:
             seq.num_computed = work.start + work.length
             full = seq.num_computed // self.block_size
             seq.hash_blocks(full)
-            self.cache.commit(seq.table, seq.num_computed, seq.seq_hashes, seq.local_hashes)
+            self.pool.commit(seq.table, seq.num_computed, seq.seq_hashes, seq.local_hashes)
             token = sampled.get(seq)
             if token is not None:
                 outputs.append(self._append(seq, token))
         for seq in self._deferred:
-            self.cache.release(seq.table)
+            self.pool.release(seq.table)
         self._deferred.clear()
         return outputs
 
@@ -309,10 +355,11 @@ class Scheduler:
             token in req.stop_token_ids or (not req.ignore_eos and token in self.eos_token_ids)
         ):
             reason = FinishReason.STOP
-        elif produced >= seq.max_tokens or len(seq.tokens) >= self.max_model_len:
+        elif produced >= seq.max_tokens or len(seq.tokens) >= self.config.max_model_len:
             reason = FinishReason.LENGTH
         if reason is not None:
-            # A prefill-only request's blocks are held for the decode worker that will fetch them.
+            # A prefill-only request's blocks stay with it: the engine holds them for the decode
+            # worker that fetches them, or lets them go.
             self.finish(seq, keep_blocks=req.prefill_only)
         return TokenOutput(seq, token, reason)
 
@@ -322,4 +369,4 @@ class Scheduler:
         self.running.remove(seq)
         del self.requests[seq.request_id]
         if not keep_blocks:
-            self.cache.release(seq.table)
+            self.pool.release(seq.table)
