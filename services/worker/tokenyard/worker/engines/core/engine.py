@@ -31,6 +31,7 @@ import statistics
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from tokenyard.common.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 from tokenyard.worker.engines.base import (
@@ -81,6 +82,13 @@ class CoreConfig:
     kv_transfer_hold_s: float = 60.0
     """Seconds a prefill engine holds a prompt's blocks (and a decode engine fetched ones) for a
     transfer that nobody releases."""
+
+    @classmethod
+    def of(cls, settings: object) -> CoreConfig:
+        """The core's part of an engine's settings: every field of this class that ``settings``
+        has (by name); the others keep their defaults."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        return cls(**{name: getattr(settings, name) for name in names if hasattr(settings, name)})
 
 
 @dataclass(slots=True)
@@ -509,18 +517,11 @@ class KvTransferEngine(BatchingEngine):
     :class:`~tokenyard.worker.engines.base.KvBlockTransfer` (export after prefill, import before
     decode)."""
 
-    def __init__(
-        self,
-        kind: str,
-        executor: StepExecutor,
-        config: CoreConfig,
-        *,
-        role: EngineRole = EngineRole.AGGREGATED,
-    ) -> None:
-        if not isinstance(executor, KvBytes):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.executor, KvBytes):
             raise TypeError("a KV transfer engine needs an executor with KV bytes")
-        super().__init__(kind, executor, config, role=role)
-        self._kv: KvBytes = executor
+        self._kv: KvBytes = self.executor
         self._held: dict[str, _HeldTransfer] = {}
         self._imports: dict[str, KvBlockExport] = {}
 
@@ -570,7 +571,7 @@ class KvTransferEngine(BatchingEngine):
         layout = self.kv_layout()
         if blocks.layout != layout:
             raise InvalidArgument(f"KV layout {blocks.layout} does not match this engine's {layout}")
-        expected = self._kv.block_bytes
+        expected = self._kv.block_bytes()
         for h, data in blocks.blocks:
             if len(data) != expected:
                 raise InvalidArgument(

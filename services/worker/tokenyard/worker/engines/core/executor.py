@@ -57,7 +57,8 @@ class StepExecutor(Protocol):
 class KvBytes(Protocol):
     """An executor whose blocks hold real K and V, which can leave and enter the pool."""
 
-    @property
+    # A method, not a property: isinstance() on a runtime protocol reads every member, and this
+    # one is only known once the executor is loaded.
     def block_bytes(self) -> int:
         """Bytes of one block's K and V, every layer."""
         ...

@@ -73,11 +73,4 @@ class CpuEngineConfig(BaseModel):
     )
 
     def core_config(self) -> CoreConfig:
-        return CoreConfig(
-            block_size=self.block_size,
-            max_num_seqs=self.max_num_seqs,
-            max_num_batched_tokens=self.max_num_batched_tokens,
-            max_model_len=self.max_model_len,
-            enable_prefix_caching=self.enable_prefix_caching,
-            kv_transfer_hold_s=self.kv_transfer_hold_s,
-        )
+        return CoreConfig.of(self)

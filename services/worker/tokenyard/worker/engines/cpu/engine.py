@@ -21,11 +21,10 @@ class CpuEngine(KvTransferEngine):
         self,
         config: CpuEngineConfig | None = None,
         *,
-        role: EngineRole = EngineRole.AGGREGATED,
         model: LoadedModel | None = None,
+        role: EngineRole = EngineRole.AGGREGATED,
     ) -> None:
         """``model``: weights loaded already; the engine switches it to paged attention, so it must
         not be shared with other users."""
-        self.cpu_config = config or CpuEngineConfig()
-        self.cpu = CpuExecutor(self.cpu_config, model=model)
-        super().__init__("cpu", self.cpu, self.cpu_config.core_config(), role=role)
+        self.cpu = CpuExecutor(config or CpuEngineConfig(), model=model)
+        super().__init__("cpu", self.cpu, self.cpu.config.core_config(), role=role)

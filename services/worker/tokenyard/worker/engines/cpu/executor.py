@@ -171,7 +171,6 @@ class CpuExecutor:
 
     # -- KV bytes ---------------------------------------------------------------------------
 
-    @property
     def block_bytes(self) -> int:
         return self.storage.geometry.block_bytes
 

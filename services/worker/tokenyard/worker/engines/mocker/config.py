@@ -82,13 +82,4 @@ class MockerConfig(BaseModel):
         return capacity if self.max_model_len is None else min(self.max_model_len, capacity)
 
     def core_config(self) -> CoreConfig:
-        return CoreConfig(
-            block_size=self.block_size,
-            max_num_seqs=self.max_num_seqs,
-            max_num_batched_tokens=self.max_num_batched_tokens,
-            max_model_len=self.max_model_len,
-            enable_prefix_caching=self.enable_prefix_caching,
-            enable_chunked_prefill=self.enable_chunked_prefill,
-            preemption_mode=self.preemption_mode,
-            dp_size=self.dp_size,
-        )
+        return CoreConfig.of(self)
