@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "frontend": ("tokenyard.frontend.main", "OpenAI HTTP and KServe v2 gRPC entry point"),
     "router": ("tokenyard.router.main", "KV-cache-aware router"),
-    "worker": ("tokenyard.worker.main", "engine worker (mocker, cpu, vllm, trtllm)"),
+    "worker": ("tokenyard.worker.main", "engine worker (mocker, cpu, vllm)"),
     "planner": ("tokenyard.planner.main", "SLA planner that scales workers"),
     "gms": ("tokenyard.gms.main", "memory service that keeps weights alive across restarts"),
     "up": ("tokenyard.deploy.up", "start a whole local deployment as processes on loopback"),

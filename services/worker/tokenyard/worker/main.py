@@ -1,4 +1,4 @@
-"""Worker: runs one engine (mocker, cpu, vllm, trtllm) and serves generation, KV events, load and drain."""
+"""Worker: runs one engine (mocker, cpu, vllm) and serves generation, KV events, load and drain."""
 
 from __future__ import annotations
 
