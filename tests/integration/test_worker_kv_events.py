@@ -11,8 +11,8 @@ import pytest
 
 from tests.fixtures.worker import RunningWorker, eventually, generate_request, running_worker
 from tokenyard.worker.engines.base import EngineRequest, KvSnapshot, RankLoad
-from tokenyard.worker.engines.mocker.engine import MockerEngine
 from tokenyard.worker.engines.mocker.config import MockerConfig
+from tokenyard.worker.engines.mocker.engine import MockerEngine
 from tokenyard.worker.kv_events import KvRemoved, KvStored
 from tokenyard.worker.kv_stream import KvEventBatch, KvEventHub
 from tokenyard.worker.v1 import worker_pb2

@@ -1,5 +1,6 @@
-"""Continuous batching of the CPU engine without a model: the forward pass is simulated by
-committing the scheduled tokens and 'sampling' a fixed token."""
+"""Continuous batching as the CPU engine configures it (LIFO preemption, chunked prefill, its
+samplers), without a model: the forward pass is simulated by committing the scheduled tokens and
+'sampling' a fixed token."""
 
 from __future__ import annotations
 
@@ -8,9 +9,16 @@ from collections.abc import Sequence
 import pytest
 
 from tokenyard.worker.engines.base import EngineRequest, FinishReason, SamplingParams
-from tokenyard.worker.engines.cpu.kv_cache import KvGeometry, PagedKvCache
+from tokenyard.worker.engines.core.block_pool import BlockPool
+from tokenyard.worker.engines.core.scheduler import (
+    PreemptionMode,
+    Scheduled,
+    Scheduler,
+    SchedulerConfig,
+    SequenceState,
+    TokenOutput,
+)
 from tokenyard.worker.engines.cpu.sampling import Sampler
-from tokenyard.worker.engines.cpu.scheduler import Scheduled, Scheduler, SequenceState, TokenOutput
 
 pytestmark = pytest.mark.unit
 
@@ -20,13 +28,16 @@ NEXT = 7  # the token every simulated step samples
 
 
 def make(num_blocks: int = 64, budget: int = 8, max_model_len: int = 64) -> Scheduler:
-    cache = PagedKvCache(num_blocks, KvGeometry(1, 1, 1, BS))
     return Scheduler(
-        cache,
-        max_num_seqs=8,
-        max_num_batched_tokens=budget,
-        max_model_len=max_model_len,
-        eos_token_ids=(EOS,),
+        BlockPool(num_blocks, BS),
+        SchedulerConfig(
+            max_num_seqs=8,
+            max_num_batched_tokens=budget,
+            max_model_len=max_model_len,
+            eos_token_ids=(EOS,),
+            enable_chunked_prefill=True,
+            preemption_mode=PreemptionMode.LIFO,
+        ),
     )
 
 
@@ -93,32 +104,37 @@ def test_the_context_length_caps_output_and_refuses_long_prompts() -> None:
     assert seq.max_tokens == 2
     with pytest.raises(ValueError, match="no room"):
         add(s, "too-long", range(10))
-    with pytest.raises(ValueError, match="dp_rank"):
-        add(s, "rank", range(3), dp_rank=1)
+    # dp_rank is no longer the scheduler's to check (one scheduler per rank): the engine refuses
+    # an out-of-range rank (InvalidArgument, test_mocker_engine.py).
 
 
 def test_memory_pressure_preempts_the_newest_which_resumes_from_its_cache() -> None:
     s = make(num_blocks=6, budget=64)
     old = add(s, "old", range(100, 108), max_tokens=12, ignore_eos=True)
     new = add(s, "new", range(200, 208), max_tokens=12, ignore_eos=True)
-    preempted_once = False
+    readmitted_from: list[int] = []
     while s.has_work:
-        step(s)
-        preempted_once = preempted_once or new.num_preemptions > 0
-    assert preempted_once and old.num_preemptions == 0
+        was_preempted = new.num_preemptions > 0 and new in s.waiting
+        plan, _ = step(s)
+        if s.preempted:
+            assert s.preempted == [new]
+        readmitted_from += [w.start for w in plan if w.seq is new and was_preempted]
+    assert new.num_preemptions == 1 and old.num_preemptions == 0
+    # Readmitted, it recomputes only what the cache lost meanwhile (its first block survived).
+    assert readmitted_from == [4]
     assert (old.num_output, new.num_output) == (12, 12)
-    assert s.cache.num_active_blocks == 0
+    assert s.pool.num_active_blocks == 0
 
 
 def test_a_request_aborted_during_a_step_gives_its_blocks_back_after_it() -> None:
     s = make()
     add(s, "a", range(10), max_tokens=5)
     plan = s.schedule()
-    held = s.cache.num_active_blocks
+    held = s.pool.num_active_blocks
     assert s.abort("a") is not None
-    assert s.cache.num_active_blocks == held  # the forward pass may still be writing them
+    assert s.pool.num_active_blocks == held  # the forward pass may still be writing them
     assert s.finish_step(plan, {w.seq: NEXT for w in plan}) == []
-    assert s.cache.num_active_blocks == 0
+    assert s.pool.num_active_blocks == 0
     assert s.abort("a") is None
 
 

@@ -39,7 +39,7 @@ def test_an_unknown_engine_is_refused_with_the_choices(capsys: pytest.CaptureFix
 
 
 def test_the_mocker_is_a_batching_engine_without_kv_bytes() -> None:
-    engine = create_engine(WorkerSettings(engine="mocker", role="prefill"))
+    engine = create_engine(WorkerSettings(engine=EngineKind.MOCKER, role=EngineRole.PREFILL))
     assert isinstance(engine, BatchingEngine) and engine.kind == "mocker"
     assert engine.role is EngineRole.PREFILL
     assert isinstance(engine, StepMetricsSource)
@@ -48,6 +48,6 @@ def test_the_mocker_is_a_batching_engine_without_kv_bytes() -> None:
 
 
 def test_the_cpu_engine_transfers_kv_bytes() -> None:
-    engine = create_engine(WorkerSettings(engine="cpu"))
+    engine = create_engine(WorkerSettings(engine=EngineKind.CPU))
     assert engine.kind == "cpu"
     assert isinstance(engine, KvBlockTransfer) and isinstance(engine, StepMetricsSource)

@@ -1,24 +1,36 @@
-"""Properties of the simulation under random workloads: step bounds, block conservation, and an
-event stream that reproduces the cache exactly when replayed into a router-style index."""
+"""Properties of the simulation (the batching core with the mocker's executor) under random
+workloads: step bounds, block conservation, progress, and an event stream that reproduces the
+cache exactly when replayed into a router-style index."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import random
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings, target
 from hypothesis import strategies as st
 
-from tokenyard.common.hashing import chain_hash
+from tokenyard.common.hashing import block_hashes, chain_hash
+from tokenyard.worker.engines.base import EngineRequest
+from tokenyard.worker.engines.core.block_pool import BlockPool, BlockTable
+from tokenyard.worker.engines.core.scheduler import Scheduler, SchedulerConfig
 from tokenyard.worker.engines.mocker.config import MockerConfig, PreemptionMode
 from tokenyard.worker.engines.mocker.engine import MockerEngine
+from tokenyard.worker.engines.mocker.executor import MockerExecutor, pseudo_token, request_seed, step_by_hand
 from tokenyard.worker.engines.mocker.perf_model import PolynomialPerfModel
-from tokenyard.worker.engines.mocker.request import MockerRequest, pseudo_token, request_seed
-from tokenyard.worker.engines.mocker.scheduler import Scheduler
-from tokenyard.worker.kv_events import KvCleared, KvEvent, KvEventPublisher, KvRemoved, KvStored
+from tokenyard.worker.kv_events import (
+    KvCleared,
+    KvEvent,
+    KvEventData,
+    KvEventPublisher,
+    KvRemoved,
+    KvStored,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -90,7 +102,7 @@ ops = st.lists(
 
 def make_request(
     config: MockerConfig, n: int, op: tuple[str, int, int, int, int, int]
-) -> MockerRequest | None:
+) -> EngineRequest | None:
     _, prefix, prefix_len, suffix_len, max_tokens, priority = op
     prompt = PREFIXES[prefix][:prefix_len] + [50_000 + n * 100 + i for i in range(suffix_len)]
     limit = config.max_sequence_len - 1
@@ -99,21 +111,36 @@ def make_request(
     prompt = prompt[:limit]
     if not prompt:
         return None
-    return MockerRequest(f"r{n}", prompt, max_tokens=max_tokens, priority=priority)
+    return EngineRequest(f"r{n}", tuple(prompt), max_tokens=max_tokens, priority=priority)
+
+
+def build(config: MockerConfig, sink: Callable[[KvEventData], object]) -> tuple[Scheduler, MockerExecutor]:
+    """One rank of the simulated engine, built as the engine builds it."""
+    core = config.core_config()
+    pool = BlockPool(
+        config.num_gpu_blocks, core.block_size, enable_prefix_caching=core.enable_prefix_caching, sink=sink
+    )
+    scheduler = Scheduler(
+        pool,
+        SchedulerConfig(
+            max_num_seqs=core.max_num_seqs,
+            max_num_batched_tokens=core.max_num_batched_tokens,
+            max_model_len=config.max_sequence_len,
+            eos_token_ids=() if config.eos_token_id is None else (config.eos_token_id,),
+            enable_chunked_prefill=core.enable_chunked_prefill,
+            preemption_mode=core.preemption_mode,
+        ),
+    )
+    return scheduler, MockerExecutor(config, perf_model=PolynomialPerfModel())
 
 
 def held_blocks(s: Scheduler) -> int:
-    """Blocks the live requests hold: shared cached blocks once, private ones each."""
-    shared: set[int] = set()
-    private = 0
+    """Blocks the live requests hold, shared ones once; each held exactly as often as it is counted."""
+    holders = Counter(id(block) for seq in [*s.running, *s.waiting] for block in seq.table.blocks)
     for seq in [*s.running, *s.waiting]:
-        private += 1 if seq.table.partial else 0
-        for block in seq.table.full:
-            if block is None:
-                private += 1
-            else:
-                shared.add(id(block))
-    return len(shared) + private
+        for block in seq.table.blocks:
+            assert block.refcount == holders[id(block)], "a block's refcount is the tables holding it"
+    return len(holders)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -124,10 +151,10 @@ def test_random_workload_keeps_bounds_conserves_blocks_and_replays(
     publisher = KvEventPublisher(0)
     index = ReplayIndex()
     publisher.subscribe(index.apply)
-    s = Scheduler(config, PolynomialPerfModel(), event_sink=publisher.publish)
-    blocks = s.blocks
+    s, executor = build(config, publisher.publish)
+    blocks = s.pool
     rng = random.Random(seed)
-    requests: dict[str, MockerRequest] = {}
+    requests: dict[str, EngineRequest] = {}
     tokens: dict[str, list[int]] = {}
     finished: set[str] = set()
     aborted: set[str] = set()
@@ -140,29 +167,28 @@ def test_random_workload_keeps_bounds_conserves_blocks_and_replays(
 
     def check() -> None:
         assert blocks.num_free_blocks >= 0 and blocks.num_inactive_blocks >= 0
-        assert (
-            blocks.num_active_blocks + blocks.num_inactive_blocks + blocks.num_free_blocks
-            == config.num_gpu_blocks
-        )
+        # num_free_blocks counts the (evictable) inactive blocks too.
+        assert blocks.num_inactive_blocks <= blocks.num_free_blocks
+        assert blocks.num_active_blocks + blocks.num_free_blocks == config.num_gpu_blocks
         assert blocks.num_active_blocks == held_blocks(s)
         assert index.blocks == blocks.cached_hashes()
 
     def step() -> None:
-        result = s.step()
+        result = step_by_hand(s, executor)
         assert result.scheduled_tokens <= config.max_num_batched_tokens
         assert result.num_running == len(s.running) <= config.max_num_seqs
         seen["preempted"] += len(result.preempted)
         for out in result.outputs:
-            tokens[out.request_id].append(out.token_id)
+            tokens[out.seq.request_id].append(out.token_id)
             if out.finish_reason is not None:
-                finished.add(out.request_id)
+                finished.add(out.seq.request_id)
         check()
 
     for n, op in enumerate(script):
         if op[0] == "add":
             request = make_request(config, n, op)  # type: ignore[arg-type]
             if request is not None:
-                s.add(request)
+                s.add(request, executor.sampler(request))
                 requests[request.request_id] = request
                 tokens[request.request_id] = []
         elif op[0] == "step":
@@ -194,16 +220,17 @@ def test_random_workload_keeps_bounds_conserves_blocks_and_replays(
     event(f"preempted: {seen['preempted'] > 0}")
     event(f"evicted: {seen['evicted'] > 0}")
     assert blocks.num_active_blocks == 0
-    assert blocks.num_free_blocks + blocks.num_inactive_blocks == config.num_gpu_blocks
+    assert blocks.num_free_blocks == config.num_gpu_blocks
     assert index.next_id == publisher.last_event_id + 1
     for rid, request in requests.items():
-        seed_ = request_seed(rid, request.seed)
+        seed_ = request_seed(rid, request.sampling.seed)
         want = [
             pseudo_token(seed_, len(request.token_ids) + k, config.vocab_size)
             for k in range(len(tokens[rid]))
         ]
         assert tokens[rid] == want
         if rid in finished:
+            assert request.max_tokens is not None
             assert len(tokens[rid]) == min(
                 request.max_tokens, config.max_sequence_len - len(request.token_ids)
             )
@@ -217,36 +244,40 @@ def test_random_workload_keeps_bounds_conserves_blocks_and_replays(
     num_blocks=st.integers(2, 24),
     resets=st.sets(st.integers(0, 29), max_size=3),
 )
-def test_block_manager_events_replay_through_resets(
+def test_block_pool_events_replay_through_resets(
     chains: list[tuple[int, int, bool]], num_blocks: int, resets: set[int]
 ) -> None:
-    from tokenyard.common.hashing import block_hashes
-    from tokenyard.worker.engines.mocker.block_manager import BlockTable, KvBlockManager
-
     publisher = KvEventPublisher(0)
     index = ReplayIndex()
     publisher.subscribe(index.apply)
-    manager = KvBlockManager(num_blocks, 2, sink=publisher.publish)
+    pool = BlockPool(num_blocks, 2, sink=publisher.publish)
     held: list[BlockTable] = []
     for i, (family, n_tokens, keep) in enumerate(chains):
         tokens = [family * 10 + (t % 3) for t in range(n_tokens)]
         local, seq = block_hashes(tokens, 2)
         table = BlockTable()
-        for upto in range(1, n_tokens + 1):  # grow token by token, like decoding
-            if not manager.allocate(table, upto, seq, local):
-                break
+        # Start from the cached prefix (at least the last token computed), like the scheduler ...
+        prefix = pool.match_prefix(seq[: (n_tokens - 1) // 2])
+        start = len(prefix) * 2
+        if pool.allocate(table, start + 1, prefix):
+            pool.commit(table, start + 1, seq, local)
+            for upto in range(start + 2, n_tokens + 1):  # ... then grow token by token, like decoding
+                if not pool.allocate(table, upto):
+                    break
+                pool.commit(table, upto, seq, local)
         if keep:
             held.append(table)
         else:
-            manager.free(table)
+            pool.release(table)
         if i in resets:
-            manager.reset()
-        assert index.blocks == manager.cached_hashes()
+            pool.reset()
+        assert index.blocks == pool.cached_hashes()
+        assert pool.num_active_blocks + pool.num_free_blocks == num_blocks
     for table in held:
-        manager.free(table)
-    assert manager.num_active_blocks == 0
-    assert manager.num_free_blocks + manager.num_inactive_blocks == num_blocks
-    assert index.blocks == manager.cached_hashes()
+        pool.release(table)
+    assert pool.num_active_blocks == 0
+    assert pool.num_free_blocks == num_blocks
+    assert index.blocks == pool.cached_hashes()
 
 
 async def test_engine_event_stream_replays_to_each_ranks_cache() -> None:
@@ -259,7 +290,7 @@ async def test_engine_event_stream_replays_to_each_ranks_cache() -> None:
     async def one(n: int) -> None:
         prefix = PREFIXES[n % 3][: rng.randrange(0, 40)]
         prompt = prefix + [9000 + n * 50 + i for i in range(rng.randrange(1, 20))]
-        request = MockerRequest(f"r{n}", prompt, max_tokens=rng.randrange(1, 30), dp_rank=n % 2)
+        request = EngineRequest(f"r{n}", tuple(prompt), max_tokens=rng.randrange(1, 30), dp_rank=n % 2)
         async with contextlib.aclosing(engine.generate(request)) as stream:
             async for chunk in stream:
                 if n % 5 == 0 and chunk.token_ids:
@@ -268,11 +299,17 @@ async def test_engine_event_stream_replays_to_each_ranks_cache() -> None:
     async with engine:
         await asyncio.gather(*(one(n) for n in range(40)))
         for rank in (0, 1):
-            assert indexes[rank].blocks == engine._ranks[rank].scheduler.blocks.cached_hashes()
+            assert indexes[rank].blocks == engine.ranks[rank].pool.cached_hashes()
+            assert indexes[rank].blocks == engine.cached_block_hashes(rank)
             snapshot = engine.kv_snapshot(rank)
-            assert snapshot.last_event_id == indexes[rank].next_id - 1
+            assert snapshot.next_event_id == indexes[rank].next_id
             rebuilt = ReplayIndex()
-            for i, stored in enumerate(snapshot.events):
+            for i, stored in enumerate(snapshot.chains):
                 rebuilt.apply(KvEvent(i, rank, stored))
             assert rebuilt.blocks == indexes[rank].blocks
+        # Blocks of a client that left mid-step go back when that step ends: give the loop a turn.
+        for _ in range(100):
+            if all(load.active_blocks == 0 for load in engine.load()):
+                break
+            await asyncio.sleep(0)
         assert all(load.active_blocks == 0 for load in engine.load())

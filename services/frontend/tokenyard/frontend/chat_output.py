@@ -144,11 +144,12 @@ def check_capabilities(card: ModelCard, request: GenerationRequest) -> None:
         )
     if not request.tools or request.tool_choice == "none":
         return
-    # A forced tool call is a JSON document shaped by the tool's parameter schema.
-    if request.tool_choice in ("required", "function") and "json_schema" not in card.structured_output:
+    # A forced tool call needs the whole parser format (its tags around a JSON document shaped by
+    # the tool's schema) constrained, which no engine does yet: refused rather than hoped for.
+    if request.tool_choice in ("required", "function"):
         raise InvalidArgument(
-            f"tool_choice: {request.tool_choice!r} needs an engine that can constrain its output; the "
-            f"{card.engine} engine serving {card.model!r} cannot (use tool_choice 'auto' or 'none')"
+            f"tool_choice: {request.tool_choice!r} cannot be enforced for {card.model!r} (no engine "
+            "constrains output to a tool call yet); use tool_choice 'auto' or 'none'"
         )
     if not card.tool_call_parser:
         raise InvalidArgument(

@@ -61,7 +61,7 @@ from tokenyard.worker.engines.core.scheduler import (
     SequenceState,
     TokenOutput,
 )
-from tokenyard.worker.kv_events import KvEventListener, KvEventPublisher, KvStored
+from tokenyard.worker.kv_events import KvCleared, KvEventListener, KvEventPublisher, KvStored
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +180,12 @@ class BatchingEngine:
             preemption_mode=cfg.preemption_mode,
         )
         executor = self.executor
+        if self._ranks:
+            # Started again after a stop: the new pools start empty, and routers must know.
+            for publisher, rank in zip(self._publishers, self._ranks, strict=True):
+                if rank.pool.sink is not None:
+                    publisher.publish(KvCleared())
+            self._ranks = []
         for dp_rank, publisher in enumerate(self._publishers):
             sink = publisher.publish if self.publishes_kv_events else None
             pool = BlockPool(
@@ -224,9 +230,12 @@ class BatchingEngine:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        # The executor finishes a step still running (a forward pass writing KV) before any block
+        # of it goes back.
+        await self.executor.close()
         for rank in self._ranks:
             rank.task = None
-        await self.executor.close()
+            rank.scheduler.abandon_step()
         for request_id in list(self._streams):
             self.abort(request_id)
 
@@ -259,7 +268,12 @@ class BatchingEngine:
         rank = self._pick_rank(request)
         try:
             sampler = self.executor.sampler(request)
-            guide = self.executor.guide(request) if isinstance(self.executor, GuidedExecutor) else None
+            guide = None
+            if request.guided is not None and isinstance(self.executor, GuidedExecutor):
+                # Compiling a schema (up to the worker's 1 MiB limit) must not stall the loop.
+                guide = await asyncio.to_thread(self.executor.guide, request)
+            if request.request_id in self._streams:  # taken while the schema compiled
+                raise AlreadyExists(f"request {request.request_id!r} is already running on this worker")
             seq = rank.scheduler.add(request, sampler)
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from None

@@ -346,6 +346,14 @@ class Scheduler:
         self._deferred.clear()
         return outputs
 
+    def abandon_step(self) -> None:
+        """The step in flight will never finish (the engine is stopping): nothing it computed is
+        committed, and the blocks of requests aborted meanwhile go back now."""
+        self._in_flight = None
+        for seq in self._deferred:
+            self.pool.release(seq.table)
+        self._deferred.clear()
+
     def _append(self, seq: SequenceState, token: int) -> TokenOutput:
         req = seq.request
         seq.tokens.append(token)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import llguidance
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from tokenyard.worker.engines.base import GuidedDecoding, GuidedKind
@@ -51,10 +52,10 @@ class GuideVocabulary:
     tokenizer: llguidance.LLTokenizer
     vocab_size: int
     """The width of the model's logits."""
-    tokenizer_eos: torch.Tensor
+    tokenizer_eos: npt.NDArray[np.int64]
     """The tokenizer's own end-of-sequence ids: llguidance allows them once the grammar accepts;
     a guide allows its request's terminators instead."""
-    whitespace: torch.Tensor
+    whitespace: npt.NDArray[np.int64]
     """Ids of the tokens made only of whitespace."""
 
     @classmethod
@@ -72,8 +73,8 @@ class GuideVocabulary:
         return cls(
             tokenizer,
             vocab_size,
-            torch.tensor(tokenizer.eos_tokens, dtype=torch.int64),
-            torch.tensor(whitespace, dtype=torch.int64),
+            np.array(tokenizer.eos_tokens, dtype=np.int64),
+            np.array(whitespace, dtype=np.int64),
         )
 
 
@@ -88,7 +89,7 @@ class Guide:
         self.matcher = matcher
         self.terminators = tuple(terminators)
         self._vocabulary = vocabulary
-        self._only_terminators = torch.zeros(vocabulary.vocab_size, dtype=torch.bool)
+        self._only_terminators = np.zeros(vocabulary.vocab_size, dtype=np.bool_)
         self._only_terminators[[t for t in self.terminators if 0 <= t < vocabulary.vocab_size]] = True
         self._ended = False
         self._whitespace_run = 0
@@ -104,30 +105,32 @@ class Guide:
         return self._ended
 
     def allowed(self) -> torch.Tensor:
-        """``[vocab]`` booleans: the tokens that may come next."""
+        """``[vocab]`` booleans (a fresh tensor): the tokens that may come next."""
+        return torch.from_numpy(self._allowed())
+
+    def _allowed(self) -> npt.NDArray[np.bool_]:
         matcher = self.matcher
         if self._ended or matcher.is_stopped():
             if matcher.is_error():
                 self._fail()
-            return self._only_terminators
+            return self._only_terminators.copy()
         packed = np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8)
         if matcher.is_error():
             self._fail()
-            return self._only_terminators
+            return self._only_terminators.copy()
         vocab = self._vocabulary
-        bits = np.unpackbits(packed, bitorder="little")[: vocab.vocab_size]
-        allowed = torch.from_numpy(bits.view(np.bool_))
+        allowed = np.unpackbits(packed, bitorder="little")[: vocab.vocab_size].view(np.bool_)
         allowed[vocab.tokenizer_eos] = False
         if matcher.is_accepting():
             allowed |= self._only_terminators
         if self._whitespace_run >= MAX_WHITESPACE_RUN:
-            capped = allowed.clone()
+            capped = allowed.copy()
             capped[vocab.whitespace] = False
-            if bool(capped.any()):
+            if capped.any():
                 allowed = capped
-        if not bool(allowed.any()):
+        if not allowed.any():
             self._fail()
-            return self._only_terminators
+            return self._only_terminators.copy()
         return allowed
 
     def accept(self, token: int) -> None:
