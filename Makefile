@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
 
-.PHONY: help install proto lint fmt test test-all run up down status bench clean
+.PHONY: help install proto lint fmt test test-all test-vllm run up down status bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-10s\033[0m %s\n", $$1, $$2}'
@@ -34,10 +34,20 @@ fmt: $(STAMP) ## format and auto-fix
 	$(BIN)/ruff check --fix .
 
 test: $(STAMP) ## the CI suite: unit, integration and a representative end-to-end subset
-	$(BIN)/pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+	$(BIN)/pytest -m "not slow and not gpu and not vllm" $(PYTEST_ARGS)
 
-test-all: $(STAMP) ## everything, including the long end-to-end and soak tests
-	$(BIN)/pytest -m "not gpu" $(PYTEST_ARGS)
+test-all: $(STAMP) ## everything but vLLM (make test-vllm), including the long end-to-end and soak tests
+	$(BIN)/pytest -m "not gpu and not vllm" $(PYTEST_ARGS)
+
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+$(VLLM_STAMP):
+	bash tools/install_vllm.sh $(VLLM_VENV)
+	@touch $@
+
+test-vllm: $(VLLM_STAMP) ## the vLLM engine's tests, in .venv-vllm (installs vLLM's CPU build first: ~3.5 GB)
+	$(VLLM_VENV)/bin/pytest -m vllm tests/vllm $(PYTEST_ARGS)
 
 run: $(STAMP) ## serve SmolLM2 on the CPU: frontend, router, planner, gms, 2 workers (Ctrl-C stops)
 	$(BIN)/tokenyard up

@@ -196,7 +196,12 @@ class BatchingEngine:
                 writer = _writer(executor, dp_rank)
             executor.bind(dp_rank, pool)
             self._ranks.append(
-                _Rank(dp_rank, pool, Scheduler(pool, sched_config, kv_writer=writer), publisher)
+                _Rank(
+                    dp_rank,
+                    pool,
+                    Scheduler(pool, sched_config, kv_writer=writer, steps_write_kv=writer is not None),
+                    publisher,
+                )
             )
         self._info = EngineInfo(
             kind=self.kind,

@@ -74,9 +74,10 @@ class SequenceState:
         self.finished = False
         self.guide: Any = None
         """The output constraint, advanced by the executor as each token is sampled; None: free."""
-        self.imported: tuple[tuple[int, bytes], ...] | None = None
-        """KV blocks computed elsewhere (a prefill worker), ``(sequence hash, bytes)`` in prompt
-        order, placed into the pool when the request is admitted."""
+        self.imported: dict[int, bytes] | None = None
+        """KV blocks computed elsewhere (a prefill worker), bytes by sequence hash (empty bytes for
+        an engine without KV bytes), placed into the pool when the request is admitted: those
+        that continue the prompt's cached prefix, in order."""
         self._block_size = block_size
         self._salt = salt_hash(request.lora_name or None, request.cache_salt or None)
         self.local_hashes: list[int] = []
@@ -135,15 +136,23 @@ KvWriter = Callable[[Block, bytes], None]
 
 class Scheduler:
     def __init__(
-        self, pool: BlockPool, config: SchedulerConfig, *, kv_writer: KvWriter | None = None
+        self,
+        pool: BlockPool,
+        config: SchedulerConfig,
+        *,
+        kv_writer: KvWriter | None = None,
+        steps_write_kv: bool = True,
     ) -> None:
         """``kv_writer`` puts imported KV bytes into a block; None for an engine without KV bytes
-        (the simulated one), where imported blocks are only accounted for."""
+        (the simulated one), where imported blocks are only accounted for. ``steps_write_kv``:
+        a step writes K and V into its blocks, so the blocks of a request aborted mid-step go back
+        only after the step; without (the simulated engine) they go back at once."""
         self.pool = pool
         self.config = config
         self.block_size = pool.block_size
         self.eos_token_ids = frozenset(config.eos_token_ids)
         self.kv_writer = kv_writer
+        self.steps_write_kv = steps_write_kv
         self.waiting: WaitingQueue[SequenceState] = WaitingQueue(lambda seq: seq.request.priority)
         self.running: list[SequenceState] = []
         self.requests: dict[str, SequenceState] = {}
@@ -201,7 +210,8 @@ class Scheduler:
             self.running.remove(seq)
         else:
             self.waiting.remove(seq)
-        if self._in_flight is not None and any(s.seq is seq for s in self._in_flight):
+        in_flight = self._in_flight is not None and any(s.seq is seq for s in self._in_flight)
+        if in_flight and self.steps_write_kv:
             self._deferred.append(seq)
         else:
             self.pool.release(seq.table)
@@ -275,7 +285,7 @@ class Scheduler:
         seq.hash_blocks(usable)
         hashes = seq.seq_hashes[:usable]
         prefix = self.pool.match_prefix(hashes)
-        imported = self._importable(seq, hashes)
+        imported = self._importable(seq, hashes, len(prefix))
         start = max(imported, len(prefix)) * bs
         prompt_left = seq.prompt_len - min(start, seq.prompt_len)
         if not self.config.enable_chunked_prefill and prompt_left > budget:
@@ -287,7 +297,7 @@ class Scheduler:
 
             def fill(block: Block, i: int) -> None:
                 if self.kv_writer is not None:
-                    self.kv_writer(block, data[i][1])
+                    self.kv_writer(block, data[hashes[i]])
 
             if not self.pool.import_blocks(seq.table, hashes[:imported], seq.local_hashes[:imported], fill):
                 return None
@@ -305,14 +315,16 @@ class Scheduler:
         return Scheduled(seq, start, n)
 
     @staticmethod
-    def _importable(seq: SequenceState, hashes: list[int]) -> int:
-        """How many leading blocks of ``hashes`` the request's imported KV provides."""
-        if not seq.imported:
+    def _importable(seq: SequenceState, hashes: list[int], cached: int) -> int:
+        """How many leading blocks of ``hashes`` the cache (its first ``cached``) and the
+        request's imported KV (the blocks right after) provide together; 0 without imported KV.
+        The cached prefix may have shrunk since the blocks were fetched (an eviction): then the
+        imported blocks past the gap are useless, and the rest of the prompt is computed here."""
+        imported = seq.imported
+        if not imported:
             return 0
-        count = 0
-        for (h, _), mine in zip(seq.imported, hashes, strict=False):
-            if h != mine:
-                break
+        count = cached
+        while count < len(hashes) and hashes[count] in imported:
             count += 1
         return count
 
