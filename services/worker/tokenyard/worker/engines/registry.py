@@ -56,8 +56,8 @@ def create_engine(settings: WorkerSettings) -> Engine:
     except ImportError as exc:
         missing = exc.name or str(exc)
         raise StartupError(
-            f"the {kind.value} engine needs the Python package {missing!r}, which is not installed "
-            f"in {_prefix()}: {entry.install}"
+            f"the {kind.value} engine (--engine / TOKENYARD_WORKER_ENGINE) needs the Python package "
+            f"{missing!r}, which is not installed in {_prefix()}: {entry.install}"
         ) from None
     return engine
 
