@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
 
-.PHONY: help install proto lint fmt test test-all test-vllm run up down status bench clean
+.PHONY: help install proto lock lint fmt test test-all test-vllm run up down status bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-10s\033[0m %s\n", $$1, $$2}'
@@ -21,6 +21,14 @@ install: $(STAMP) ## create .venv and install the project, its dev tools, redis-
 
 proto: $(STAMP) ## regenerate Python code and type stubs from protos/
 	$(PY) tools/gen_protos.py
+
+# The images install exactly these (docker/Dockerfile, --require-hashes); resolved for the images'
+# Python and platform, not this machine's.
+LOCK_FLAGS := --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock"
+
+lock: $(STAMP) ## pin the images' dependencies with hashes (docker/requirements.lock, docker/model.lock)
+	$(BIN)/uv pip compile pyproject.toml $(LOCK_FLAGS) --no-emit-package tokenyard -o docker/requirements.lock
+	$(BIN)/uv pip compile docker/model.in $(LOCK_FLAGS) --no-deps -o docker/model.lock
 
 lint: $(STAMP) ## ruff, mypy, buf lint and the generated-code drift check
 	$(BIN)/ruff check .
@@ -61,11 +69,11 @@ down: $(STAMP) ## stop the background deployment
 status: $(STAMP) ## list registered instances and their health
 	$(BIN)/tokenyard status
 
-bench: $(STAMP) ## run the benchmarks (tables on stdout, JSON in bench/results/)
-	$(PY) bench/hashing.py
-	$(PY) bench/mocker_calibration.py
-	$(PY) bench/tokenizer.py
-	$(PY) bench/cpu_engine.py
+bench: $(STAMP) ## run the benchmarks (tables on stdout, JSON and PNG in bench/results/)
+	$(PY) -m bench.hashing
+	$(PY) -m bench.mocker_calibration
+	$(PY) -m bench.tokenizer
+	$(PY) -m bench.cpu_engine
 
 clean: ## remove the virtualenv, tools, caches and run state
 	rm -rf $(VENV) .tools .tokenyard .pytest_cache .mypy_cache .ruff_cache .hypothesis bench/results build dist

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from bench import plots
 from tokenyard.worker.engines.base import EngineRequest, SamplingParams
 from tokenyard.worker.engines.cpu.config import CpuEngineConfig
 from tokenyard.worker.engines.cpu.engine import CpuEngine, default_num_threads
@@ -203,7 +204,44 @@ def main() -> None:
         )
         + "\n"
     )
-    print(f"\nwrote {RESULTS}")
+    charts: list[plots.Bars | plots.Lines] = [
+        plots.Bars(
+            f"TTFT, {ttft['prompt_tokens']}-token prompt",
+            "s",
+            {
+                "TTFT": {
+                    "cold": ttft["cold_ttft_s"],
+                    f"{ttft['cached_prefix_tokens']} cached": ttft["cached_ttft_s"],
+                }
+            },
+        ),
+        plots.Bars(
+            "decode throughput",
+            "tokens/s",
+            {
+                "all tokens": {name: decode[name]["tokens_per_s"] for name in ("single", "concurrent")},
+                "decode tokens": {
+                    name: decode[name]["decode_tokens_per_s"] for name in ("single", "concurrent")
+                },
+            },
+        ),
+    ]
+    if load:
+        charts.insert(
+            0,
+            plots.Bars(
+                "model load",
+                "s",
+                {
+                    "load": {
+                        "cold (convert)": load["cold_convert_and_load_s"],
+                        "cached": load["cached_load_s"],
+                    }
+                },
+            ),
+        )
+    png = plots.save(RESULTS, plots.Chart(charts, title=f"CPU engine, {args.threads} threads"))
+    print(f"\nwrote {RESULTS} and {png}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import xxhash
 
+from bench import plots
 from tokenyard.common.hashing import block_hashes
 
 BLOCK_SIZE = 64
@@ -70,6 +71,26 @@ def main() -> None:
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
     (out / "hashing.json").write_text(json.dumps({"block_size": BLOCK_SIZE, "rows": rows}, indent=2))
+    times = {
+        label: [(float(r["tokens"]), float(r[key])) for r in rows]
+        for label, key in (("tokenyard", "tokenyard_us"), ("naive", "naive_us"))
+    }
+    plots.save(
+        out / "hashing.json",
+        plots.Chart(
+            [
+                plots.Lines("block hashes of a prompt", "prompt tokens", "µs", times, logx=True, logy=True),
+                plots.Lines(
+                    "speedup over naive",
+                    "prompt tokens",
+                    "times faster",
+                    {"speedup": [(r["tokens"], r["speedup"]) for r in rows]},
+                    logx=True,
+                ),
+            ],
+            title=f"block hashing (block size {BLOCK_SIZE})",
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -23,9 +23,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from bench import plots
+from tokenyard.worker.engines.base import EngineRequest
 from tokenyard.worker.engines.mocker.config import MockerConfig
 from tokenyard.worker.engines.mocker.engine import MockerEngine
-from tokenyard.worker.engines.base import EngineRequest
 
 ISLS = (100, 500, 1000, 2000, 4000)
 OUTPUT_TOKENS = 32
@@ -105,7 +106,9 @@ async def run_case(engine: MockerEngine, isl: int, mode: str, base: int) -> Row:
         else:
             warm = []
         if warm:
-            async for _ in engine.generate(EngineRequest(f"warm-{isl}-{mode}-{repeat}", tuple(warm), max_tokens=1)):
+            async for _ in engine.generate(
+                EngineRequest(f"warm-{isl}-{mode}-{repeat}", tuple(warm), max_tokens=1)
+            ):
                 pass
         request = EngineRequest(f"req-{isl}-{mode}-{repeat}", tuple(prompt), max_tokens=OUTPUT_TOKENS)
         ttft, itl, cached = await measure(engine, request)
@@ -151,6 +154,36 @@ async def main() -> None:
         ],
     }
     (out / "mocker_calibration.json").write_text(json.dumps(summary, indent=2))
+    modes = list(dict.fromkeys(r.mode for r in rows))
+
+    def lines(measured: str, model: str) -> dict[str, list[tuple[float, float]]]:
+        series: dict[str, list[tuple[float, float]]] = {}
+        for mode in modes:
+            of_mode = [r for r in rows if r.mode == mode]
+            series[f"{mode}"] = [(r.isl, getattr(r, measured)) for r in of_mode]
+            series[f"{mode} (model)"] = [(r.isl, getattr(r, model)) for r in of_mode]
+        return series
+
+    dashed = {f"{mode} (model)": "--" for mode in modes}
+    plots.save(
+        out / "mocker_calibration.json",
+        plots.Chart(
+            [
+                plots.Lines(
+                    "TTFT",
+                    "prompt tokens",
+                    "ms",
+                    lines("ttft_ms", "expected_ttft_ms"),
+                    logx=True,
+                    styles=dashed,
+                ),
+                plots.Lines(
+                    "ITL", "prompt tokens", "ms", lines("itl_ms", "expected_itl_ms"), logx=True, styles=dashed
+                ),
+            ],
+            title=f"mocker against its performance model (worst error {worst:.1f}%)",
+        ),
+    )
 
 
 if __name__ == "__main__":

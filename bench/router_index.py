@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import plots
 from tokenyard.common.discovery import Instance, ModelCard, WatchEventKind
 from tokenyard.common.hashing import sequence_hashes
 from tokenyard.router.active import ActiveRequests
@@ -290,6 +291,40 @@ def main() -> None:
     out_dir = Path(__file__).parent / "results"
     out_dir.mkdir(exist_ok=True)
     (out_dir / "router_index.json").write_text(json.dumps({"rows": rows}, indent=2))
+    plots.save(
+        out_dir / "router_index.json",
+        plots.Chart(
+            [
+                plots.Bars(
+                    "index updates",
+                    "blocks/s",
+                    {
+                        r["index"]: {
+                            "store": r["store_blocks_per_s"],
+                            "remove": r["remove_blocks_per_s"],
+                            "churn": r["churn_blocks_per_s"],
+                        }
+                        for r in rows
+                    },
+                ),
+                plots.Bars(
+                    "routing decision",
+                    "ms",
+                    {
+                        r["index"]: {
+                            "lookup p99": r["lookup_p99_ms"],
+                            "p50": r["decision_p50_ms"],
+                            "p99": r["decision_p99_ms"],
+                            "cpu p99": r["decision_cpu_p99_ms"],
+                        }
+                        for r in rows
+                    },
+                ),
+                plots.Bars("index memory", "MiB", {r["index"]: {"RSS": r["index_rss_mib"]} for r in rows}),
+            ],
+            title="router index",
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from bench import plots
 from tokenyard.common.discovery import Instance, open_discovery
 
 WORKERS = 4
@@ -179,6 +180,20 @@ def main() -> None:
         print(f"{mode:>12} {ttft:>12.1f} {hit:>10.2f}   rounds: {rounds}")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "router_kv_vs_rr.json").write_text(json.dumps({"summary": summary, "raw": rows}, indent=2))
+    plots.save(
+        RESULTS / "router_kv_vs_rr.json",
+        plots.Chart(
+            [
+                plots.Bars("TTFT p50", "ms", {m: {"TTFT p50": s["ttft_p50_ms"]} for m, s in summary.items()}),
+                plots.Bars(
+                    "prompt cache hit rate",
+                    "%",
+                    {m: {"hit rate": s["cache_hit_rate"] * 100} for m, s in summary.items()},
+                ),
+            ],
+            title="kv against round-robin routing (medians over rounds)",
+        ),
+    )
 
 
 if __name__ == "__main__":

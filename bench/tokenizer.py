@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from bench import plots
 from tokenyard.frontend.tokenizer import DetokenizeStream, Tokenizer, load_tokenizer
 from tokenyard.frontend.tokenizer.gguf_vocab import metadata_key
 from tokenyard.frontend.tokenizer.registry import shipped_gguf_path
@@ -116,6 +117,20 @@ def main() -> None:
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
     (out / "tokenizer.json").write_text(json.dumps(rows, indent=2))
+    ms = {k.removesuffix("_ms"): v for k, v in rows.items() if k.endswith("_ms")}
+    us = {k.removesuffix("_us"): v for k, v in rows.items() if k.endswith("_us")}
+    per_token = {k.removesuffix("_us_per_token"): v for k, v in rows.items() if k.endswith("_us_per_token")}
+    plots.save(
+        out / "tokenizer.json",
+        plots.Chart(
+            [
+                plots.Bars("loading", "ms", {"SmolLM2": ms}, log=True),
+                plots.Bars(f"one {rows['prompt_tokens']}-token prompt", "µs", {"SmolLM2": us}),
+                plots.Bars("detokenizing a response", "µs per token", {"SmolLM2": per_token}),
+            ],
+            title="tokenizer (SmolLM2-135M-Instruct)",
+        ),
+    )
 
 
 if __name__ == "__main__":

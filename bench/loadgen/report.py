@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from bench import plots
 from bench.loadgen.client import RequestRecord
 from bench.loadgen.cpu import CpuReport
 from bench.loadgen.stats import Distribution, Summary
@@ -172,3 +173,45 @@ def write_results(
         doc["comparison"] = {"baseline": runs[0].label, "metrics": comparison(runs)}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=2) + "\n")
+    plot_results(path, name, runs)
+
+
+def plot_results(path: Path, name: str, runs: Sequence[RunReport]) -> Path:
+    """The PNG next to the JSON: latency percentiles and throughput, one bar per run."""
+
+    def dist(run: RunReport, field: str) -> dict[str, float] | None:
+        d: Distribution | None = getattr(run.summary, field)
+        return None if d is None else {"p50": d.p50, "p90": d.p90, "p99": d.p99}
+
+    charts: list[plots.Bars | plots.Lines] = [
+        plots.percentile_bars(title, "ms", {r.label: dist(r, field) for r in runs})
+        for title, field in (("TTFT", "ttft_ms"), ("ITL", "itl_ms"), ("end-to-end latency", "latency_ms"))
+    ]
+    charts.append(
+        plots.Bars(
+            "request throughput", "req/s", {r.label: {"ok": r.summary.request_throughput} for r in runs}
+        )
+    )
+    charts.append(
+        plots.Bars(
+            "output throughput",
+            "tokens/s",
+            {r.label: {"output": r.summary.output_token_throughput} for r in runs},
+        )
+    )
+    if any(r.summary.cache_hit_rate is not None for r in runs):
+        charts.append(
+            plots.Bars(
+                "prompt cache hit rate",
+                "%",
+                {
+                    r.label: {
+                        "hit rate": None
+                        if r.summary.cache_hit_rate is None
+                        else r.summary.cache_hit_rate * 100
+                    }
+                    for r in runs
+                },
+            )
+        )
+    return plots.save(path, plots.Chart(charts, title=f"loadgen: {name}"))

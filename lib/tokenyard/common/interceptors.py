@@ -80,6 +80,10 @@ class _Call:
             code = context.code()
             if isinstance(code, grpc.StatusCode):
                 self.code = code
+        elapsed = time.perf_counter() - self.started
+        # One line per RPC, inside its span so that it carries the trace id (debug: a busy
+        # deployment serves thousands a second).
+        log.debug("rpc %s %s %.1fms", self.method, self.code.name, elapsed * 1000)
         if self._span_cm is not None:
             span = trace.get_current_span()
             if self.code != grpc.StatusCode.OK:
@@ -88,9 +92,7 @@ class _Call:
         if self.metrics is not None:
             self.metrics.rpc_in_flight.labels(self.service).dec()
             self.metrics.rpc_requests.labels(self.service, self.method, self.code.name).inc()
-            self.metrics.rpc_duration.labels(self.service, self.method).observe(
-                time.perf_counter() - self.started
-            )
+            self.metrics.rpc_duration.labels(self.service, self.method).observe(elapsed)
         # A server stream whose client vanished (a killed peer) is closed by the event loop's
         # async-generator finalizer, in a context of its own: there is nothing to restore there.
         with contextlib.suppress(ValueError):

@@ -11,7 +11,7 @@ from tokenyard.common.cli_settings import parse_settings
 from tokenyard.common.logs import configure_logging
 from tokenyard.common.service import StartupError
 from tokenyard.common.settings import ServiceSettings
-from tokenyard.common.tracing import setup_tracing, shutdown_tracing
+from tokenyard.common.tracing import service_name, setup_tracing, shutdown_tracing
 
 S = TypeVar("S", bound=ServiceSettings)
 
@@ -26,7 +26,9 @@ def run_service(
     """Parse settings, configure logging and tracing, serve until SIGTERM; returns the exit code."""
     prog = f"tokenyard {settings_cls.service_name}"
     settings, _ = parse_settings(settings_cls, argv, prog, description)
-    configure_logging(settings.log_level.value, settings.log_format.value, settings_cls.service_name)
+    configure_logging(
+        settings.log_level.value, settings.log_format.value, service_name(settings_cls.service_name)
+    )
     setup_tracing(settings_cls.service_name)
     try:
         asyncio.run(serve(settings))

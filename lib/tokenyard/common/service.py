@@ -36,6 +36,7 @@ from tokenyard.common.discovery import (
     open_discovery,
 )
 from tokenyard.common.interceptors import ServiceInterceptor
+from tokenyard.common.logs import set_instance as set_log_instance
 from tokenyard.common.metrics import Metrics
 from tokenyard.common.settings import ServiceSettings
 
@@ -88,6 +89,7 @@ class ServiceRuntime:
         self.metadata = dict(metadata or {})
         self.metrics = metrics or Metrics(service)
         self.instance_id = new_instance_id()
+        set_log_instance(self.instance_id)
         self.port = 0
         # None: this service exposes /metrics elsewhere (the frontend serves it on its HTTP port).
         self._metrics_port_setting = metrics_port
