@@ -298,7 +298,9 @@ async def test_prefill_worker_kv_moves_to_a_decode_worker(
         rest, last = await run(decode, request)
         assert last.usage is not None and last.usage.cached_tokens == len(transfer.block_hashes) * 16
         assert [*first, *rest] == expected(prompt)
-        assert decode.kv_snapshot(0).next_event_id == 0  # a decode worker publishes no KV events
+        # A decode worker announces what it holds, the imported prompt blocks first.
+        announced = [b.block_hash for c in decode.kv_snapshot(0).chains for b in c.blocks]
+        assert announced[: len(transfer.block_hashes)] == list(transfer.block_hashes)
 
 
 # -- the router's view -------------------------------------------------------------------------

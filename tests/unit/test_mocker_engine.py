@@ -274,16 +274,18 @@ async def test_event_listener_task_and_snapshot() -> None:
             engine.kv_snapshot(1)
 
 
-async def test_decode_role_publishes_no_events() -> None:
+async def test_decode_role_publishes_events_like_any_other() -> None:
+    # Routers must see what decode workers hold (conditional disaggregation weighs it).
     events: list[KvEvent] = []
     async with MockerEngine(FAST, role=EngineRole.DECODE) as engine:
-        assert not engine.publishes_kv_events
-        assert not engine.info().publishes_kv_events
+        assert engine.publishes_kv_events
+        assert engine.info().publishes_kv_events
         engine.subscribe_kv_events(events.append)
         chunks = await collect(engine, req("d", range(300), max_tokens=3))
         assert sum(len(c.token_ids) for c in chunks) == 3
-        assert engine.kv_snapshot(0).chains == ()
-    assert events == []
+        stored = {b.block_hash for c in engine.kv_snapshot(0).chains for b in c.blocks}
+    assert stored == set(block_hashes(list(range(300)), 64)[1])
+    assert {b.block_hash for e in events if isinstance(e.data, KvStored) for b in e.data.blocks} == stored
 
 
 async def test_prefill_role_returns_one_token_with_kv_transfer() -> None:

@@ -8,7 +8,13 @@ from typing import Any
 
 import pytest
 
-from tokenyard.worker.engines.base import EngineRequest, FinishReason, SamplingParams, Usage
+from tokenyard.worker.engines.base import (
+    EngineRequest,
+    FinishReason,
+    KvTransferParams,
+    SamplingParams,
+    Usage,
+)
 from tokenyard.worker.engines.core.block_pool import BlockPool
 from tokenyard.worker.engines.core.scheduler import Scheduler, SchedulerConfig, TokenOutput
 from tokenyard.worker.engines.mocker.config import EngineRole, MockerConfig, PreemptionMode
@@ -273,7 +279,9 @@ def test_prefill_role_emits_one_token_and_charges_no_decode() -> None:
 
 def test_decode_role_charges_no_prefill() -> None:
     s = Sim(EngineRole.DECODE)
-    s.add("d", range(500), max_tokens=5)
+    # The prompt was computed by a prefill worker (a decode worker that computes one itself pays).
+    transfer = KvTransferParams(1, 0, "127.0.0.1:1", "d", (), 500)
+    s.add("d", range(500), max_tokens=5, kv_transfer=transfer)
     steps, outputs = run(s)
     assert all(st.prefill_ms == 0.0 for st in steps)
     assert all(st.decode_ms > 0.0 for st in steps)

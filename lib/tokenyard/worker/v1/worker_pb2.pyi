@@ -332,7 +332,11 @@ class DisaggregationParams(_message.Message):
     """
     @_builtins.property
     def kv_transfer(self) -> Global___KvTransferParams:
-        """Decode role: import the prompt's KV from here instead of computing it."""
+        """Decode role: import the prompt's KV from here instead of computing it. A worker whose
+        engine holds KV bytes pulls the blocks with FetchKvBlocks; when that fails (source gone,
+        transfer expired, layout mismatch, deadline) it computes the prompt itself and the request
+        still completes. Exclusive with prefill_only.
+        """
 
     def __init__(
         self,
@@ -1162,7 +1166,10 @@ class DescribeResponse(_message.Message):
     """Engine kind, e.g. "mocker", "cpu", "vllm", "trtllm"."""
     draining: _builtins.bool
     publishes_kv_events: _builtins.bool
-    """Whether this worker publishes KV events (decode-only workers do not)."""
+    """Whether this worker publishes KV events: every worker with prefix caching does, decode
+    workers included (their imported and generated blocks), so that routers see what a decode
+    worker holds.
+    """
     @_builtins.property
     def model_card(self) -> Global___ModelCard: ...
     def __init__(
@@ -1257,7 +1264,10 @@ Global___KvBlockLayout: _TypeAlias = KvBlockLayout  # noqa: Y015
 
 @_typing.final
 class FetchKvBlocksResponse(_message.Message):
-    """One block per message, in request order."""
+    """One block per message, in request order. A block larger than the exporter's part size (a few
+    MiB at most) comes in several consecutive messages, its parts in order, each with the block's
+    block_index, block_hash and block_bytes and the part's offset.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1265,11 +1275,21 @@ class FetchKvBlocksResponse(_message.Message):
     BLOCK_HASH_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
     LAYOUT_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    BLOCK_BYTES_FIELD_NUMBER: _builtins.int
     block_index: _builtins.int
     """Position of the block in the requested (or transfer's) list, from 0."""
     block_hash: _builtins.int
     data: _builtins.bytes
-    """K and V of every layer for the block's tokens, laid out as `layout` says."""
+    """K and V of every layer for the block's tokens, laid out as `layout` says: the whole block,
+    or the part of it that starts at `offset`.
+    """
+    offset: _builtins.int
+    """Byte offset of `data` within the block; 0 for a block in one message."""
+    block_bytes: _builtins.int
+    """The block's size in bytes, set on every part of a block sent in parts; 0: `data` is the
+    whole block.
+    """
     @_builtins.property
     def layout(self) -> Global___KvBlockLayout:
         """Set on the first message only."""
@@ -1281,10 +1301,12 @@ class FetchKvBlocksResponse(_message.Message):
         block_hash: _builtins.int = ...,
         data: _builtins.bytes = ...,
         layout: Global___KvBlockLayout | None = ...,
+        offset: _builtins.int = ...,
+        block_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["layout", b"layout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_hash", b"block_hash", "block_index", b"block_index", "data", b"data", "layout", b"layout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_bytes", b"block_bytes", "block_hash", b"block_hash", "block_index", b"block_index", "data", b"data", "layout", b"layout", "offset", b"offset"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

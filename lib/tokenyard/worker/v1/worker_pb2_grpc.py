@@ -119,8 +119,9 @@ class WorkerServiceServicer:
 
     def FetchKvBlocks(self, request, context):
         """Streams the KV blocks a prefill worker holds for a transfer, for a decode worker to
-        import. NOT_FOUND when the transfer or any requested block is no longer held (the decode
-        worker then computes the prompt itself).
+        import. NOT_FOUND (naming the transfer id) when the transfer is unknown, expired or already
+        released, or a requested block is not part of it: the decode worker then computes the
+        prompt itself. UNIMPLEMENTED on a worker whose engine holds no KV bytes (the mocker).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

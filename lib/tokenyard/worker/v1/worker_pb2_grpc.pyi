@@ -64,8 +64,9 @@ class WorkerServiceStub:
     """Identity, role and model card of this worker."""
     FetchKvBlocks: _grpc.UnaryStreamMultiCallable[_worker_pb2.FetchKvBlocksRequest, _worker_pb2.FetchKvBlocksResponse]
     """Streams the KV blocks a prefill worker holds for a transfer, for a decode worker to
-    import. NOT_FOUND when the transfer or any requested block is no longer held (the decode
-    worker then computes the prompt itself).
+    import. NOT_FOUND (naming the transfer id) when the transfer is unknown, expired or already
+    released, or a requested block is not part of it: the decode worker then computes the
+    prompt itself. UNIMPLEMENTED on a worker whose engine holds no KV bytes (the mocker).
     """
     Drain: _grpc.UnaryUnaryMultiCallable[_worker_pb2.DrainRequest, _worker_pb2.DrainResponse]
     """Stops taking new work, deregisters from discovery, and lets in-flight requests finish.
@@ -97,8 +98,9 @@ class WorkerServiceAsyncStub(WorkerServiceStub):
     """Identity, role and model card of this worker."""
     FetchKvBlocks: _aio.UnaryStreamMultiCallable[_worker_pb2.FetchKvBlocksRequest, _worker_pb2.FetchKvBlocksResponse]  # type: ignore[assignment]
     """Streams the KV blocks a prefill worker holds for a transfer, for a decode worker to
-    import. NOT_FOUND when the transfer or any requested block is no longer held (the decode
-    worker then computes the prompt itself).
+    import. NOT_FOUND (naming the transfer id) when the transfer is unknown, expired or already
+    released, or a requested block is not part of it: the decode worker then computes the
+    prompt itself. UNIMPLEMENTED on a worker whose engine holds no KV bytes (the mocker).
     """
     Drain: _aio.UnaryUnaryMultiCallable[_worker_pb2.DrainRequest, _worker_pb2.DrainResponse]  # type: ignore[assignment]
     """Stops taking new work, deregisters from discovery, and lets in-flight requests finish.
@@ -163,8 +165,9 @@ class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_worker_pb2.FetchKvBlocksResponse], _abc.AsyncIterator[_worker_pb2.FetchKvBlocksResponse]]:
         """Streams the KV blocks a prefill worker holds for a transfer, for a decode worker to
-        import. NOT_FOUND when the transfer or any requested block is no longer held (the decode
-        worker then computes the prompt itself).
+        import. NOT_FOUND (naming the transfer id) when the transfer is unknown, expired or already
+        released, or a requested block is not part of it: the decode worker then computes the
+        prompt itself. UNIMPLEMENTED on a worker whose engine holds no KV bytes (the mocker).
         """
 
     @_abc_1.abstractmethod

@@ -86,6 +86,19 @@ class WorkerSettings(MetricsPortSettings, ServiceSettings):
         ge=0,
         description="Generate calls admitted at once; more are refused with RESOURCE_EXHAUSTED. 0: no limit.",
     )
+    kv_fetch_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        le=600,
+        description="Seconds a decode worker gives a prefill worker to stream a prompt's KV blocks; past it "
+        "(or on any other failure of the fetch) the decode worker computes the prompt itself.",
+    )
+    standby_lock: str = Field(
+        default="",
+        description="Lock file shared with standby workers: the worker holding it serves; the others "
+        "load their engine, then wait without registering and take over when it dies. Empty: serve "
+        "at once.",
+    )
     mocker: MockerConfig = Field(
         default_factory=MockerConfig, description="Simulated engine (used when --engine mocker)."
     )

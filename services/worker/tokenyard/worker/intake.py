@@ -4,6 +4,15 @@ Admission order: availability first (not started, draining, shutting down: UNAVA
 caller can migrate the request elsewhere), then the request itself (INVALID_ARGUMENT / NOT_FOUND),
 then the in-flight limit (RESOURCE_EXHAUSTED).
 
+Disaggregated decode: a request carrying ``kv_transfer`` on a worker whose engine holds KV bytes
+(:class:`~tokenyard.worker.engines.base.KvBlockTransfer`) first pulls the prompt's blocks from the
+prefill worker (:mod:`tokenyard.worker.kv_fetch`; only those this engine does not hold already),
+imports them, then generates. If the pull fails for any reason (source gone, transfer expired,
+layout mismatch, deadline, a broken stream) the worker logs it once, counts it by reason, and
+computes the prompt itself: the request is never lost to a transfer. The fetch counts as in flight
+(a drain waits for it) and cancelling the request cancels the fetch. An engine without KV bytes
+(the mocker) takes the transferred prompt as computed, with nothing to fetch.
+
 A drain stops admission, runs the drain hooks (the server's: NOT_SERVING and deregistration), and
 lets in-flight requests finish; past the grace period the worker aborts those still running, and
 their streams end with ``cancelled``. The process keeps running afterwards (it still answers
@@ -16,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import re
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
@@ -37,9 +47,11 @@ from tokenyard.worker.engines.base import (
     GuidedDecoder,
     GuidedDecoding,
     GuidedKind,
+    KvBlockTransfer,
     KvTransferParams,
     Usage,
 )
+from tokenyard.worker.kv_fetch import FetchFailed, KvFetcher
 from tokenyard.worker.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
@@ -110,14 +122,55 @@ def _check_range(name: str, value: float | None, low: float, high: float, *, low
         raise InvalidArgument(f"sampling.{name} must be in {bracket}{low:g}, {high:g}], got {value:g}")
 
 
+_ADDRESS = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):(\d{1,5})$")
+
+
+def validate_transfer(request: EngineRequest, block_size: int, *, needs_source: bool) -> None:
+    """Raise InvalidArgument for transfer parameters that cannot describe a prefix of the prompt
+    (the prefill worker made them for this very prompt: they cover at most all of it, in complete
+    blocks plus a partial one). ``needs_source``: this worker will fetch from ``source_address``."""
+    t = request.kv_transfer
+    if t is None:
+        return
+    where = "disaggregation.kv_transfer"
+    if request.prefill_only:
+        raise InvalidArgument(
+            "disaggregation.prefill_only and disaggregation.kv_transfer are exclusive: a request either "
+            "computes a prompt for a decode worker or continues one computed by a prefill worker"
+        )
+    if not t.transfer_id:
+        raise InvalidArgument(f"{where}.transfer_id must be set (copy the prefill worker's kv_transfer)")
+    n = len(request.token_ids)
+    if t.num_tokens > n:
+        raise InvalidArgument(
+            f"{where}.num_tokens is {t.num_tokens}, more than the prompt's {n} tokens: the transfer "
+            "must cover a prefix of this prompt"
+        )
+    full = t.num_tokens // block_size
+    if len(t.block_hashes) > full:
+        raise InvalidArgument(
+            f"{where} names {len(t.block_hashes)} blocks, but its {t.num_tokens} tokens make at most "
+            f"{full} complete blocks of {block_size}"
+        )
+    if needs_source:
+        m = _ADDRESS.match(t.source_address)
+        if m is None or not 0 < int(m.group(2)) < 65536:
+            raise InvalidArgument(
+                f"{where}.source_address must be the prefill worker's host:port, got {t.source_address!r}"
+            )
+
+
 def validate(
     request: EngineRequest,
     model: str,
     served_model: str,
     info: EngineInfo,
     guided_kinds: tuple[GuidedKind, ...] = (),
+    *,
+    pulls_kv: bool = False,
 ) -> None:
-    """Raise InvalidArgument or NotFound for a request this worker can never serve."""
+    """Raise InvalidArgument or NotFound for a request this worker can never serve. ``pulls_kv``:
+    the engine imports real KV bytes, so transfer parameters must say where to fetch them."""
     if not request.request_id:
         raise InvalidArgument("request_id must be set")
     if not model:
@@ -139,6 +192,7 @@ def validate(
             f"dp_rank {request.dp_rank} out of range: this worker has ranks 0..{info.dp_size - 1}"
         )
     refuse_unguidable(request.guided, info.kind, guided_kinds)
+    validate_transfer(request, info.block_size, needs_source=pulls_kv)
     s = request.sampling
     _check_range("temperature", s.temperature, 0.0, math.inf)
     _check_range("top_p", s.top_p, 0.0, 1.0, low_open=True)
@@ -157,9 +211,14 @@ class Intake:
         model: str,
         max_in_flight: int = 0,
         metrics: WorkerMetrics | None = None,
+        fetcher: KvFetcher | None = None,
     ) -> None:
+        """``fetcher``: how a decode request's KV is pulled; None: this worker never pulls (requests
+        with transfer parameters are computed here, unless the engine simulates the transfer)."""
         self._engine = engine
         self._info = info
+        self._transfer = engine if isinstance(engine, KvBlockTransfer) and fetcher is not None else None
+        self._fetcher = fetcher
         self._guided_kinds = engine.guided_kinds() if isinstance(engine, GuidedDecoder) else ()
         self._model = model
         self._max_in_flight = max_in_flight
@@ -202,7 +261,9 @@ class Intake:
     def _admit(self, model: str, request: EngineRequest) -> None:
         if self._refusal is not None:
             raise Unavailable(f"worker is {self._refusal}")
-        validate(request, model, self._model, self._info, self._guided_kinds)
+        validate(
+            request, model, self._model, self._info, self._guided_kinds, pulls_kv=self._transfer is not None
+        )
         if request.request_id in self._active:
             raise AlreadyExists(f"request {request.request_id!r} is already running on this worker")
         if self._max_in_flight and len(self._active) >= self._max_in_flight:
@@ -225,6 +286,10 @@ class Intake:
         first_token_s: float | None = None
         produced = 0
         try:
+            if request.kv_transfer is not None and self._transfer is not None:
+                request = await self._pull(request)
+            # Engine timings start when the engine accepts the request; the worker's, on receipt.
+            offset = time.monotonic() - received
             async with aclosing(self._engine.generate(request)) as chunks:
                 async for chunk in chunks:
                     now = time.monotonic() - received
@@ -239,10 +304,11 @@ class Intake:
                             yield Output(chunk.token_ids)
                         continue
                     usage = chunk.usage or Usage(len(request.token_ids), produced, 0)
+                    queued = None if chunk.queued_s is None else offset + chunk.queued_s
                     completion = Completion(
                         chunk.finish_reason,
                         usage,
-                        Timings(chunk.queued_s, first_token_s, now),
+                        Timings(queued, first_token_s, now),
                         self._stamp(chunk.kv_transfer),
                     )
                     outcome = chunk.finish_reason.value
@@ -264,6 +330,56 @@ class Intake:
             self._count(outcome)
             if self._metrics is not None:
                 self._metrics.active_requests.dec()
+
+    async def _pull(self, request: EngineRequest) -> EngineRequest:
+        """Fetch and import the KV ``request.kv_transfer`` names: the request to generate, which
+        continues from the imported blocks, or (the fetch failed) computes its prompt here."""
+        params, engine, fetcher = request.kv_transfer, self._transfer, self._fetcher
+        assert params is not None and engine is not None and fetcher is not None
+        hashes = params.block_hashes
+        cached = engine.cached_kv_prefix(hashes, request.dp_rank)
+        # Blocks held here already need not travel. A complete fetch is what frees the prefill
+        # worker's copy, so even when every block is here the last one is fetched.
+        wanted = hashes[cached:] or hashes[-1:]
+        try:
+            fetched = await fetcher.fetch(
+                params, wanted, layout=engine.kv_layout(), block_bytes=engine.kv_block_bytes()
+            )
+            await engine.import_kv_blocks(params, fetched.export)
+        except FetchFailed as failed:
+            return self._fall_back(request, failed.reason, failed.detail)
+        except InvalidArgument as refused:
+            return self._fall_back(request, "rejected", str(refused))
+        except Exception as exc:  # whatever broke, the request is served (cancellation is not an Exception)
+            return self._fall_back(request, "error", f"{type(exc).__name__}: {exc}")
+        if self._metrics is not None:
+            self._metrics.observe_transfer(
+                "received", blocks=len(fetched.export.blocks), nbytes=fetched.nbytes, seconds=fetched.seconds
+            )
+        log.debug(
+            "request %r: imported %d KV blocks (%d cached here) from %s in %.1f ms",
+            request.request_id,
+            len(fetched.export.blocks),
+            cached,
+            params.source_address,
+            fetched.seconds * 1000.0,
+        )
+        return request
+
+    def _fall_back(self, request: EngineRequest, reason: str, detail: str) -> EngineRequest:
+        params = request.kv_transfer
+        assert params is not None
+        log.warning(
+            "request %r: KV transfer %r from %s failed (%s: %s); computing the prompt here",
+            request.request_id,
+            params.transfer_id,
+            params.source_address,
+            reason,
+            detail,
+        )
+        if self._metrics is not None:
+            self._metrics.kv_transfer_fallbacks.labels(reason).inc()
+        return replace(request, kv_transfer=None)
 
     def _stamp(self, transfer: KvTransferParams | None) -> KvTransferParams | None:
         if transfer is None:

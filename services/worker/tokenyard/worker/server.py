@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 
 from tokenyard.common.errors import TokenyardError
@@ -21,12 +22,14 @@ from tokenyard.common.service import ServiceRuntime, StartupError
 from tokenyard.worker.config import WorkerSettings
 from tokenyard.worker.description import WorkerDescription
 from tokenyard.worker.engines import create_engine
-from tokenyard.worker.engines.base import Engine, GuidedDecoder
+from tokenyard.worker.engines.base import Engine, GuidedDecoder, KvBlockTransfer
 from tokenyard.worker.forward_pass import ForwardPassHub
 from tokenyard.worker.intake import Intake
+from tokenyard.worker.kv_fetch import KvFetcher
 from tokenyard.worker.kv_stream import KvEventHub
 from tokenyard.worker.metrics import WorkerMetrics
 from tokenyard.worker.servicer import SERVICE_NAME, WorkerServicer
+from tokenyard.worker.standby import StandbyLock
 from tokenyard.worker.v1 import worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -93,8 +96,18 @@ class WorkerServer:
             structured_output=tuple(k.value for k in guided_kinds),
         )
         self.runtime.model_card = description.model_card()
+        fetcher = None
+        if isinstance(self.engine, KvBlockTransfer):
+            # Decode requests pull their prompt's KV from prefill workers over these channels.
+            fetcher = KvFetcher(timeout_s=s.kv_fetch_timeout)
+            self.runtime.on_close(fetcher.aclose)
         intake = self._intake = Intake(
-            self.engine, info, model=s.model, max_in_flight=s.max_in_flight, metrics=self.metrics
+            self.engine,
+            info,
+            model=s.model,
+            max_in_flight=s.max_in_flight,
+            metrics=self.metrics,
+            fetcher=fetcher,
         )
         intake.on_drain(self._leave)
         self.runtime.on_close(intake.aclose)
@@ -104,8 +117,14 @@ class WorkerServer:
             kv_events=self.kv_events,
             forward_passes=self.forward_passes,
             description=description,
+            metrics=self.metrics,
         )
         self.runtime.add_servicer(worker_pb2_grpc.add_WorkerServiceServicer_to_server, servicer, SERVICE_NAME)
+        if s.standby_lock:
+            # A standby is ready to serve but neither binds nor registers until it holds the lock.
+            standby = StandbyLock(s.standby_lock)
+            await standby.acquire()
+            self.runtime.on_close(_async(standby.release))
         await self.runtime.start()
         intake.open(self.runtime.instance_id, self.runtime.address)
         self._ticker = asyncio.create_task(self._tick_forever(), name="worker-load-ticker")
@@ -135,6 +154,8 @@ class WorkerServer:
                 loads = self.engine.load()
                 self.kv_events.publish_loads(loads)
                 self.metrics.observe_load(loads)
+                if isinstance(self.engine, KvBlockTransfer):
+                    self.metrics.observe_transfer_stats(self.engine.kv_transfer_stats())
                 self.forward_passes.heartbeat()
             except Exception:
                 log.exception("load sampling failed")
@@ -154,6 +175,13 @@ class WorkerServer:
         self.kv_events.close()
         self.forward_passes.close()
         await self.runtime.__aexit__(exc_type, exc, tb)
+
+
+def _async(release: Callable[[], None]) -> Callable[[], Awaitable[None]]:
+    async def closer() -> None:
+        release()
+
+    return closer
 
 
 async def serve(settings: WorkerSettings) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import aclosing
 from typing import Any
@@ -16,6 +17,7 @@ from tokenyard.worker.engines.base import (
     FinishReason,
     GuidedDecoding,
     GuidedKind,
+    KvBlockExport,
     KvBlockTransfer,
     KvSnapshot,
     KvTransferParams,
@@ -27,6 +29,7 @@ from tokenyard.worker.forward_pass import ForwardPassHub
 from tokenyard.worker.intake import Intake, Output
 from tokenyard.worker.kv_events import KvCleared, KvEvent, KvRemoved, KvStored
 from tokenyard.worker.kv_stream import KvEventBatch, KvEventHub, KvStreamItem
+from tokenyard.worker.metrics import WorkerMetrics
 from tokenyard.worker.v1 import worker_pb2, worker_pb2_grpc
 
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
@@ -34,6 +37,8 @@ SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
 # Keep each stream message far below the 64 MiB limit, whatever the prompt lengths.
 _EVENTS_PER_MESSAGE = 256
 _BLOCKS_PER_SNAPSHOT_PART = 8192
+KV_PART_BYTES = 1024 * 1024
+"""FetchKvBlocks sends a block larger than this in parts of this size (read when a fetch begins)."""
 
 _FINISH = {
     FinishReason.STOP: worker_pb2.FINISH_REASON_STOP,
@@ -63,12 +68,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         kv_events: KvEventHub,
         forward_passes: ForwardPassHub,
         description: WorkerDescription,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self._engine = engine
         self._intake = intake
         self._kv_events = kv_events
         self._forward_passes = forward_passes
         self._description = description
+        self._metrics = metrics
 
     async def Generate(
         self, request: worker_pb2.GenerateRequest, context: Context
@@ -143,32 +150,29 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     async def FetchKvBlocks(
         self, request: worker_pb2.FetchKvBlocksRequest, context: Context
     ) -> AsyncIterator[worker_pb2.FetchKvBlocksResponse]:
-        if not request.transfer_id:
-            raise InvalidArgument("transfer_id must be set")
         engine = self._engine
         if not isinstance(engine, KvBlockTransfer):
             raise Unimplemented(
                 f"the {engine.info().kind} engine holds no KV bytes to export (its KV transfer is "
                 "simulated: a decode worker takes the prompt's KV as transferred)"
             )
+        if not request.transfer_id:
+            raise InvalidArgument("transfer_id must be set")
+        started = time.perf_counter()
         export = await engine.export_kv_blocks(request.transfer_id, tuple(request.block_hashes))
-        layout = export.layout
+        nbytes = 0
         for index, (block_hash, data) in enumerate(export.blocks):
-            message = worker_pb2.FetchKvBlocksResponse(block_index=index, block_hash=block_hash, data=data)
-            if index == 0:
-                message.layout.CopyFrom(
-                    worker_pb2.KvBlockLayout(
-                        num_layers=layout.num_layers,
-                        num_kv_heads=layout.num_kv_heads,
-                        head_dim=layout.head_dim,
-                        block_size=layout.block_size,
-                        dtype=layout.dtype,
-                        layout_hash=layout.layout_hash,
-                    )
-                )
-            yield message
+            for message in _block_messages(index, block_hash, data, KV_PART_BYTES):
+                if index == 0 and message.offset == 0:
+                    message.layout.CopyFrom(_layout(export))
+                yield message
+            nbytes += len(data)
         if request.release:
             await engine.release_kv_transfer(request.transfer_id)
+        if self._metrics is not None:
+            self._metrics.observe_transfer(
+                "sent", blocks=len(export.blocks), nbytes=nbytes, seconds=time.perf_counter() - started
+            )
 
     async def Drain(self, request: worker_pb2.DrainRequest, context: Context) -> worker_pb2.DrainResponse:
         grace = request.grace_period_ms / 1000.0 if request.grace_period_ms else None
@@ -278,6 +282,35 @@ def _generate_response(output: Output) -> worker_pb2.GenerateResponse:
             )
         )
     return response
+
+
+def _layout(export: KvBlockExport) -> worker_pb2.KvBlockLayout:
+    layout = export.layout
+    return worker_pb2.KvBlockLayout(
+        num_layers=layout.num_layers,
+        num_kv_heads=layout.num_kv_heads,
+        head_dim=layout.head_dim,
+        block_size=layout.block_size,
+        dtype=layout.dtype,
+        layout_hash=layout.layout_hash,
+    )
+
+
+def _block_messages(
+    index: int, block_hash: int, data: bytes, part_bytes: int
+) -> Iterator[worker_pb2.FetchKvBlocksResponse]:
+    """One message for a block of at most ``part_bytes``, else its parts in order."""
+    if len(data) <= part_bytes:
+        yield worker_pb2.FetchKvBlocksResponse(block_index=index, block_hash=block_hash, data=data)
+        return
+    for offset in range(0, len(data), part_bytes):
+        yield worker_pb2.FetchKvBlocksResponse(
+            block_index=index,
+            block_hash=block_hash,
+            data=data[offset : offset + part_bytes],
+            offset=offset,
+            block_bytes=len(data),
+        )
 
 
 def _stored(stored: KvStored) -> worker_pb2.KvStored:

@@ -215,6 +215,17 @@ class KvBlockExport:
     """(sequence hash, K and V of every layer) per block, in the requested order."""
 
 
+@dataclass(frozen=True, slots=True)
+class KvTransferStats:
+    """The prefill side of KV transfer, for the worker's metrics."""
+
+    held_transfers: int
+    """Transfers whose blocks are held now, waiting for a decode worker to fetch them."""
+    held_blocks: int
+    expired_transfers: int
+    """Transfers dropped by the hold timeout since the engine was created (never fetched and released)."""
+
+
 class Engine(Protocol):
     """What every engine does. Optional abilities are the capability protocols below, which the
     worker checks for with ``isinstance``; an engine simply leaves out what it cannot do."""
@@ -271,11 +282,16 @@ class StepMetricsSource(Protocol):
 
 @runtime_checkable
 class KvBlockTransfer(Protocol):
-    """Capability: KV blocks with real bytes leave and enter the engine (disaggregated serving)."""
+    """Capability: KV blocks with real bytes leave and enter the engine (disaggregated serving).
+
+    Prefill side: a prefill-only request's prompt blocks are held under its transfer id until a
+    decode worker fetched them with ``release`` (or the engine's hold timeout drops them). Decode
+    side: the worker fetches the blocks a request's ``kv_transfer`` names, imports them, then
+    calls :meth:`Engine.generate` with that request, which starts from them."""
 
     async def export_kv_blocks(self, transfer_id: str, block_hashes: Sequence[int]) -> KvBlockExport:
         """The bytes of blocks held for a transfer (all of them when ``block_hashes`` is empty).
-        Raises NotFound when the transfer or a block is no longer held."""
+        Raises NotFound, naming the transfer, when it or a block is no longer held."""
         ...
 
     async def release_kv_transfer(self, transfer_id: str) -> None:
@@ -283,8 +299,27 @@ class KvBlockTransfer(Protocol):
         ...
 
     async def import_kv_blocks(self, params: KvTransferParams, blocks: KvBlockExport) -> None:
-        """Place blocks fetched from a prefill worker into this engine's cache."""
+        """Keep blocks fetched from a prefill worker for the request whose ``kv_transfer`` is
+        ``params``; they enter the cache (and are announced with ``stored``) when it is admitted.
+        ``blocks`` may be any subset of the transfer's: the request starts from the longest
+        prefix of its prompt that the cache and the imported blocks cover together. Raises
+        InvalidArgument for a layout or block size this engine cannot take."""
         ...
+
+    def kv_layout(self) -> KvBlockLayout:
+        """The layout of this engine's blocks; fetched blocks must have exactly this one."""
+        ...
+
+    def kv_block_bytes(self) -> int:
+        """Bytes of one block in :meth:`kv_layout`."""
+        ...
+
+    def cached_kv_prefix(self, block_hashes: Sequence[int], dp_rank: int | None) -> int:
+        """How many leading blocks of the chain ``block_hashes`` the cache of ``dp_rank`` (None:
+        the rank the engine would pick) holds now: those need not be fetched."""
+        ...
+
+    def kv_transfer_stats(self) -> KvTransferStats: ...
 
 
 @runtime_checkable

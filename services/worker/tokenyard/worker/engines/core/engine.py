@@ -13,12 +13,16 @@ Nothing allocates blocks while a step runs (imported KV enters the pool when its
 admitted), and blocks of a request aborted meanwhile go back only after the step, so an executor
 never writes a block that someone else owns. KV events are published on the loop before the
 step's tokens, so a snapshot taken on the loop is always consistent with the events published so
-far. A decode-role engine, or one without prefix caching, publishes none.
+far. Every role publishes them, decode included (the blocks it imported and the ones it
+computed), so that a router can see what a decode worker holds; an engine without prefix caching
+publishes none.
 
 Requests for the prefill role (or marked ``prefill_only``) produce one token and end with the
 transfer parameters a decode worker needs. With an executor that holds KV bytes the prompt's
-blocks are held until fetched and released (or a timeout); the simulated engine holds nothing, and
-its decode role takes a request's transferred prompt as if its KV had arrived.
+blocks are held until fetched and released (or a timeout), and a request carrying transfer
+parameters starts from the blocks the worker fetched and imported for it; the simulated engine
+holds the blocks only while its modelled hand-off runs, and takes a request's transferred prompt as
+if its KV had arrived.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import statistics
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 from tokenyard.common.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 from tokenyard.worker.engines.base import (
@@ -45,6 +49,7 @@ from tokenyard.worker.engines.base import (
     KvBlockLayout,
     KvSnapshot,
     KvTransferParams,
+    KvTransferStats,
     RankLoad,
     StepListener,
     StepMetrics,
@@ -149,8 +154,10 @@ class BatchingEngine:
 
     @property
     def publishes_kv_events(self) -> bool:
-        """Decode workers keep no cache a router could use; without prefix caching there is none."""
-        return self.role is not EngineRole.DECODE and self.config.enable_prefix_caching
+        """Whatever the role: a decode worker's cache (imported prompts, generated blocks) is what
+        conditional disaggregation weighs against a remote prefill. Without prefix caching there is
+        no cache to announce."""
+        return self.config.enable_prefix_caching
 
     @property
     def holds_kv_bytes(self) -> bool:
@@ -244,7 +251,7 @@ class BatchingEngine:
         for request_id in list(self._streams):
             self.abort(request_id)
 
-    async def __aenter__(self) -> BatchingEngine:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 
@@ -420,10 +427,10 @@ class BatchingEngine:
 
     # -- KV transfer (shared by the simulated and the real engines) ---------------------------
 
-    def _imported(self, params: KvTransferParams) -> tuple[tuple[int, bytes], ...] | None:
-        """The prompt blocks a decode request starts from: fetched bytes, or for an engine without
-        KV bytes the transferred hashes alone (the simulated transfer)."""
-        return tuple((h, b"") for h in params.block_hashes)
+    def _imported(self, params: KvTransferParams) -> dict[int, bytes] | None:
+        """The prompt blocks a decode request starts from, by sequence hash: fetched bytes, or for
+        an engine without KV bytes the transferred hashes alone (the simulated transfer)."""
+        return dict.fromkeys(params.block_hashes, b"")
 
     # -- the step loop ----------------------------------------------------------------------
 
@@ -495,8 +502,13 @@ class BatchingEngine:
         )
 
     def _hold(self, rank: _Rank, seq: SequenceState, hashes: tuple[int, ...]) -> None:
-        """Without KV bytes there is nothing to hold: the simulated hand-off is over."""
-        rank.pool.release(seq.table)
+        """Without KV bytes nothing waits for a fetch: the blocks stay taken only while the
+        modelled hand-off runs (the delay before the request's one token), then go back."""
+        delay = self.executor.finish_delay_s(seq)
+        if delay > 0:
+            asyncio.get_running_loop().call_later(delay, rank.pool.release, seq.table)
+        else:
+            rank.pool.release(seq.table)
 
     def _step_metrics(self, rank: _Rank, plan: list[Scheduled], wall: float) -> StepMetrics:
         prefill = [w for w in plan if w.start < w.seq.prompt_len]
@@ -543,15 +555,43 @@ class KvTransferEngine(BatchingEngine):
         self._kv: KvBytes = self.executor
         self._held: dict[str, _HeldTransfer] = {}
         self._imports: dict[str, KvBlockExport] = {}
+        self._expired = 0
+
+    async def stop(self) -> None:
+        await super().stop()
+        # Held tables belong to the pools of this run; a restarted engine starts with new ones.
+        self._held.clear()
+        self._imports.clear()
 
     def kv_layout(self) -> KvBlockLayout:
         if self._info is None:
             raise Unavailable(f"the {self.kind} engine is not started")
         return self._kv.kv_layout()
 
-    def _imported(self, params: KvTransferParams) -> tuple[tuple[int, bytes], ...] | None:
+    def kv_block_bytes(self) -> int:
+        return self._kv.block_bytes()
+
+    def cached_kv_prefix(self, block_hashes: Sequence[int], dp_rank: int | None) -> int:
+        if not self._ranks:
+            return 0
+        if dp_rank is None:
+            if len(self._ranks) != 1:
+                return 0  # the rank is picked at admission: assume nothing is cached
+            dp_rank = 0
+        if not 0 <= dp_rank < len(self._ranks):
+            return 0
+        return len(self._ranks[dp_rank].pool.match_prefix(block_hashes))
+
+    def kv_transfer_stats(self) -> KvTransferStats:
+        return KvTransferStats(
+            held_transfers=len(self._held),
+            held_blocks=sum(len(h.table.blocks) for h in self._held.values()),
+            expired_transfers=self._expired,
+        )
+
+    def _imported(self, params: KvTransferParams) -> dict[int, bytes] | None:
         imported = self._imports.pop(params.transfer_id, None)
-        return None if imported is None else tuple(imported.blocks)
+        return None if imported is None else dict(imported.blocks)
 
     def _hold(self, rank: _Rank, seq: SequenceState, hashes: tuple[int, ...]) -> None:
         previous = self._held.pop(seq.request_id, None)
@@ -564,7 +604,10 @@ class KvTransferEngine(BatchingEngine):
     async def export_kv_blocks(self, transfer_id: str, block_hashes: Sequence[int]) -> KvBlockExport:
         held = self._held.get(transfer_id)
         if held is None:
-            raise NotFound(f"no KV blocks are held for transfer {transfer_id!r}")
+            raise NotFound(
+                f"no KV blocks are held for transfer {transfer_id!r}: unknown, already fetched and "
+                f"released, or dropped after the {self.config.kv_transfer_hold_s:g}s hold timeout"
+            )
         index = {h: i for i, h in enumerate(held.seq_hashes)}
         wanted = list(block_hashes) or list(held.seq_hashes)
         blocks: list[tuple[int, bytes]] = []
@@ -591,7 +634,10 @@ class KvTransferEngine(BatchingEngine):
         if blocks.layout != layout:
             raise InvalidArgument(f"KV layout {blocks.layout} does not match this engine's {layout}")
         expected = self._kv.block_bytes()
+        named = set(params.block_hashes)
         for h, data in blocks.blocks:
+            if h not in named:
+                raise InvalidArgument(f"block {h:#018x} is not part of transfer {params.transfer_id!r}")
             if len(data) != expected:
                 raise InvalidArgument(
                     f"block {h:#018x}: {len(data)} bytes, a {layout.block_size}-token block of this "
@@ -606,9 +652,15 @@ class KvTransferEngine(BatchingEngine):
         hold = self.config.kv_transfer_hold_s
 
         def expire() -> None:
-            if self._held.get(transfer_id) is what or self._imports.get(transfer_id) is what:
-                log.info("KV transfer %r was not released within %.0fs; dropping it", transfer_id, hold)
+            if self._held.get(transfer_id) is what:
+                self._expired += 1
+                log.info("KV transfer %r was not fetched within %gs; dropping its blocks", transfer_id, hold)
                 self._release_transfer(transfer_id)
+            elif self._imports.get(transfer_id) is what:
+                log.info(
+                    "KV blocks imported for %r were never used within %gs; dropping them", transfer_id, hold
+                )
+                del self._imports[transfer_id]
 
         asyncio.get_running_loop().call_later(hold, expire)
 

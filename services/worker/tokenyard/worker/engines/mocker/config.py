@@ -67,12 +67,14 @@ class MockerConfig(BaseModel):
     kv_transfer_bandwidth_gbps: float = Field(
         default=64.0,
         ge=0.0,
-        description="Prefill role: GB/s of the simulated KV hand-off to decode; 0 disables the delay.",
+        description="GB/s of the simulated KV hand-off of a prefill-only request to its decode worker, "
+        "charged before its one token is released; 0 disables the delay.",
     )
     kv_bytes_per_token: int = Field(
         default=0,
         ge=0,
-        description="Prefill role: KV bytes per prompt token (layers*2*kv_heads*head_dim*dtype); 0 disables.",
+        description="KV bytes per prompt token of the simulated hand-off (layers*2*kv_heads*head_dim*dtype "
+        "bytes); 0 disables the delay.",
     )
 
     @property

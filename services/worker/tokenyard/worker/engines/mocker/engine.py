@@ -2,9 +2,11 @@
 
 It needs no model and follows the reference timing model, so it is the engine of every routing and
 planning benchmark. KV transfer is simulated, not carried: a prefill-role mocker returns transfer
-parameters naming the prompt's blocks, and a decode-role mocker takes a request carrying them as if
-the prompt's KV had arrived (it charges no prefill time and reports the prompt as cached). There
-are no KV bytes, so the engine has no KV block export or import.
+parameters naming the prompt's blocks after the modelled hand-off time, and a decode-role mocker
+takes a request carrying them as if the prompt's KV had arrived: it charges no prefill time,
+reports the prompt as cached, and announces the transferred blocks it stored with ``stored``
+events, as a real decode worker does. There are no KV bytes, so the engine has no KV block export
+or import (FetchKvBlocks answers UNIMPLEMENTED).
 """
 
 from __future__ import annotations

@@ -4,9 +4,14 @@ A step's state change happens at once (the batching core schedules it and commit
 executor only decides how long it takes and which tokens it produces.
 
 Time: ``prefill + decode`` model milliseconds, from the perf model. Prefill over the requests that
-compute prompt tokens (never on a decode-role engine, whose prompts arrive already computed),
-decode over the requests that emit a token (never on a prefill-role engine, which emits exactly
-one token). Divided by the speedup ratios, that is how long :meth:`MockerExecutor.execute` sleeps.
+compute prompt tokens, except those whose prompt a prefill worker computed (they carry transfer
+parameters: the simulated decode side charges no prefill for them, as the reference's decode
+workers do; a decode worker that prefills a prompt itself, as conditional disaggregation asks,
+pays for it), decode over the requests that emit a token (never for a prefill-only request, whose one token
+is the prefill's). Divided by the speedup ratios, that is how long
+:meth:`MockerExecutor.execute` sleeps. The KV hand-off of a prefill-only request is charged on the
+prefill side, before its one token is released (:meth:`MockerExecutor.finish_delay_s`), as the
+reference does.
 Step deadlines are chained (the next step starts when the previous one was due, not when the sleep
 happened to return), so the timer's overshoot does not accumulate into the inter-token latency.
 With ``speedup_ratio == 0`` nothing sleeps, but the step still yields to the event loop.
@@ -100,20 +105,20 @@ class MockerExecutor:
         ready = [w.seq for w in plan if w.samples]
         tokens = {seq: pseudo_token(seq.sampler, len(seq.tokens), cfg.vocab_size) for seq in ready}
         decode_ms = 0.0
-        if ready and self.role is not EngineRole.PREFILL:
-            context = sum(len(seq.tokens) for seq in ready)
+        # A prefill-only request's one token costs no decode (the reference's prefill workers).
+        decoding = [] if self.role is EngineRole.PREFILL else [s for s in ready if not s.request.prefill_only]
+        if decoding:
+            context = sum(len(seq.tokens) for seq in decoding)
             decode_ms = self.perf_model.decode_ms(
-                len(ready),
+                len(decoding),
                 pool.num_active_blocks * cfg.block_size,
-                context / len(ready),
+                context / len(decoding),
                 cfg.num_gpu_blocks * cfg.block_size,
             )
         return ModelledStep(self._prefill_ms(plan), decode_ms, tokens)
 
     def _prefill_ms(self, plan: Sequence[Scheduled]) -> float:
-        if self.role is EngineRole.DECODE:
-            return 0.0
-        prefills = [w for w in plan if w.prompt_tokens > 0]
+        prefills = [w for w in plan if w.prompt_tokens > 0 and w.seq.request.kv_transfer is None]
         if not prefills:
             return 0.0
         batch = len(prefills)
@@ -146,9 +151,10 @@ class MockerExecutor:
         return step.tokens
 
     def finish_delay_s(self, seq: SequenceState) -> float:
-        """A prefill worker's last token waits for its KV to reach the decode worker."""
+        """A prefill-only request's one token waits for its KV to reach the decode worker:
+        ``prompt tokens * kv_bytes_per_token / bandwidth``, divided by the speedup ratio."""
         cfg = self.config
-        if self.role is not EngineRole.PREFILL or cfg.speedup_ratio == 0:
+        if not seq.request.prefill_only or cfg.speedup_ratio == 0:
             return 0.0
         if cfg.kv_transfer_bandwidth_gbps <= 0 or cfg.kv_bytes_per_token <= 0:
             return 0.0
