@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "router": ("tokenyard.router.main", "KV-cache-aware router"),
     "worker": ("tokenyard.worker.main", "engine worker (mocker, cpu, vllm)"),
     "planner": ("tokenyard.planner.main", "SLA planner that scales workers"),
+    "profile": ("tokenyard.planner.profiler", "sweep a worker and write its performance profile"),
     "gms": ("tokenyard.gms.main", "memory service that keeps weights alive across restarts"),
     "up": ("tokenyard.deploy.up", "start a whole local deployment as processes on loopback"),
     "down": ("tokenyard.deploy.up", "stop a deployment started with `tokenyard up --detach`"),

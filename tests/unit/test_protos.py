@@ -59,12 +59,18 @@ EXPECTED_RPCS: dict[str, dict[str, tuple[bool, bool]]] = {
     "tokenyard.planner.v1.PlannerService": {
         "GetDecision": UNARY,
         "GetStatus": UNARY,
+        "ListDecisions": UNARY,
     },
     "tokenyard.gms.v1.GmsService": {
         "GetInfo": UNARY,
+        "GetEventHistory": UNARY,
         "Lock": SERVER_STREAM,
         "Unlock": UNARY,
         "Allocate": UNARY,
+        "PutMetadata": UNARY,
+        "DeleteMetadata": UNARY,
+        "GetMetadata": UNARY,
+        "ListMetadata": UNARY,
         "Commit": UNARY,
         "Import": UNARY,
     },

@@ -24,31 +24,39 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"tokenyard/planner/v1/planner.proto\x12\x14tokenyard.planner.v1\"\x83\x02\n\x0fReplicaDecision\x12\x11\n\tcomponent\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x02 \x01(\x04\x12\x18\n\x10\x63urrent_replicas\x18\x03 \x01(\r\x12\x18\n\x10\x64\x65sired_replicas\x18\x04 \x01(\r\x12\x34\n\x06reason\x18\x05 \x01(\x0e\x32$.tokenyard.planner.v1.DecisionReason\x12\x32\n\x05state\x18\x06 \x01(\x0e\x32#.tokenyard.planner.v1.DecisionState\x12\x1a\n\x12\x64\x65\x63ided_at_unix_ns\x18\x07 \x01(\x03\x12\x0e\n\x06\x64\x65tail\x18\x08 \x01(\t\"\'\n\x12GetDecisionRequest\x12\x11\n\tcomponent\x18\x01 \x01(\t\"O\n\x13GetDecisionResponse\x12\x38\n\tdecisions\x18\x01 \x03(\x0b\x32%.tokenyard.planner.v1.ReplicaDecision\"Z\n\x0cTrafficStats\x12\x1a\n\x12request_rate_per_s\x18\x01 \x01(\x01\x12\x16\n\x0e\x61vg_isl_tokens\x18\x02 \x01(\x01\x12\x16\n\x0e\x61vg_osl_tokens\x18\x03 \x01(\x01\"\x12\n\x10GetStatusRequest\"\xbf\x03\n\x11GetStatusResponse\x12/\n\x04mode\x18\x01 \x01(\x0e\x32!.tokenyard.planner.v1.PlannerMode\x12\x11\n\tconnector\x18\x02 \x01(\t\x12\x10\n\x08\x61\x64visory\x18\x03 \x01(\x08\x12\x34\n\x08observed\x18\x04 \x01(\x0b\x32\".tokenyard.planner.v1.TrafficStats\x12\x35\n\tpredicted\x18\x05 \x01(\x0b\x32\".tokenyard.planner.v1.TrafficStats\x12\x18\n\x10observed_ttft_ms\x18\x06 \x01(\x01\x12\x17\n\x0fobserved_itl_ms\x18\x07 \x01(\x01\x12\x16\n\x0etarget_ttft_ms\x18\x08 \x01(\x01\x12\x15\n\rtarget_itl_ms\x18\t \x01(\x01\x12\x16\n\x0emax_gpu_budget\x18\n \x01(\r\x12\x18\n\x10perf_model_ready\x18\x0b \x01(\x08\x12\x19\n\x11last_tick_unix_ns\x18\x0c \x01(\x03\x12\x38\n\tdecisions\x18\r \x03(\x0b\x32%.tokenyard.planner.v1.ReplicaDecision*\xc7\x01\n\x0e\x44\x65\x63isionReason\x12\x1f\n\x1b\x44\x45\x43ISION_REASON_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x44\x45\x43ISION_REASON_THROUGHPUT\x10\x01\x12\x18\n\x14\x44\x45\x43ISION_REASON_LOAD\x10\x02\x12\x18\n\x14\x44\x45\x43ISION_REASON_HOLD\x10\x03\x12 \n\x1c\x44\x45\x43ISION_REASON_MIN_REPLICAS\x10\x04\x12\x1e\n\x1a\x44\x45\x43ISION_REASON_GPU_BUDGET\x10\x05*\x9f\x01\n\rDecisionState\x12\x1e\n\x1a\x44\x45\x43ISION_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x44\x45\x43ISION_STATE_PENDING\x10\x01\x12\x1a\n\x16\x44\x45\x43ISION_STATE_APPLIED\x10\x02\x12\x19\n\x15\x44\x45\x43ISION_STATE_FAILED\x10\x03\x12\x1b\n\x17\x44\x45\x43ISION_STATE_ADVISORY\x10\x04*\x9b\x01\n\x0bPlannerMode\x12\x1c\n\x18PLANNER_MODE_UNSPECIFIED\x10\x00\x12\x1e\n\x1aPLANNER_MODE_DISAGGREGATED\x10\x01\x12\x1b\n\x17PLANNER_MODE_AGGREGATED\x10\x02\x12\x18\n\x14PLANNER_MODE_PREFILL\x10\x03\x12\x17\n\x13PLANNER_MODE_DECODE\x10\x04\x32\xd2\x01\n\x0ePlannerService\x12\x62\n\x0bGetDecision\x12(.tokenyard.planner.v1.GetDecisionRequest\x1a).tokenyard.planner.v1.GetDecisionResponse\x12\\\n\tGetStatus\x12&.tokenyard.planner.v1.GetStatusRequest\x1a\'.tokenyard.planner.v1.GetStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"tokenyard/planner/v1/planner.proto\x12\x14tokenyard.planner.v1\"\xd5\x02\n\x0fReplicaDecision\x12\x11\n\tcomponent\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x02 \x01(\x04\x12\x18\n\x10\x63urrent_replicas\x18\x03 \x01(\r\x12\x18\n\x10\x64\x65sired_replicas\x18\x04 \x01(\r\x12\x34\n\x06reason\x18\x05 \x01(\x0e\x32$.tokenyard.planner.v1.DecisionReason\x12\x32\n\x05state\x18\x06 \x01(\x0e\x32#.tokenyard.planner.v1.DecisionState\x12\x1a\n\x12\x64\x65\x63ided_at_unix_ns\x18\x07 \x01(\x03\x12\x0e\n\x06\x64\x65tail\x18\x08 \x01(\t\x12\x1b\n\x13throughput_replicas\x18\t \x01(\r\x12\x19\n\x11\x65stimated_ttft_ms\x18\n \x01(\x01\x12\x18\n\x10\x65stimated_itl_ms\x18\x0b \x01(\x01\"\'\n\x12GetDecisionRequest\x12\x11\n\tcomponent\x18\x01 \x01(\t\"O\n\x13GetDecisionResponse\x12\x38\n\tdecisions\x18\x01 \x03(\x0b\x32%.tokenyard.planner.v1.ReplicaDecision\"o\n\x0cTrafficStats\x12\x1a\n\x12request_rate_per_s\x18\x01 \x01(\x01\x12\x16\n\x0e\x61vg_isl_tokens\x18\x02 \x01(\x01\x12\x16\n\x0e\x61vg_osl_tokens\x18\x03 \x01(\x01\x12\x13\n\x0bkv_hit_rate\x18\x04 \x01(\x01\"\xe4\x02\n\x0e\x44\x65\x63isionRecord\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x01 \x01(\x04\x12\x1a\n\x12\x64\x65\x63ided_at_unix_ns\x18\x02 \x01(\x03\x12,\n\x04kind\x18\x03 \x01(\x0e\x32\x1e.tokenyard.planner.v1.TickKind\x12\x34\n\x08observed\x18\x04 \x01(\x0b\x32\".tokenyard.planner.v1.TrafficStats\x12\x35\n\tpredicted\x18\x05 \x01(\x0b\x32\".tokenyard.planner.v1.TrafficStats\x12\x18\n\x10observed_ttft_ms\x18\x06 \x01(\x01\x12\x17\n\x0fobserved_itl_ms\x18\x07 \x01(\x01\x12\x34\n\x05pools\x18\x08 \x03(\x0b\x32%.tokenyard.planner.v1.ReplicaDecision\x12\x0f\n\x07summary\x18\t \x01(\t\x12\x0c\n\x04gpus\x18\n \x01(\r\"\x12\n\x10GetStatusRequest\"\xa9\x04\n\x11GetStatusResponse\x12/\n\x04mode\x18\x01 \x01(\x0e\x32!.tokenyard.planner.v1.PlannerMode\x12\x11\n\tconnector\x18\x02 \x01(\t\x12\x10\n\x08\x61\x64visory\x18\x03 \x01(\x08\x12\x34\n\x08observed\x18\x04 \x01(\x0b\x32\".tokenyard.planner.v1.TrafficStats\x12\x35\n\tpredicted\x18\x05 \x01(\x0b\x32\".tokenyard.planner.v1.TrafficStats\x12\x18\n\x10observed_ttft_ms\x18\x06 \x01(\x01\x12\x17\n\x0fobserved_itl_ms\x18\x07 \x01(\x01\x12\x16\n\x0etarget_ttft_ms\x18\x08 \x01(\x01\x12\x15\n\rtarget_itl_ms\x18\t \x01(\x01\x12\x16\n\x0emax_gpu_budget\x18\n \x01(\r\x12\x18\n\x10perf_model_ready\x18\x0b \x01(\x08\x12\x19\n\x11last_tick_unix_ns\x18\x0c \x01(\x03\x12\x38\n\tdecisions\x18\r \x03(\x0b\x32%.tokenyard.planner.v1.ReplicaDecision\x12\x11\n\tpredictor\x18\x0e \x01(\t\x12\x1a\n\x12\x61\x63tion_in_progress\x18\x0f \x01(\x08\x12\x39\n\x0blast_record\x18\x10 \x01(\x0b\x32$.tokenyard.planner.v1.DecisionRecord\"%\n\x14ListDecisionsRequest\x12\r\n\x05limit\x18\x01 \x01(\r\"N\n\x15ListDecisionsResponse\x12\x35\n\x07records\x18\x01 \x03(\x0b\x32$.tokenyard.planner.v1.DecisionRecord*\x86\x02\n\x0e\x44\x65\x63isionReason\x12\x1f\n\x1b\x44\x45\x43ISION_REASON_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x44\x45\x43ISION_REASON_THROUGHPUT\x10\x01\x12\x18\n\x14\x44\x45\x43ISION_REASON_LOAD\x10\x02\x12\x18\n\x14\x44\x45\x43ISION_REASON_HOLD\x10\x03\x12 \n\x1c\x44\x45\x43ISION_REASON_MIN_REPLICAS\x10\x04\x12\x1e\n\x1a\x44\x45\x43ISION_REASON_GPU_BUDGET\x10\x05\x12\x1e\n\x1a\x44\x45\x43ISION_REASON_MAX_CHANGE\x10\x06\x12\x1d\n\x19\x44\x45\x43ISION_REASON_LAST_GOOD\x10\x07*\xda\x01\n\rDecisionState\x12\x1e\n\x1a\x44\x45\x43ISION_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x44\x45\x43ISION_STATE_PENDING\x10\x01\x12\x1a\n\x16\x44\x45\x43ISION_STATE_APPLIED\x10\x02\x12\x19\n\x15\x44\x45\x43ISION_STATE_FAILED\x10\x03\x12\x1b\n\x17\x44\x45\x43ISION_STATE_ADVISORY\x10\x04\x12\x1c\n\x18\x44\x45\x43ISION_STATE_UNCHANGED\x10\x05\x12\x1b\n\x17\x44\x45\x43ISION_STATE_DEFERRED\x10\x06*\x9b\x01\n\x0bPlannerMode\x12\x1c\n\x18PLANNER_MODE_UNSPECIFIED\x10\x00\x12\x1e\n\x1aPLANNER_MODE_DISAGGREGATED\x10\x01\x12\x1b\n\x17PLANNER_MODE_AGGREGATED\x10\x02\x12\x18\n\x14PLANNER_MODE_PREFILL\x10\x03\x12\x17\n\x13PLANNER_MODE_DECODE\x10\x04*S\n\x08TickKind\x12\x19\n\x15TICK_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14TICK_KIND_THROUGHPUT\x10\x01\x12\x12\n\x0eTICK_KIND_LOAD\x10\x02\x32\xbc\x02\n\x0ePlannerService\x12\x62\n\x0bGetDecision\x12(.tokenyard.planner.v1.GetDecisionRequest\x1a).tokenyard.planner.v1.GetDecisionResponse\x12\\\n\tGetStatus\x12&.tokenyard.planner.v1.GetStatusRequest\x1a\'.tokenyard.planner.v1.GetStatusResponse\x12h\n\rListDecisions\x12*.tokenyard.planner.v1.ListDecisionsRequest\x1a+.tokenyard.planner.v1.ListDecisionsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tokenyard.planner.v1.planner_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DECISIONREASON']._serialized_start=1007
-  _globals['_DECISIONREASON']._serialized_end=1206
-  _globals['_DECISIONSTATE']._serialized_start=1209
-  _globals['_DECISIONSTATE']._serialized_end=1368
-  _globals['_PLANNERMODE']._serialized_start=1371
-  _globals['_PLANNERMODE']._serialized_end=1526
+  _globals['_DECISIONREASON']._serialized_start=1694
+  _globals['_DECISIONREASON']._serialized_end=1956
+  _globals['_DECISIONSTATE']._serialized_start=1959
+  _globals['_DECISIONSTATE']._serialized_end=2177
+  _globals['_PLANNERMODE']._serialized_start=2180
+  _globals['_PLANNERMODE']._serialized_end=2335
+  _globals['_TICKKIND']._serialized_start=2337
+  _globals['_TICKKIND']._serialized_end=2420
   _globals['_REPLICADECISION']._serialized_start=61
-  _globals['_REPLICADECISION']._serialized_end=320
-  _globals['_GETDECISIONREQUEST']._serialized_start=322
-  _globals['_GETDECISIONREQUEST']._serialized_end=361
-  _globals['_GETDECISIONRESPONSE']._serialized_start=363
-  _globals['_GETDECISIONRESPONSE']._serialized_end=442
-  _globals['_TRAFFICSTATS']._serialized_start=444
-  _globals['_TRAFFICSTATS']._serialized_end=534
-  _globals['_GETSTATUSREQUEST']._serialized_start=536
-  _globals['_GETSTATUSREQUEST']._serialized_end=554
-  _globals['_GETSTATUSRESPONSE']._serialized_start=557
-  _globals['_GETSTATUSRESPONSE']._serialized_end=1004
-  _globals['_PLANNERSERVICE']._serialized_start=1529
-  _globals['_PLANNERSERVICE']._serialized_end=1739
+  _globals['_REPLICADECISION']._serialized_end=402
+  _globals['_GETDECISIONREQUEST']._serialized_start=404
+  _globals['_GETDECISIONREQUEST']._serialized_end=443
+  _globals['_GETDECISIONRESPONSE']._serialized_start=445
+  _globals['_GETDECISIONRESPONSE']._serialized_end=524
+  _globals['_TRAFFICSTATS']._serialized_start=526
+  _globals['_TRAFFICSTATS']._serialized_end=637
+  _globals['_DECISIONRECORD']._serialized_start=640
+  _globals['_DECISIONRECORD']._serialized_end=996
+  _globals['_GETSTATUSREQUEST']._serialized_start=998
+  _globals['_GETSTATUSREQUEST']._serialized_end=1016
+  _globals['_GETSTATUSRESPONSE']._serialized_start=1019
+  _globals['_GETSTATUSRESPONSE']._serialized_end=1572
+  _globals['_LISTDECISIONSREQUEST']._serialized_start=1574
+  _globals['_LISTDECISIONSREQUEST']._serialized_end=1611
+  _globals['_LISTDECISIONSRESPONSE']._serialized_start=1613
+  _globals['_LISTDECISIONSRESPONSE']._serialized_end=1691
+  _globals['_PLANNERSERVICE']._serialized_start=2423
+  _globals['_PLANNERSERVICE']._serialized_end=2739
 # @@protoc_insertion_point(module_scope)

@@ -44,13 +44,18 @@ class PlannerServiceStub:
                 request_serializer=tokenyard_dot_planner_dot_v1_dot_planner__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=tokenyard_dot_planner_dot_v1_dot_planner__pb2.GetStatusResponse.FromString,
                 _registered_method=True)
+        self.ListDecisions = channel.unary_unary(
+                '/tokenyard.planner.v1.PlannerService/ListDecisions',
+                request_serializer=tokenyard_dot_planner_dot_v1_dot_planner__pb2.ListDecisionsRequest.SerializeToString,
+                response_deserializer=tokenyard_dot_planner_dot_v1_dot_planner__pb2.ListDecisionsResponse.FromString,
+                _registered_method=True)
 
 
 class PlannerServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def GetDecision(self, request, context):
-        """The latest decision for each component (or one component).
+        """The latest decision for each pool (or one pool).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -58,6 +63,13 @@ class PlannerServiceServicer:
 
     def GetStatus(self, request, context):
         """What the planner observes, predicts and aims for.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDecisions(self, request, context):
+        """The most recent decision records, newest last.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -75,6 +87,11 @@ def add_PlannerServiceServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=tokenyard_dot_planner_dot_v1_dot_planner__pb2.GetStatusRequest.FromString,
                     response_serializer=tokenyard_dot_planner_dot_v1_dot_planner__pb2.GetStatusResponse.SerializeToString,
+            ),
+            'ListDecisions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDecisions,
+                    request_deserializer=tokenyard_dot_planner_dot_v1_dot_planner__pb2.ListDecisionsRequest.FromString,
+                    response_serializer=tokenyard_dot_planner_dot_v1_dot_planner__pb2.ListDecisionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +148,33 @@ class PlannerService:
             '/tokenyard.planner.v1.PlannerService/GetStatus',
             tokenyard_dot_planner_dot_v1_dot_planner__pb2.GetStatusRequest.SerializeToString,
             tokenyard_dot_planner_dot_v1_dot_planner__pb2.GetStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDecisions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenyard.planner.v1.PlannerService/ListDecisions',
+            tokenyard_dot_planner_dot_v1_dot_planner__pb2.ListDecisionsRequest.SerializeToString,
+            tokenyard_dot_planner_dot_v1_dot_planner__pb2.ListDecisionsResponse.FromString,
             options,
             channel_credentials,
             insecure,
