@@ -39,6 +39,11 @@ class GmsServiceStub:
                 request_serializer=tokenyard_dot_gms_dot_v1_dot_gms__pb2.GetInfoRequest.SerializeToString,
                 response_deserializer=tokenyard_dot_gms_dot_v1_dot_gms__pb2.GetInfoResponse.FromString,
                 _registered_method=True)
+        self.GetEventHistory = channel.unary_unary(
+                '/tokenyard.gms.v1.GmsService/GetEventHistory',
+                request_serializer=tokenyard_dot_gms_dot_v1_dot_gms__pb2.GetEventHistoryRequest.SerializeToString,
+                response_deserializer=tokenyard_dot_gms_dot_v1_dot_gms__pb2.GetEventHistoryResponse.FromString,
+                _registered_method=True)
         self.Lock = channel.unary_stream(
                 '/tokenyard.gms.v1.GmsService/Lock',
                 request_serializer=tokenyard_dot_gms_dot_v1_dot_gms__pb2.LockRequest.SerializeToString,
@@ -53,6 +58,26 @@ class GmsServiceStub:
                 '/tokenyard.gms.v1.GmsService/Allocate',
                 request_serializer=tokenyard_dot_gms_dot_v1_dot_gms__pb2.AllocateRequest.SerializeToString,
                 response_deserializer=tokenyard_dot_gms_dot_v1_dot_gms__pb2.AllocateResponse.FromString,
+                _registered_method=True)
+        self.PutMetadata = channel.unary_unary(
+                '/tokenyard.gms.v1.GmsService/PutMetadata',
+                request_serializer=tokenyard_dot_gms_dot_v1_dot_gms__pb2.PutMetadataRequest.SerializeToString,
+                response_deserializer=tokenyard_dot_gms_dot_v1_dot_gms__pb2.PutMetadataResponse.FromString,
+                _registered_method=True)
+        self.DeleteMetadata = channel.unary_unary(
+                '/tokenyard.gms.v1.GmsService/DeleteMetadata',
+                request_serializer=tokenyard_dot_gms_dot_v1_dot_gms__pb2.DeleteMetadataRequest.SerializeToString,
+                response_deserializer=tokenyard_dot_gms_dot_v1_dot_gms__pb2.DeleteMetadataResponse.FromString,
+                _registered_method=True)
+        self.GetMetadata = channel.unary_unary(
+                '/tokenyard.gms.v1.GmsService/GetMetadata',
+                request_serializer=tokenyard_dot_gms_dot_v1_dot_gms__pb2.GetMetadataRequest.SerializeToString,
+                response_deserializer=tokenyard_dot_gms_dot_v1_dot_gms__pb2.GetMetadataResponse.FromString,
+                _registered_method=True)
+        self.ListMetadata = channel.unary_unary(
+                '/tokenyard.gms.v1.GmsService/ListMetadata',
+                request_serializer=tokenyard_dot_gms_dot_v1_dot_gms__pb2.ListMetadataRequest.SerializeToString,
+                response_deserializer=tokenyard_dot_gms_dot_v1_dot_gms__pb2.ListMetadataResponse.FromString,
                 _registered_method=True)
         self.Commit = channel.unary_unary(
                 '/tokenyard.gms.v1.GmsService/Commit',
@@ -70,16 +95,24 @@ class GmsServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def GetInfo(self, request, context):
-        """The server's device, state and layout. Bypasses the lock.
+        """The state of one tag's memory: lock state, sessions, layout. Bypasses the lock.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetEventHistory(self, request, context):
+        """The lock transitions of one tag, oldest first. Bypasses the lock.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Lock(self, request, context):
-        """Takes the lock. The first response grants it (after waiting for the state that allows
-        the mode); the session holds it until Unlock or until this call ends. DEADLINE_EXCEEDED
-        when wait_timeout_ms passes first.
+        """Takes the lock. The first response grants it (after waiting for a state that allows the
+        mode); the session holds it until Unlock, Commit, or until this call ends.
+        DEADLINE_EXCEEDED when wait_timeout_ms passes first; FAILED_PRECONDITION for a tag this
+        server does not serve.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -100,16 +133,44 @@ class GmsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PutMetadata(self, request, context):
+        """Writer only: adds or replaces metadata entries. NOT_FOUND for an allocation that is not
+        in the layout; INVALID_ARGUMENT for an offset past its end.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteMetadata(self, request, context):
+        """Writer only: removes metadata entries (absent keys are ignored).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetMetadata(self, request, context):
+        """Any session: one metadata entry of the session's layout. NOT_FOUND when absent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListMetadata(self, request, context):
+        """Any session: the metadata keys of the session's layout, sorted.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Commit(self, request, context):
-        """Writer only: publishes the layout with its metadata and ends the session.
-        INVALID_ARGUMENT when metadata refers to an allocation or offset that does not exist.
+        """Writer only: validates and publishes the layout with its metadata and ends the session.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Import(self, request, context):
-        """Reader (or writer, for its own allocations): the layout and handles to map it.
+        """Any session: the layout (a reader's: the committed one; a writer's: its own).
         FAILED_PRECONDITION when expected_layout_hash is set and differs (a stale layout).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -123,6 +184,11 @@ def add_GmsServiceServicer_to_server(servicer, server):
                     servicer.GetInfo,
                     request_deserializer=tokenyard_dot_gms_dot_v1_dot_gms__pb2.GetInfoRequest.FromString,
                     response_serializer=tokenyard_dot_gms_dot_v1_dot_gms__pb2.GetInfoResponse.SerializeToString,
+            ),
+            'GetEventHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetEventHistory,
+                    request_deserializer=tokenyard_dot_gms_dot_v1_dot_gms__pb2.GetEventHistoryRequest.FromString,
+                    response_serializer=tokenyard_dot_gms_dot_v1_dot_gms__pb2.GetEventHistoryResponse.SerializeToString,
             ),
             'Lock': grpc.unary_stream_rpc_method_handler(
                     servicer.Lock,
@@ -138,6 +204,26 @@ def add_GmsServiceServicer_to_server(servicer, server):
                     servicer.Allocate,
                     request_deserializer=tokenyard_dot_gms_dot_v1_dot_gms__pb2.AllocateRequest.FromString,
                     response_serializer=tokenyard_dot_gms_dot_v1_dot_gms__pb2.AllocateResponse.SerializeToString,
+            ),
+            'PutMetadata': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutMetadata,
+                    request_deserializer=tokenyard_dot_gms_dot_v1_dot_gms__pb2.PutMetadataRequest.FromString,
+                    response_serializer=tokenyard_dot_gms_dot_v1_dot_gms__pb2.PutMetadataResponse.SerializeToString,
+            ),
+            'DeleteMetadata': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteMetadata,
+                    request_deserializer=tokenyard_dot_gms_dot_v1_dot_gms__pb2.DeleteMetadataRequest.FromString,
+                    response_serializer=tokenyard_dot_gms_dot_v1_dot_gms__pb2.DeleteMetadataResponse.SerializeToString,
+            ),
+            'GetMetadata': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMetadata,
+                    request_deserializer=tokenyard_dot_gms_dot_v1_dot_gms__pb2.GetMetadataRequest.FromString,
+                    response_serializer=tokenyard_dot_gms_dot_v1_dot_gms__pb2.GetMetadataResponse.SerializeToString,
+            ),
+            'ListMetadata': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListMetadata,
+                    request_deserializer=tokenyard_dot_gms_dot_v1_dot_gms__pb2.ListMetadataRequest.FromString,
+                    response_serializer=tokenyard_dot_gms_dot_v1_dot_gms__pb2.ListMetadataResponse.SerializeToString,
             ),
             'Commit': grpc.unary_unary_rpc_method_handler(
                     servicer.Commit,
@@ -177,6 +263,33 @@ class GmsService:
             '/tokenyard.gms.v1.GmsService/GetInfo',
             tokenyard_dot_gms_dot_v1_dot_gms__pb2.GetInfoRequest.SerializeToString,
             tokenyard_dot_gms_dot_v1_dot_gms__pb2.GetInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetEventHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenyard.gms.v1.GmsService/GetEventHistory',
+            tokenyard_dot_gms_dot_v1_dot_gms__pb2.GetEventHistoryRequest.SerializeToString,
+            tokenyard_dot_gms_dot_v1_dot_gms__pb2.GetEventHistoryResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -258,6 +371,114 @@ class GmsService:
             '/tokenyard.gms.v1.GmsService/Allocate',
             tokenyard_dot_gms_dot_v1_dot_gms__pb2.AllocateRequest.SerializeToString,
             tokenyard_dot_gms_dot_v1_dot_gms__pb2.AllocateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutMetadata(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenyard.gms.v1.GmsService/PutMetadata',
+            tokenyard_dot_gms_dot_v1_dot_gms__pb2.PutMetadataRequest.SerializeToString,
+            tokenyard_dot_gms_dot_v1_dot_gms__pb2.PutMetadataResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteMetadata(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenyard.gms.v1.GmsService/DeleteMetadata',
+            tokenyard_dot_gms_dot_v1_dot_gms__pb2.DeleteMetadataRequest.SerializeToString,
+            tokenyard_dot_gms_dot_v1_dot_gms__pb2.DeleteMetadataResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMetadata(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenyard.gms.v1.GmsService/GetMetadata',
+            tokenyard_dot_gms_dot_v1_dot_gms__pb2.GetMetadataRequest.SerializeToString,
+            tokenyard_dot_gms_dot_v1_dot_gms__pb2.GetMetadataResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListMetadata(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenyard.gms.v1.GmsService/ListMetadata',
+            tokenyard_dot_gms_dot_v1_dot_gms__pb2.ListMetadataRequest.SerializeToString,
+            tokenyard_dot_gms_dot_v1_dot_gms__pb2.ListMetadataResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -70,6 +71,28 @@ class CpuEngineConfig(BaseModel):
         gt=0,
         description="Seconds a prefill worker holds a prompt's KV blocks (and a decode worker fetched "
         "blocks) for a transfer that nobody releases.",
+    )
+
+    gms: bool = Field(
+        default=False,
+        description="Take the weights from the memory service (gms): the first worker loads them from "
+        "disk and publishes them, later workers and restarts map them read-only, and workers on one "
+        "machine share one copy.",
+    )
+    gms_socket: str = Field(
+        default="",
+        description="Unix socket of the gms (with --cpu-gms); empty: the gms default, "
+        "$TMPDIR/tokenyard-<uid>/gms-0.sock.",
+    )
+    gms_lock_mode: Literal["rw_or_ro", "rw", "ro"] = Field(
+        default="rw_or_ro",
+        description="How the worker takes the gms lock: rw_or_ro publishes when nothing is published yet "
+        "and maps otherwise; rw always reloads and republishes; ro only maps (waits for a publisher).",
+    )
+    gms_timeout_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="Seconds to wait for the gms lock (another worker may be loading the weights).",
     )
 
     def core_config(self) -> CoreConfig:

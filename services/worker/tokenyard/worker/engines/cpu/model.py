@@ -66,6 +66,9 @@ class LoadedModel:
     converted: bool
     """True when this load converted a GGUF file (the slow, first-start path)."""
     load_seconds: float
+    gms_session: Any = None
+    """With ``--cpu-gms``: the read-only gms session that keeps the mapped weights published while
+    this model uses them (released when the process ends)."""
 
 
 def shipped_gguf_path(alias: str) -> Path:
@@ -181,7 +184,7 @@ def geometry_of(model_config: Any) -> ModelGeometry:
     )
 
 
-def _eos_ids(model: Any) -> tuple[int, ...]:
+def eos_ids(model: Any) -> tuple[int, ...]:
     found: list[int] = []
     for source in (getattr(model, "generation_config", None), model.config):
         value = getattr(source, "eos_token_id", None) if source is not None else None
@@ -192,7 +195,18 @@ def _eos_ids(model: Any) -> tuple[int, ...]:
 
 
 def load_model(config: CpuEngineConfig, *, attn_implementation: str | None = None) -> LoadedModel:
-    """Load the configured weights (converting a GGUF file on first use); blocking, seconds."""
+    """Load the configured weights: from the gms with ``--cpu-gms`` (mapped, or loaded from disk
+    and published by the first worker), else from disk (converting a GGUF file on first use);
+    blocking, seconds."""
+    if config.gms:
+        from tokenyard.worker.engines.cpu.gms_weights import load_model_via_gms
+
+        return load_model_via_gms(config, attn_implementation=attn_implementation)
+    return load_model_from_disk(config, attn_implementation=attn_implementation)
+
+
+def load_model_from_disk(config: CpuEngineConfig, *, attn_implementation: str | None = None) -> LoadedModel:
+    """Load the configured weights from disk (converting a GGUF file on first use)."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -222,7 +236,7 @@ def load_model(config: CpuEngineConfig, *, attn_implementation: str | None = Non
         model=model,
         weights_dir=weights_dir,
         geometry=geometry_of(model.config),
-        eos_token_ids=_eos_ids(model),
+        eos_token_ids=eos_ids(model),
         converted=converted,
         load_seconds=seconds,
     )

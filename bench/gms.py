@@ -1,0 +1,458 @@
+"""The memory service (gms) with real CPU workers (SmolLM2-135M-Instruct), against the same
+workers without it, measured in the same run.
+
+* Restart: a worker process started again, from process start to health SERVING and to its first
+  token, loading its weights from disk (the page cache is warm: it is a restart on the same host)
+  or mapping them from the gms that a previous worker filled. Rounds alternate between the two.
+  Goal: with the gms at least 5x faster to SERVING.
+* Takeover: an active worker and a standby (``--standby-lock``, weights mapped from the gms)
+  share a lock file; the active one is SIGKILLed; time until the standby is SERVING.
+* Memory: two workers side by side, each after one request (every weight page touched), the
+  proportional set size (PSS) of both, and of the weight mappings alone (the model's safetensors
+  file, or the gms memory), with and without the gms. Goal: with the gms at most 0.75x.
+
+``--model-path`` picks the weights: by default a copy of the shipped model in the bench's own
+folder (float32 safetensors, which transformers maps from the file as they are: workers without
+the gms share them through the page cache; a copy, so that no other process on the machine
+shares those pages and shrinks the PSS measured), or, for instance, a bfloat16 copy
+(``--make-bf16 DIR`` writes one), which the engine converts to float32 at load, so that each
+worker without the gms holds a private copy.
+
+Prints tables and writes JSON to bench/results/gms.json (or ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from bench import plots
+from tokenyard.common.gms import LockState, get_info
+from tokenyard.worker.v1 import worker_pb2, worker_pb2_grpc
+
+RESULTS = Path(__file__).parent / "results" / "gms.json"
+MODEL = "SmolLM2-135M-Instruct"
+WEIGHT_MAPPINGS = ("memfd:tokenyard-gms", ".safetensors")
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    log: Path
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+
+    def start(self) -> Child:
+        self.started = time.monotonic()
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                self.argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        return self
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.alive():
+            assert self.proc is not None
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@dataclass
+class Bench:
+    args: argparse.Namespace
+    root: Path
+    children: list[Child] = field(default_factory=list)
+    _next_port: int = 0
+
+    @property
+    def socket(self) -> str:
+        return str(self.root / "gms.sock")
+
+    @property
+    def discovery(self) -> str:
+        return f"dir://{self.root / 'discovery'}"
+
+    def port(self) -> int:
+        self._next_port += 1
+        return int(self.args.port_base + self._next_port)
+
+    def cli(self, *argv: str) -> list[str]:
+        return [sys.executable, "-m", "tokenyard.cli", *argv]
+
+    def gms(self) -> Child:
+        child = Child(
+            "gms",
+            self.cli("gms", "--socket", self.socket, "--metrics-port", "0", "--discovery", self.discovery),
+            self.root / "gms.log",
+        )
+        self.children.append(child.start())
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                get_info(self.socket)
+                return child
+            except Exception:
+                if time.monotonic() > deadline or not child.alive():
+                    raise RuntimeError(f"the gms did not start:\n{child.output()}") from None
+                time.sleep(0.05)
+
+    def worker(self, name: str, *, gms: bool, extra: Sequence[str] = ()) -> Child:
+        port = self.port()
+        flags = [
+            "worker", "--engine", "cpu", "--model", MODEL, "--port", str(port), "--metrics-port", "0",
+            "--discovery", self.discovery, "--cpu-num-threads", str(self.args.threads),
+            "--grace-period", "1",
+        ]  # fmt: skip
+        if self.args.model_path:
+            flags += ["--cpu-model-path", self.args.model_path]
+        if self.args.kv_blocks:
+            flags += ["--cpu-num-kv-blocks", str(self.args.kv_blocks)]
+        if gms:
+            flags += ["--cpu-gms", "--cpu-gms-socket", self.socket]
+        child = Child(name, self.cli(*flags, *extra), self.root / f"{name}.log", port)
+        self.children.append(child)
+        return child.start()
+
+    def close(self) -> None:
+        for child in reversed(self.children):
+            child.stop(signal.SIGKILL)
+
+
+def wait_serving(child: Child, timeout: float = 600) -> float:
+    """Seconds from the child's start until its health is SERVING."""
+    deadline = time.monotonic() + timeout
+    while True:
+        # A fresh channel each time: one that failed to connect backs off (a second or more) and
+        # would report SERVING late.
+        with grpc.insecure_channel(f"127.0.0.1:{child.port}") as channel:
+            try:
+                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return time.monotonic() - child.started
+            except grpc.RpcError:
+                pass
+        if not child.alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"{child.name} never became SERVING:\n{child.output()[-3000:]}")
+        time.sleep(0.005)
+
+
+def first_token(child: Child, request_id: str) -> float:
+    """Seconds from the child's start until its first generated token (a one-token request)."""
+    request = worker_pb2.GenerateRequest(request_id=request_id, model=MODEL, token_ids=list(range(1, 33)))
+    request.stop.max_tokens = 1
+    with grpc.insecure_channel(f"127.0.0.1:{child.port}") as channel:
+        for reply in worker_pb2_grpc.WorkerServiceStub(channel).Generate(request, timeout=300):
+            if reply.token_ids:
+                return time.monotonic() - child.started
+    raise RuntimeError(f"{child.name} produced no token")
+
+
+def load_seconds(child: Child) -> float | None:
+    """The engine's own figure for loading (disk) or mapping (gms) the weights, from its log."""
+    for line in child.output().splitlines():
+        if " in " in line and (("engines.cpu.model" in line and "loaded " in line) or "mapped " in line):
+            try:
+                return float(line.rsplit(" in ", 1)[1].split("s")[0])
+            except ValueError:
+                continue
+    return None
+
+
+def pss_kib(pid: int) -> tuple[int, int]:
+    """(total PSS, PSS of the weight mappings) of a process, KiB."""
+    total = weights = 0
+    current_is_weights = False
+    with open(f"/proc/{pid}/smaps") as smaps:
+        for line in smaps:
+            first = line.split(" ", 1)[0]
+            if "-" in first and not first.endswith(":"):
+                current_is_weights = any(m in line for m in WEIGHT_MAPPINGS)
+            elif first == "Pss:":
+                kib = int(line.split()[1])
+                total += kib
+                if current_is_weights:
+                    weights += kib
+    return total, weights
+
+
+# ---- the measurements -------------------------------------------------------------------------
+
+
+def restarts(bench: Bench) -> dict[str, Any]:
+    gms = bench.gms()
+    # First starts: fill the page cache (and convert a GGUF file), and fill the gms.
+    for mode in (False, True):
+        w = bench.worker(f"first-{'gms' if mode else 'disk'}", gms=mode)
+        wait_serving(w)
+        first_token(w, "warm")
+        w.stop()
+    assert get_info(bench.socket).state is LockState.COMMITTED
+    rows: dict[str, list[dict[str, float | None]]] = {"disk": [], "gms": []}
+    for i in range(bench.args.rounds):
+        for mode in (False, True):
+            key = "gms" if mode else "disk"
+            w = bench.worker(f"restart-{key}-{i}", gms=mode)
+            serving = wait_serving(w)
+            token = first_token(w, f"r{i}")
+            rows[key].append({"serving_s": serving, "first_token_s": token, "weights_s": load_seconds(w)})
+            w.stop(signal.SIGKILL)  # a crash: nothing is handed back politely
+            print(f"  round {i} {key:<5} SERVING {serving:6.2f}s  first token {token:6.2f}s", flush=True)
+    gms.stop()
+
+    def med(key: str, metric: str) -> float:
+        values = [v for r in rows[key] if (v := r[metric]) is not None]
+        return float(statistics.median(values)) if values else float("nan")
+
+    summary = {
+        key: {metric: med(key, metric) for metric in ("serving_s", "first_token_s", "weights_s")}
+        for key in rows
+    }
+    return {
+        "rounds": rows,
+        "median": summary,
+        "speedup_serving": summary["disk"]["serving_s"] / summary["gms"]["serving_s"],
+        "speedup_first_token": summary["disk"]["first_token_s"] / summary["gms"]["first_token_s"],
+        "speedup_weights": summary["disk"]["weights_s"] / summary["gms"]["weights_s"],
+    }
+
+
+def takeover(bench: Bench) -> dict[str, Any]:
+    gms = bench.gms()
+    lock = ["--standby-lock", str(bench.root / "worker.lock")]
+    active = bench.worker("active", gms=True, extra=lock)
+    wait_serving(active)
+    standby = bench.worker("standby", gms=True, extra=lock)
+    deadline = time.monotonic() + 600
+    while "another worker holds" not in standby.output():
+        if time.monotonic() > deadline or not standby.alive():
+            raise RuntimeError(f"the standby never got ready:\n{standby.output()[-3000:]}")
+        time.sleep(0.05)
+    readers = get_info(bench.socket).reader_count
+    active.stop(signal.SIGKILL)
+    killed = time.monotonic()
+    standby.started = killed
+    serving = wait_serving(standby)
+    token = first_token(standby, "takeover")
+    standby.stop()
+    gms.stop()
+    return {"readers_before_kill": readers, "kill_to_serving_s": serving, "kill_to_first_token_s": token}
+
+
+def memory(bench: Bench) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for mode in (False, True):
+        key = "gms" if mode else "disk"
+        gms = bench.gms() if mode else None
+        workers = [bench.worker(f"pss-{key}-{i}", gms=mode) for i in range(2)]
+        for w in workers:
+            wait_serving(w)
+        for i, w in enumerate(workers):
+            first_token(w, f"pss-{i}")
+        time.sleep(1)
+        per = [pss_kib(w.proc.pid) for w in workers if w.proc is not None]
+        out[key] = {
+            "workers_pss_mib": sum(p[0] for p in per) / 1024,
+            "weights_pss_mib": sum(p[1] for p in per) / 1024,
+            "per_worker_pss_mib": [p[0] / 1024 for p in per],
+        }
+        if gms is not None and gms.proc is not None:
+            out[key]["gms_pss_mib"] = pss_kib(gms.proc.pid)[0] / 1024
+            out[key]["gms_allocated_mib"] = get_info(bench.socket).allocated_bytes / 2**20
+        for w in workers:
+            w.stop()
+        if gms is not None:
+            gms.stop()
+    out["ratio_workers"] = out["gms"]["workers_pss_mib"] / out["disk"]["workers_pss_mib"]
+    out["ratio_with_gms_process"] = (out["gms"]["workers_pss_mib"] + out["gms"]["gms_pss_mib"]) / out["disk"][
+        "workers_pss_mib"
+    ]
+    return out
+
+
+def make_bf16(target: Path) -> None:
+    """A bfloat16 copy of the shipped model (what many checkpoints are), for --model-path."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tokenyard.worker.engines.cpu.config import CpuEngineConfig
+    from tokenyard.worker.engines.cpu.model import load_model
+
+    source = load_model(CpuEngineConfig()).weights_dir
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
+    model.save_pretrained(target)
+    AutoTokenizer.from_pretrained(source).save_pretrained(target)
+    print(f"wrote a bfloat16 copy of {source.name} to {target}")
+
+
+def private_copy(target: Path) -> Path:
+    """The shipped model's converted folder, copied (converting the GGUF file first if needed)."""
+    import shutil
+
+    from tokenyard.worker.engines.cpu.config import CpuEngineConfig
+    from tokenyard.worker.engines.cpu.model import load_model, resolve_weights
+
+    source, _ = resolve_weights(CpuEngineConfig())
+    if not (source / "config.json").is_file():
+        load_model(CpuEngineConfig())
+    shutil.copytree(source, target)
+    return target
+
+
+@contextmanager
+def bench_root() -> Iterator[Path]:
+    # Unix socket paths must stay short: not under a deep temporary folder.
+    root = Path(tempfile.mkdtemp(prefix="tyg-bench-", dir="/tmp"))
+    try:
+        yield root
+    finally:
+        for path in sorted(root.rglob("*"), reverse=True):
+            path.unlink() if not path.is_dir() else path.rmdir()
+        root.rmdir()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="restarts measured per mode")
+    parser.add_argument("--threads", type=int, default=1, help="--cpu-num-threads of each worker")
+    parser.add_argument(
+        "--kv-blocks", type=int, default=0, help="--cpu-num-kv-blocks (0: the engine default, 1 GiB)"
+    )
+    parser.add_argument("--model-path", default="", help="--cpu-model-path (default: the shipped model)")
+    parser.add_argument("--port-base", type=int, default=20100)
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: restart,takeover,memory")
+    parser.add_argument(
+        "--make-bf16", metavar="DIR", help="write a bfloat16 copy of the model to DIR and exit"
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if args.make_bf16:
+        make_bf16(Path(args.make_bf16))
+        return
+    skip = set(filter(None, args.skip.split(",")))
+    results: dict[str, Any] = {
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "load": os.getloadavg(),
+        },
+        "model_path": args.model_path or "a copy of the shipped smollm2 (float32)",
+        "threads": args.threads,
+        "kv_blocks": args.kv_blocks or "default (1 GiB)",
+    }
+    with bench_root() as root:
+        if not args.model_path:
+            args.model_path = str(private_copy(root / "model"))
+        bench = Bench(args, root)
+        try:
+            if "restart" not in skip:
+                print("restarts (alternating):", flush=True)
+                results["restart"] = restarts(bench)
+            if "takeover" not in skip:
+                results["takeover"] = takeover(bench)
+            if "memory" not in skip:
+                results["memory"] = memory(bench)
+        finally:
+            bench.close()
+    results["machine"]["load_after"] = os.getloadavg()
+    report(results)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    charts = _charts(results)
+    if charts:
+        plots.save(args.out, plots.Chart(charts, title=f"gms: {results['model_path']}"))
+
+
+def _charts(r: dict[str, Any]) -> list[plots.Bars | plots.Lines]:
+    charts: list[plots.Bars | plots.Lines] = []
+    if "restart" in r:
+        m = r["restart"]["median"]
+        labels = {"serving_s": "to SERVING", "first_token_s": "to first token", "weights_s": "weights"}
+        series: dict[str, dict[str, float | None]] = {
+            key: {label: m[key][metric] for metric, label in labels.items()} for key in ("disk", "gms")
+        }
+        if "takeover" in r:
+            series["standby takeover"] = {
+                "to SERVING": r["takeover"]["kill_to_serving_s"],
+                "to first token": r["takeover"]["kill_to_first_token_s"],
+            }
+        charts.append(plots.Bars("restart (median)", "s", series))
+    if "memory" in r:
+        mem = r["memory"]
+        charts.append(
+            plots.Bars(
+                "two workers, PSS",
+                "MiB",
+                {
+                    key: {"total": mem[key]["workers_pss_mib"], "weights": mem[key]["weights_pss_mib"]}
+                    for key in ("disk", "gms")
+                },
+            )
+        )
+    return charts
+
+
+def report(r: dict[str, Any]) -> None:
+    print(f"\ngms bench: {r['model_path']}, {r['threads']} thread(s) per worker, KV {r['kv_blocks']}")
+    print(f"machine: {r['machine']['cores']} cores, load average {r['machine']['load'][0]:.1f} at start")
+    if "restart" in r:
+        m = r["restart"]["median"]
+        print(f"\n{'restart (median)':<26} {'disk':>8} {'gms':>8} {'speedup':>8}")
+        for metric, label in (
+            ("serving_s", "to SERVING"),
+            ("first_token_s", "to first token"),
+            ("weights_s", "weights (engine log)"),
+        ):
+            speed = m["disk"][metric] / m["gms"][metric]
+            print(f"{label:<26} {m['disk'][metric]:>7.2f}s {m['gms'][metric]:>7.2f}s {speed:>7.1f}x")
+        print("goal: to SERVING at least 5x faster with the gms")
+    if "takeover" in r:
+        t = r["takeover"]
+        print(
+            f"\nstandby takeover: SERVING {t['kill_to_serving_s'] * 1000:.0f} ms after the kill, first token "
+            f"{t['kill_to_first_token_s'] * 1000:.0f} ms ({t['readers_before_kill']} gms readers before)"
+        )
+    if "memory" in r:
+        mem = r["memory"]
+        print(f"\n{'two workers, PSS':<26} {'total':>9} {'weights':>9}")
+        for key in ("disk", "gms"):
+            print(f"{key:<26} {mem[key]['workers_pss_mib']:>7.0f}Mi {mem[key]['weights_pss_mib']:>7.0f}Mi")
+        print(
+            f"gms process itself: {mem['gms']['gms_pss_mib']:.0f} MiB PSS, {mem['gms']['gms_allocated_mib']:.0f} MiB allocated"
+        )
+        print(
+            f"ratio gms/disk: workers {mem['ratio_workers']:.2f}x, with the gms process {mem['ratio_with_gms_process']:.2f}x (goal <= 0.75x)"
+        )
+
+
+if __name__ == "__main__":
+    main()
