@@ -1,7 +1,9 @@
 """``tokenyard up``: a whole deployment as processes on one host, with directory discovery.
 
 Starts the router, planner, gms and N workers, waits until each reports SERVING, then starts the
-frontend. Child output is prefixed with its name. Ctrl-C or SIGTERM stops everything: SIGTERM to
+frontend. ``--prefill-workers N --decode-workers M`` starts a split deployment instead: N prefill
+and M decode workers (``--role prefill|decode``), whose requests the frontend disaggregates.
+Child output is prefixed with its name. Ctrl-C or SIGTERM stops everything: SIGTERM to
 each child (frontend first, so no new requests arrive while workers drain), SIGKILL for any that
 outlive the grace period. If a child dies on its own, the deployment is stopped and the exit code
 is non-zero, since a half-running deployment is worse than a clear failure.
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -21,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings
 
 from tokenyard.common.cli_settings import parse_settings
@@ -33,9 +36,10 @@ class UpSettings(BaseSettings):
     model_config = settings_config("up")
     service_name: ClassVar[str] = "up"
 
-    engine: Literal["mocker", "cpu", "vllm", "trtllm"] = Field(
+    engine: Literal["mocker", "cpu", "vllm"] = Field(
         default="cpu",
-        description="Worker engine: cpu runs SmolLM2-135M-Instruct for real; mocker simulates one.",
+        description="Worker engine: cpu runs SmolLM2-135M-Instruct for real; vllm runs it with vLLM (from "
+        ".venv-vllm, which make test-vllm installs); mocker simulates one.",
     )
     workers: int = Field(default=2, ge=1, le=64, description="Number of workers.")
     model: str = Field(default="SmolLM2-135M-Instruct", description="Model the workers serve.")
@@ -65,6 +69,51 @@ class UpSettings(BaseSettings):
     router_mode: str = Field(
         default="", description="Routing mode passed to the router; empty keeps its default."
     )
+    gms: bool = Field(
+        default=False,
+        description="cpu workers take their weights from the gms (--cpu-gms): the first loads and "
+        "publishes them, the others (and every restart) map the same copy.",
+    )
+    prefill_workers: int = Field(
+        default=0,
+        ge=0,
+        le=64,
+        description="Prefill workers (--role prefill) of a split deployment; needs --decode-workers. "
+        "Split workers replace the --workers aggregated ones.",
+    )
+    decode_workers: int = Field(
+        default=0,
+        ge=0,
+        le=64,
+        description="Decode workers (--role decode) of a split deployment; with --prefill-workers the "
+        "frontend disaggregates requests, alone they serve like aggregated workers.",
+    )
+
+    @model_validator(mode="after")
+    def _one_topology(self) -> UpSettings:
+        if self.prefill_workers and not self.decode_workers:
+            raise ValueError(
+                "--prefill-workers needs --decode-workers: prefill workers serve no client alone"
+            )
+        if (self.prefill_workers or self.decode_workers) and "workers" in self.model_fields_set:
+            raise ValueError(
+                "--workers (aggregated workers) and --prefill-workers / --decode-workers (a split "
+                "deployment) exclude each other"
+            )
+        return self
+
+    def worker_roles(self) -> list[tuple[str, str]]:
+        """(name, role) of every worker, in start order."""
+        if not (self.prefill_workers or self.decode_workers):
+            return [(f"worker-{i}", "aggregated") for i in range(self.workers)]
+        return [(f"prefill-{i}", "prefill") for i in range(self.prefill_workers)] + [
+            (f"decode-{i}", "decode") for i in range(self.decode_workers)
+        ]
+
+    def describe_workers(self) -> str:
+        if not (self.prefill_workers or self.decode_workers):
+            return str(self.workers)
+        return f"{self.prefill_workers} prefill + {self.decode_workers} decode"
 
 
 ANNOUNCEMENT = """
@@ -110,6 +159,27 @@ class Child:
     tail: list[str] = field(default_factory=list)
 
 
+# Seconds an engine needs to stop beyond the grace period: vLLM's engine core waits 5 s for its
+# model-runner process, then tears down for several more (13 s measured on two idle cores).
+ENGINE_STOP_S = {"vllm": 30.0}
+
+
+def vllm_core_sets(workers: int) -> list[str]:
+    """Each vLLM worker's compute cores (``--vllm-omp-threads-bind``); none: vLLM's own choice.
+
+    vLLM pins its compute threads. Left to itself, every worker on one machine pins the same cores
+    (all but one, kept for its scheduler) and they fight over them; so several workers get a slice
+    each, and with more workers than cores nobody pins.
+    """
+    if workers == 1:
+        return []
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < workers:
+        return ["nobind"] * workers
+    per = len(cores) // workers
+    return [",".join(str(c) for c in cores[i * per : (i + 1) * per]) for i in range(workers)]
+
+
 def plan(s: UpSettings) -> list[Child]:
     """Every process of the deployment, in start order (the frontend last)."""
     base = [sys.executable, "-m", "tokenyard.cli"]
@@ -117,10 +187,13 @@ def plan(s: UpSettings) -> list[Child]:
     engine_flags: list[str] = []
     if s.engine == "cpu":
         # Workers sharing a machine must not each claim every core: torch threads then fight.
-        threads = s.cpu_threads or max(1, (os.cpu_count() or 1) // s.workers)
+        threads = s.cpu_threads or max(1, (os.cpu_count() or 1) // len(s.worker_roles()))
         engine_flags = ["--cpu-num-threads", str(threads)]
+    core_sets = vllm_core_sets(len(s.worker_roles())) if s.engine == "vllm" else []
     router_flags = ["--mode", s.router_mode] if s.router_mode else []
     gms_socket = str(Path(s.state_dir).resolve() / "gms-0.sock")
+    if s.gms and s.engine == "cpu":
+        engine_flags += ["--cpu-gms", "--cpu-gms-socket", gms_socket]
     children = [
         Child(
             "router",
@@ -146,6 +219,20 @@ def plan(s: UpSettings) -> list[Child]:
                 str(s.planner_port),
                 "--metrics-port",
                 str(s.planner_port + 1),
+                # What its local connector (TOKENYARD_PLANNER_CONNECTOR=local) needs to start more
+                # workers like these: the same engine and model, ports past the 64 `up` may use.
+                "--local-engine",
+                s.engine,
+                "--local-model",
+                s.model,
+                "--local-first-port",
+                str(s.worker_port + 64),
+                "--local-first-metrics-port",
+                str(s.worker_metrics_port + 64),
+                "--local-state-dir",
+                str(Path(s.state_dir) / "planner-workers"),
+                "--local-worker-args",
+                shlex.join(engine_flags),
             ],
             f"{s.host}:{s.planner_port}",
         ),
@@ -155,11 +242,12 @@ def plan(s: UpSettings) -> list[Child]:
             f"unix://{gms_socket}",
         ),
     ]
-    for i in range(s.workers):
+    for i, (name, role) in enumerate(s.worker_roles()):
         port = s.worker_port + i
+        role_flags = [] if role == "aggregated" else ["--role", role]
         children.append(
             Child(
-                f"worker-{i}",
+                name,
                 [
                     *base,
                     "worker",
@@ -172,7 +260,9 @@ def plan(s: UpSettings) -> list[Child]:
                     str(port),
                     "--metrics-port",
                     str(s.worker_metrics_port + i),
+                    *role_flags,
                     *engine_flags,
+                    *(["--vllm-omp-threads-bind", core_sets[i]] if core_sets else []),
                 ],
                 f"{s.host}:{port}",
             )
@@ -259,7 +349,9 @@ class Deployment:
             if child.proc is not None and child.proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     child.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + self.settings.grace_period + 5
+        deadline = (
+            time.monotonic() + self.settings.grace_period + 5 + ENGINE_STOP_S.get(self.settings.engine, 0.0)
+        )
         for child in reversed(self.children):
             if child.proc is None:
                 continue
@@ -315,7 +407,7 @@ class Deployment:
         ready.parent.mkdir(parents=True, exist_ok=True)
         ready.write_text(str(os.getpid()))
         text = ANNOUNCEMENT.format(
-            workers=s.workers,
+            workers=s.describe_workers(),
             engine=s.engine,
             model=s.model,
             host=s.host,

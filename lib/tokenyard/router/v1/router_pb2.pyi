@@ -76,16 +76,20 @@ class _WorkerPool:
 class _WorkerPoolEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WorkerPool.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     WORKER_POOL_UNSPECIFIED: _WorkerPool.ValueType  # 0
-    """Aggregated workers (the usual case)."""
+    """The workers that serve clients whole: aggregated and decode workers, full accounting."""
     WORKER_POOL_AGGREGATED: _WorkerPool.ValueType  # 1
     WORKER_POOL_PREFILL: _WorkerPool.ValueType  # 2
     WORKER_POOL_DECODE: _WorkerPool.ValueType  # 3
 
 class WorkerPool(_WorkerPool, metaclass=_WorkerPoolEnumTypeWrapper):
-    """Which of a model's worker pools to choose from."""
+    """Which of a model's worker pools to choose from. The router keeps what each pool's requests
+    cost apart: a request routed in the prefill pool counts as prefill load only (its worker emits
+    one token and hands the KV over), one routed in the decode pool as decode load only (its prompt
+    was computed elsewhere), and the decode pool's cost credits cached blocks against decode load.
+    """
 
 WORKER_POOL_UNSPECIFIED: WorkerPool.ValueType  # 0
-"""Aggregated workers (the usual case)."""
+"""The workers that serve clients whole: aggregated and decode workers, full accounting."""
 WORKER_POOL_AGGREGATED: WorkerPool.ValueType  # 1
 WORKER_POOL_PREFILL: WorkerPool.ValueType  # 2
 WORKER_POOL_DECODE: WorkerPool.ValueType  # 3
@@ -284,6 +288,10 @@ class RouteResponse(_message.Message):
     BLOCK_SIZE_FIELD_NUMBER: _builtins.int
     COST_FIELD_NUMBER: _builtins.int
     MODE_FIELD_NUMBER: _builtins.int
+    ACTIVE_PREFILL_TOKENS_FIELD_NUMBER: _builtins.int
+    ACTIVE_DECODE_BLOCKS_FIELD_NUMBER: _builtins.int
+    TOTAL_KV_BLOCKS_FIELD_NUMBER: _builtins.int
+    MAX_NUM_BATCHED_TOKENS_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.int
     dp_rank: _builtins.int
     address: _builtins.str
@@ -298,6 +306,17 @@ class RouteResponse(_message.Message):
     """The chosen worker's cost (KV mode; 0 otherwise), in blocks."""
     mode: Global___RoutingMode.ValueType
     """The mode that decided."""
+    active_prefill_tokens: _builtins.int
+    """The chosen rank's load as this decision saw it, before this request: the larger of the
+    router's prediction and the rank's last fresh report. Callers that decide on load (the
+    frontend's conditional disaggregation) read these. A pool that does not track a kind of load
+    (prefill tokens on the decode pool, decode blocks on the prefill pool) reports what the rank
+    reported itself, or 0.
+    """
+    active_decode_blocks: _builtins.int
+    total_kv_blocks: _builtins.int
+    """The chosen rank's capacity: device KV blocks and prompt tokens per engine step (0: unknown)."""
+    max_num_batched_tokens: _builtins.int
     def __init__(
         self,
         *,
@@ -309,10 +328,14 @@ class RouteResponse(_message.Message):
         block_size: _builtins.int = ...,
         cost: _builtins.float = ...,
         mode: Global___RoutingMode.ValueType = ...,
+        active_prefill_tokens: _builtins.int = ...,
+        active_decode_blocks: _builtins.int = ...,
+        total_kv_blocks: _builtins.int = ...,
+        max_num_batched_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "block_size", b"block_size", "cached_tokens", b"cached_tokens", "cost", b"cost", "dp_rank", b"dp_rank", "mode", b"mode", "overlap_blocks", b"overlap_blocks", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_decode_blocks", b"active_decode_blocks", "active_prefill_tokens", b"active_prefill_tokens", "address", b"address", "block_size", b"block_size", "cached_tokens", b"cached_tokens", "cost", b"cost", "dp_rank", b"dp_rank", "max_num_batched_tokens", b"max_num_batched_tokens", "mode", b"mode", "overlap_blocks", b"overlap_blocks", "total_kv_blocks", b"total_kv_blocks", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -721,6 +744,7 @@ class ReplicaRouted(_message.Message):
     ISL_TOKENS_FIELD_NUMBER: _builtins.int
     CACHED_TOKENS_FIELD_NUMBER: _builtins.int
     EXPECTED_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    POOL_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     worker_id: _builtins.int
     dp_rank: _builtins.int
@@ -728,6 +752,8 @@ class ReplicaRouted(_message.Message):
     cached_tokens: _builtins.int
     """Prompt tokens predicted cached on the worker (not counted as prefill load)."""
     expected_output_tokens: _builtins.int
+    pool: Global___WorkerPool.ValueType
+    """The pool it was routed in: what its load counts as (the origin's RouteRequest.pool)."""
     @_builtins.property
     def sequence_hashes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Sequence hashes of the prompt's complete blocks."""
@@ -742,10 +768,11 @@ class ReplicaRouted(_message.Message):
         isl_tokens: _builtins.int = ...,
         cached_tokens: _builtins.int = ...,
         expected_output_tokens: _builtins.int | None = ...,
+        pool: Global___WorkerPool.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_output_tokens", b"_expected_output_tokens", "expected_output_tokens", b"expected_output_tokens"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_output_tokens", b"_expected_output_tokens", "cached_tokens", b"cached_tokens", "dp_rank", b"dp_rank", "expected_output_tokens", b"expected_output_tokens", "isl_tokens", b"isl_tokens", "request_id", b"request_id", "sequence_hashes", b"sequence_hashes", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_output_tokens", b"_expected_output_tokens", "cached_tokens", b"cached_tokens", "dp_rank", b"dp_rank", "expected_output_tokens", b"expected_output_tokens", "isl_tokens", b"isl_tokens", "pool", b"pool", "request_id", b"request_id", "sequence_hashes", b"sequence_hashes", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__expected_output_tokens: _TypeAlias = _typing.Literal["expected_output_tokens"]  # noqa: Y015
     _WhichOneofArgType__expected_output_tokens: _TypeAlias = _typing.Literal["_expected_output_tokens", b"_expected_output_tokens"]  # noqa: Y015

@@ -23,6 +23,7 @@ from tokenyard.common.errors import Unavailable, from_rpc_error
 from tokenyard.common.interceptors import outgoing_metadata
 from tokenyard.frontend.generation import (
     FinishReason,
+    KvTransfer,
     Outcome,
     RouteDecision,
     TokenChunk,
@@ -59,6 +60,13 @@ _OUTCOME = {
     Outcome.FINISHED: router_pb2.REQUEST_OUTCOME_FINISHED,
     Outcome.FAILED: router_pb2.REQUEST_OUTCOME_FAILED,
     Outcome.CANCELLED: router_pb2.REQUEST_OUTCOME_CANCELLED,
+}
+# "" is the pool of the workers that serve clients whole (aggregated and decode workers).
+_POOLS = {
+    "": router_pb2.WORKER_POOL_UNSPECIFIED,
+    "aggregated": router_pb2.WORKER_POOL_AGGREGATED,
+    "prefill": router_pb2.WORKER_POOL_PREFILL,
+    "decode": router_pb2.WORKER_POOL_DECODE,
 }
 
 
@@ -366,14 +374,17 @@ class RouterClient:
         isl_tokens: int,
         priority: int = 0,
         allowed_worker_ids: Sequence[int] = (),
+        pool: str = "",
     ) -> RouteDecision:
-        """Choose a worker; ``allowed_worker_ids`` (empty: any) narrows the choice."""
+        """Choose a worker of ``pool`` ("" the workers that serve clients whole, "prefill",
+        "decode"); ``allowed_worker_ids`` (empty: any) narrows the choice."""
         routers = self._route_order()
         if not routers:
             raise Unavailable("no router is available")
         request = router_pb2.RouteRequest(
             request_id=request_id,
             model=model,
+            pool=_POOLS[pool],
             block_hashes=block_hashes,
             isl_tokens=isl_tokens,
             hints=router_pb2.RouteHints(priority=priority, allowed_worker_ids=allowed_worker_ids),
@@ -399,7 +410,17 @@ class RouterClient:
                     timed_out.append(router)
                 continue
             self._owners[request_id] = router.address
-            return RouteDecision(reply.worker_id, reply.dp_rank, reply.address, reply.cached_tokens)
+            return RouteDecision(
+                reply.worker_id,
+                reply.dp_rank,
+                reply.address,
+                reply.cached_tokens,
+                reply.overlap_blocks,
+                reply.active_prefill_tokens,
+                reply.active_decode_blocks,
+                reply.total_kv_blocks,
+                reply.max_num_batched_tokens,
+            )
         for r in timed_out:
             self._spawn(self._finished(request_id, Outcome.FAILED, 0, r.address))
         # No router could be reached: the same answer to the client as no worker.
@@ -557,6 +578,7 @@ class WorkerStream:
             reply.token_ids,
             _FINISH[reply.finish_reason],
             Usage(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens),
+            _kv_transfer(reply.kv_transfer) if reply.HasField("kv_transfer") else None,
         )
 
     def cancel(self) -> None:
@@ -607,6 +629,10 @@ class WorkerClients:
             cache_salt=request.cache_salt,
             guided_decoding=_guided_decoding(request.guided),
         )
+        if request.prefill_only:
+            message.disaggregation.prefill_only = True
+        elif request.kv_transfer is not None:
+            message.disaggregation.kv_transfer.CopyFrom(_kv_transfer_pb(request.kv_transfer))
         call = self._stub(address).Generate(message, metadata=outgoing_metadata(), timeout=request.timeout)
         return WorkerStream(call)
 
@@ -640,3 +666,27 @@ def _guided_decoding(guided: GuidedDecoding | None) -> worker_pb2.GuidedDecoding
     if guided is None:
         return None
     return worker_pb2.GuidedDecoding(kind=_GUIDED_KINDS[guided.kind], json_schema=guided.schema_json or "")
+
+
+def _kv_transfer(t: worker_pb2.KvTransferParams) -> KvTransfer:
+    return KvTransfer(
+        source_worker_id=t.source_worker_id,
+        source_dp_rank=t.source_dp_rank,
+        source_address=t.source_address,
+        transfer_id=t.transfer_id,
+        block_hashes=tuple(t.block_hashes),
+        num_tokens=t.num_tokens,
+        engine_params=t.engine_params,
+    )
+
+
+def _kv_transfer_pb(t: KvTransfer) -> worker_pb2.KvTransferParams:
+    return worker_pb2.KvTransferParams(
+        source_worker_id=t.source_worker_id,
+        source_dp_rank=t.source_dp_rank,
+        source_address=t.source_address,
+        transfer_id=t.transfer_id,
+        block_hashes=t.block_hashes,
+        num_tokens=t.num_tokens,
+        engine_params=t.engine_params,
+    )

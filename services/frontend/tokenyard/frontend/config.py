@@ -7,6 +7,7 @@ from typing import ClassVar
 from pydantic import Field, model_validator
 
 from tokenyard.common.settings import ServiceSettings, settings_config
+from tokenyard.frontend.disagg import DisaggConfig, DisaggPolicy
 
 
 class FrontendSettings(ServiceSettings):
@@ -36,6 +37,55 @@ class FrontendSettings(ServiceSettings):
         description=(
             "How many times a request whose worker died or whose stream broke is moved to another "
             "worker, continuing from the tokens generated so far; 0 disables migration."
+        ),
+    )
+
+    # ---- disaggregated prefill and decode (models served by prefill and decode workers) ---------
+
+    disagg_policy: DisaggPolicy = Field(
+        default=DisaggPolicy.ISL_OR_LOAD,
+        description=(
+            "When a model has prefill and decode workers, which requests a prefill worker computes "
+            "(the others are prefilled by their decode worker): always; never; isl_bounding (not "
+            "those mostly cached on their decode worker: fewer than --disagg-isl-threshold uncached "
+            "tokens and under --disagg-isl-ratio of the prompt); prefill_load (not while the prefill "
+            "worker chosen is busy, see --disagg-prefill-busy-frac); isl_or_load (not in either case)."
+        ),
+    )
+    disagg_isl_threshold: int = Field(
+        default=2048,
+        ge=0,
+        description="isl_bounding: prefill locally only below this many prompt tokens not cached on the decode worker.",
+    )
+    disagg_isl_ratio: float = Field(
+        default=0.7,
+        ge=0,
+        le=1,
+        description="isl_bounding: prefill locally only when the uncached tokens are under this share of the prompt.",
+    )
+    disagg_prefill_busy_frac: float = Field(
+        default=1.0,
+        ge=0,
+        description=(
+            "prefill_load: the chosen prefill worker is busy when its queued prompt tokens exceed this "
+            "many engine steps (fraction of its max_num_batched_tokens); its requests prefill locally."
+        ),
+    )
+    disagg_decode_busy_frac: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description=(
+            "Decode guard: never prefill locally on a decode worker whose KV blocks in use, with the "
+            "request's, would exceed this fraction of its pool; 0 turns the guard off."
+        ),
+    )
+    disagg_prefill_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        description=(
+            "Seconds the prefill stage (prompt and KV hand-off) may take; after it, or when the prefill "
+            "worker fails, the decode worker computes the prompt itself."
         ),
     )
 
@@ -91,6 +141,16 @@ class FrontendSettings(ServiceSettings):
         le=599,
         description="HTTP status answered when every worker is busy (529, as the reference does; 503 and 429 are common too).",
     )
+
+    def disagg(self) -> DisaggConfig:
+        return DisaggConfig(
+            policy=self.disagg_policy,
+            isl_threshold=self.disagg_isl_threshold,
+            isl_ratio=self.disagg_isl_ratio,
+            prefill_busy_frac=self.disagg_prefill_busy_frac,
+            decode_busy_frac=self.disagg_decode_busy_frac,
+            prefill_timeout=self.disagg_prefill_timeout,
+        )
 
     def router_addresses(self) -> list[str]:
         return [a.strip() for a in self.router.split(",") if a.strip()]

@@ -13,6 +13,11 @@ blocks, and the router hears exactly once how the request ended.
 A worker that dies or whose stream breaks mid-request does not end the request: the
 :class:`Generation` routes the rest of it again (the prompt plus the tokens generated so far,
 under the same request id) and keeps streaming from the new worker, up to the migration limit.
+
+A model served by prefill and decode workers is *split* (:mod:`tokenyard.frontend.disagg`): the
+request is routed to a decode worker first, then the policy decides whether a prefill worker
+computes its prompt; if so, the prefill pool is routed too and the :class:`Generation` reads a
+:class:`~tokenyard.frontend.disagg.SplitStream` (prefill stage, then the decode worker's tokens).
 """
 
 from __future__ import annotations
@@ -36,13 +41,22 @@ from tokenyard.common import tracing
 from tokenyard.common.discovery import ModelCard
 from tokenyard.common.errors import DeadlineExceeded, TokenyardError, Unavailable
 from tokenyard.common.hashing import local_block_hashes, salt_hash
-from tokenyard.common.logs import request_id_var
+from tokenyard.common.logs import log_fields, request_id_var
 from tokenyard.frontend.chat_output import check_capabilities
 from tokenyard.frontend.clients import RouterClient, WorkerClients, WorkerStream
+from tokenyard.frontend.disagg import (
+    DisaggConfig,
+    DisaggPolicy,
+    SplitStream,
+    after_prefill_route,
+    decide,
+    prefill_request_id,
+)
 from tokenyard.frontend.generation import (
     Delta,
     FinishReason,
     GenerationRequest,
+    KvTransfer,
     Outcome,
     RouteDecision,
     Sampling,
@@ -54,7 +68,7 @@ from tokenyard.frontend.generation import (
 from tokenyard.frontend.lifecycle import RequestLifecycle
 from tokenyard.frontend.limits import Admission, Limits, check_stop_strings
 from tokenyard.frontend.metrics import FrontendMetrics, error_type
-from tokenyard.frontend.models import ModelRegistry
+from tokenyard.frontend.models import ModelRegistry, ServedModel
 from tokenyard.frontend.preprocess import Prepared, Preprocessor
 from tokenyard.frontend.stop_strings import StopStringMatcher
 from tokenyard.frontend.tokenizer import DetokenizeStream, Tokenizer
@@ -127,7 +141,7 @@ class RequestSpans:
     children; the router's and the worker's spans join it through the calls' trace context.
     Built only when tracing is on."""
 
-    __slots__ = ("_context", "_tracer", "generate", "root")
+    __slots__ = ("_context", "_tracer", "generate", "prefill", "root")
 
     def __init__(
         self, tracer: trace.Tracer, parent: Context | None, request: GenerationRequest, request_id: str
@@ -146,6 +160,8 @@ class RequestSpans:
         )
         self._context = trace.set_span_in_context(self.root)
         self.generate: trace.Span | None = None
+        # The prefill stage of a split request, until it ended.
+        self.prefill: trace.Span | None = None
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[trace.Span]:
@@ -156,7 +172,23 @@ class RequestSpans:
         self.generate = self._tracer.start_span("generate", context=self._context)
         return self.generate
 
+    def open_prefill(self, worker_id: int) -> trace.Span:
+        """The prefill stage of a split request: the prefill worker's Generate span joins under it."""
+        self.prefill = self._tracer.start_span(
+            "prefill", context=self._context, attributes={"tokenyard.prefill_worker_id": worker_id}
+        )
+        return self.prefill
+
+    def end_prefill(self, error: str | None) -> None:
+        span, self.prefill = self.prefill, None
+        if span is None:
+            return
+        if error is not None:
+            span.set_status(trace.StatusCode.ERROR, error)
+        span.end()
+
     def end(self, outcome: Outcome, output_tokens: int, migrations: int, exc: BaseException | None) -> None:
+        self.end_prefill(outcome.value if outcome is not Outcome.FINISHED else None)
         for span in (self.generate, self.root):
             if span is None:
                 continue
@@ -201,6 +233,7 @@ class Frontend:
         *,
         migration_limit: int = 3,
         limits: Limits | None = None,
+        disagg: DisaggConfig | None = None,
     ) -> None:
         self.models = models
         self._pre = preprocessor
@@ -210,6 +243,7 @@ class Frontend:
         self._migration_limit = migration_limit
         metrics.migration_limit.set(migration_limit)
         self.limits = limits or Limits()
+        self.disagg = disagg or DisaggConfig()
         self.admission = Admission(self.limits.max_inflight_requests)
         models.on_model(
             lambda card: metrics.model_card(
@@ -291,7 +325,9 @@ class Frontend:
 
     async def _route(
         self, request: GenerationRequest, request_id: str, spans: RequestSpans | None
-    ) -> tuple[ModelCard, Tokenizer, Prepared, RouteDecision]:
+    ) -> tuple[ModelCard, Tokenizer, Prepared, RouteDecision, RouteDecision | None]:
+        """Tokenize and route; for a split model, also decide where the prompt is computed and
+        route the prefill pool if remotely (the last element: the prefill worker, or None)."""
         try:
             card = self.models.card(request.model)
             check_capabilities(card, request)
@@ -305,6 +341,8 @@ class Frontend:
                     span.set_attribute("tokenyard.prompt_tokens", len(prepared.token_ids))
             self._metrics.model(request.model).tokenize_ms.observe((time.perf_counter() - began) * 1000)
             self.limits.check_prompt(len(prepared.token_ids))
+            served = self.models.get(request.model)
+            split = served is not None and served.split and self.disagg.policy is not DisaggPolicy.NEVER
             with spans.stage("route") if spans is not None else contextlib.nullcontext():
                 decision = await self._router.route(
                     request_id=request_id,
@@ -312,13 +350,69 @@ class Frontend:
                     block_hashes=prepared.block_hashes,
                     isl_tokens=len(prepared.token_ids),
                     priority=request.priority,
+                    pool="decode" if split else "",
                 )
         except TokenyardError as exc:
             self.count_failure(request, exc)
             if exc.code is grpc.StatusCode.RESOURCE_EXHAUSTED:
                 self.count_rejection(request, "overload")
             raise
-        return card, tokenizer, prepared, decision
+        prefill = None
+        if split:
+            prefill = await self._route_prefill(request, request_id, card, prepared, decision, spans)
+        elif served is not None and served.split:
+            self._metrics.disagg(request.model).decided(False, "never")
+        return card, tokenizer, prepared, decision, prefill
+
+    def _client_pool(self, served: ServedModel) -> tuple[str, list[int]]:
+        """The pool a request's generating worker comes from, and its workers' ids: the decode
+        pool while the model is split (unless disaggregation is off), else every worker that
+        serves clients whole."""
+        if self.disagg.policy is DisaggPolicy.NEVER:
+            return "", list(served.instances)
+        return served.client_pool()
+
+    async def _route_prefill(
+        self,
+        request: GenerationRequest,
+        request_id: str,
+        card: ModelCard,
+        prepared: Prepared,
+        decode: RouteDecision,
+        spans: RequestSpans | None,
+    ) -> RouteDecision | None:
+        """Where a split model's request is prefilled: the prefill worker routed to, or None for
+        its decode worker (counted in tokenyard_frontend_disagg_decisions_total either way)."""
+        cfg = self.disagg
+        series = self._metrics.disagg(request.model)
+        isl = len(prepared.token_ids)
+        decision = decide(cfg, isl, decode, card.block_size)
+        if not decision.remote:
+            series.decided(False, decision.reason)
+            return None
+        prefill_id = prefill_request_id(request_id)
+        try:
+            with spans.stage("route_prefill") if spans is not None else contextlib.nullcontext():
+                prefill = await self._router.route(
+                    request_id=prefill_id,
+                    model=request.model,
+                    block_hashes=prepared.block_hashes,
+                    isl_tokens=isl,
+                    priority=request.priority,
+                    pool="prefill",
+                )
+        except TokenyardError as exc:
+            busy = exc.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+            log.info("request %s prefills on its decode worker: %s", request_id, exc)
+            series.decided(False, "prefill_busy" if busy else "no_prefill_worker")
+            return None
+        decision = after_prefill_route(cfg, decision, prefill)
+        series.decided(decision.remote, decision.reason)
+        if not decision.remote:
+            # Routed only to learn the load: the router drops it again.
+            self._router.notify_finished(prefill_id, Outcome.CANCELLED, 0)
+            return None
+        return prefill
 
     def _open(
         self,
@@ -330,12 +424,19 @@ class Frontend:
         tokenizer: Tokenizer,
         prepared: Prepared,
         decision: RouteDecision,
+        prefill: RouteDecision | None,
         spans: RequestSpans | None,
     ) -> Generation:
         lifecycle = RequestLifecycle(self._router, request_id)
         deadline = started + self.limits.request_timeout if self.limits.request_timeout else None
+        split: SplitStream | None = None
+        stream: TokenStream
         try:
-            if spans is None:
+            if prefill is not None:
+                stream = split = self._split(
+                    request, request_id, prepared, sampling, decision, prefill, deadline, spans
+                )
+            elif spans is None:
                 stream = self._generate(
                     request, request_id, prepared.token_ids, sampling, request.stop, decision, deadline
                 )
@@ -355,8 +456,12 @@ class Frontend:
         if self._migration_limit and request.guided is None:
 
             async def reroute(generated: Sequence[int], avoid: frozenset[int]) -> tuple[int, TokenStream]:
+                # A decode worker lost before its first token leaves the prompt's KV where the
+                # prefill worker put it: the next one imports it too (or computes the prompt if it
+                # is gone). After it generated tokens, the next one computes it all.
+                transfer = split.handoff() if split is not None else None
                 return await self._reroute(
-                    request, request_id, prepared.token_ids, sampling, generated, avoid, deadline
+                    request, request_id, prepared.token_ids, sampling, generated, avoid, deadline, transfer
                 )
 
         return Generation(
@@ -387,12 +492,18 @@ class Frontend:
         stop: StopConditions,
         decision: RouteDecision,
         deadline: float | None,
+        *,
+        kv_transfer: KvTransfer | None = None,
+        prefill_only: bool = False,
+        timeout_cap: float | None = None,
     ) -> WorkerStream:
         timeout = None
         if deadline is not None:
             timeout = deadline - time.perf_counter()
             if timeout <= 0:
                 raise timeout_error(self.limits.request_timeout)
+        if timeout_cap is not None:
+            timeout = timeout_cap if timeout is None else min(timeout, timeout_cap)
         worker_request = WorkerRequest(
             request_id=request_id,
             model=request.model,
@@ -404,9 +515,72 @@ class Frontend:
             lora_name=request.lora_name,
             cache_salt=request.cache_salt,
             timeout=timeout,
-            guided=request.guided,
+            # The prefill worker does not constrain its one token (a guided request drops it).
+            guided=None if prefill_only else request.guided,
+            prefill_only=prefill_only,
+            kv_transfer=kv_transfer,
         )
         return self._workers.generate(decision.address, worker_request)
+
+    def _split(
+        self,
+        request: GenerationRequest,
+        request_id: str,
+        prepared: Prepared,
+        sampling: Sampling,
+        decode: RouteDecision,
+        prefill: RouteDecision,
+        deadline: float | None,
+        spans: RequestSpans | None,
+    ) -> SplitStream:
+        """The stream of a request prefilled remotely: the prefill stage (whose token is the
+        request's first), then the decode worker, continuing after it."""
+        prompt = prepared.token_ids
+        prefill_id = prefill_request_id(request_id)
+        stop = request.stop
+        # One output token, under the request's own rules for a first token.
+        prefill_stop = StopConditions(
+            max_tokens=1,
+            min_tokens=min(1, stop.min_tokens),
+            stop_token_ids=stop.stop_token_ids,
+            ignore_eos=stop.ignore_eos,
+        )
+
+        def open_prefill(timeout: float) -> TokenStream:
+            return self._generate(
+                request, prefill_id, prompt, sampling, prefill_stop, prefill, deadline,
+                prefill_only=True, timeout_cap=timeout,
+            )  # fmt: skip
+
+        def open_decode(transfer: KvTransfer | None, emitted: Sequence[int]) -> TokenStream:
+            n = len(emitted)
+            rest = stop if not n else replace(
+                stop,
+                max_tokens=None if stop.max_tokens is None else stop.max_tokens - n,
+                min_tokens=max(0, stop.min_tokens - n),
+            )  # fmt: skip
+            token_ids = [*prompt, *emitted] if n else prompt
+            return self._generate(
+                request, request_id, token_ids, sampling, rest, decode, deadline, kv_transfer=transfer
+            )
+
+        return SplitStream(
+            open_prefill,
+            open_decode,
+            RequestLifecycle(self._router, prefill_id),
+            self._metrics.disagg(request.model),
+            request_id=request_id,
+            prefill_worker=prefill.worker_id,
+            prompt_tokens=len(prompt),
+            max_tokens=stop.max_tokens,
+            timeout=self.disagg.prefill_timeout,
+            # The prefill worker does not constrain its token: structured output starts on the
+            # decode worker.
+            emit_first=request.guided is None,
+            deadline=deadline,
+            request_timeout=self.limits.request_timeout,
+            spans=spans,
+        )
 
     async def _reroute(
         self,
@@ -417,17 +591,20 @@ class Frontend:
         generated: Sequence[int],
         avoid: frozenset[int],
         deadline: float | None,
+        kv_transfer: KvTransfer | None = None,
     ) -> tuple[int, TokenStream]:
         """Route the rest of a request (prompt and the tokens generated so far, the same request
-        id: the router replaces the old assignment) and open it on the worker chosen."""
+        id: the router replaces the old assignment) and open it on the worker chosen; a split
+        model's request moves within the decode pool."""
         token = request_id_var.set(request_id)
         try:
             card = self.models.card(request.model)
             token_ids = [*prompt, *generated]
             served = self.models.get(request.model)
+            pool, ids = self._client_pool(served) if served is not None else ("", [])
             # The lost worker stays eligible only where nothing else serves the model (its lease
             # has not expired yet, so the router still counts it).
-            allowed = [w for w in served.instances if w not in avoid] if served is not None else []
+            allowed = [w for w in ids if w not in avoid]
             decision = await self._router.route(
                 request_id=request_id,
                 model=request.model,
@@ -437,6 +614,7 @@ class Frontend:
                 isl_tokens=len(token_ids),
                 priority=request.priority,
                 allowed_worker_ids=allowed,
+                pool=pool,
             )
             n = len(generated)
             stop = replace(
@@ -445,7 +623,7 @@ class Frontend:
                 min_tokens=max(0, request.stop.min_tokens - n),
             )
             return decision.worker_id, self._generate(
-                request, request_id, token_ids, sampling, stop, decision, deadline
+                request, request_id, token_ids, sampling, stop, decision, deadline, kv_transfer=kv_transfer
             )
         finally:
             request_id_var.reset(token)
@@ -564,6 +742,17 @@ class Generation:
         if self._spans is not None:
             self._spans.end(outcome, output_tokens, self.migrations, exc)
         req = self.request
+        if log.isEnabledFor(logging.DEBUG):
+            # The request's scope (request id, spans) closed with the handler: name both explicitly.
+            log.debug(
+                "request %s %s: %d output tokens, %d migrations, %.1fms",
+                req.endpoint.value,
+                outcome.value,
+                output_tokens,
+                self.migrations,
+                (time.perf_counter() - self._started) * 1000,
+                extra=log_fields(self.request_id, self._spans.root if self._spans is not None else None),
+            )
         series = self._metrics.model(req.model)
         series.active.dec()
         series.duration.observe(time.perf_counter() - self._started)

@@ -121,6 +121,28 @@ class RouteDecision:
     dp_rank: int
     address: str
     cached_tokens: int
+    # Leading prompt blocks predicted cached on the chosen rank.
+    overlap_blocks: int = 0
+    # The chosen rank's load before this request and its capacity (0: unknown), as the router saw
+    # them: what conditional disaggregation decides on.
+    active_prefill_tokens: int = 0
+    active_decode_blocks: int = 0
+    total_kv_blocks: int = 0
+    max_num_batched_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class KvTransfer:
+    """Where a decode worker pulls a prompt's KV from: what the prefill worker returned, passed to
+    the decode worker unchanged."""
+
+    source_worker_id: int
+    source_dp_rank: int
+    source_address: str
+    transfer_id: str
+    block_hashes: Sequence[int]
+    num_tokens: int
+    engine_params: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +162,10 @@ class WorkerRequest:
     timeout: float | None = None
     # What the engine must constrain the output to; None: free text.
     guided: GuidedDecoding | None = None
+    # Disaggregation: run the prompt only and hand its KV over (a prefill worker), or import the
+    # prompt's KV from where a prefill worker left it (a decode worker).
+    prefill_only: bool = False
+    kv_transfer: KvTransfer | None = None
 
 
 @dataclass(slots=True)
@@ -149,3 +175,5 @@ class TokenChunk:
     token_ids: Sequence[int]
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+    # A prefill-only request's last chunk: where its KV waits for the decode worker.
+    kv_transfer: KvTransfer | None = None

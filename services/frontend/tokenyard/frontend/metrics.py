@@ -14,6 +14,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from tokenyard.common.errors import TokenyardError
+from tokenyard.frontend.disagg import FAILURE_REASONS, LOCAL_REASONS, REMOTE_REASONS
 
 _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _ITL_SECONDS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1)
@@ -38,6 +39,18 @@ def error_type(exc: BaseException) -> str:
     if isinstance(exc, TokenyardError):
         return _ERROR_TYPES.get(exc.code, "internal")
     return "internal"
+
+
+@dataclass(slots=True)
+class DisaggSeries:
+    """One model's disaggregation metrics."""
+
+    decisions: dict[tuple[bool, str], Counter]
+    prefill_seconds: Histogram
+    failures: dict[str, Counter]
+
+    def decided(self, remote: bool, reason: str) -> None:
+        self.decisions[(remote, reason)].inc()
 
 
 @dataclass(slots=True)
@@ -170,6 +183,31 @@ class FrontendMetrics:
             )
         }
         self._series: dict[str, _ModelSeries] = {}
+        self._disagg_decisions = Counter(
+            "tokenyard_frontend_disagg_decisions_total",
+            "Requests of split models (prefill and decode workers), by where their prompt was "
+            "computed: decision remote (a prefill worker) or local (their decode worker), and why "
+            "(remote: always, uncached, prefill_free, decode_busy; local: never, cached, "
+            "prefill_busy, no_prefill_worker).",
+            ["model", "decision", "reason"],
+            registry=registry,
+        )
+        self._disagg_prefill = Histogram(
+            "tokenyard_frontend_disagg_prefill_seconds",
+            "Prefill stage of remote requests: from opening the prefill worker's call to its KV "
+            "hand-off (successful stages only).",
+            ["model"],
+            buckets=_SECONDS,
+            registry=registry,
+        )
+        self._disagg_failures = Counter(
+            "tokenyard_frontend_disagg_prefill_failures_total",
+            "Prefill stages that ended without a hand-off (reason: unavailable, timeout, error, "
+            "no_transfer); the decode worker computed those prompts itself.",
+            ["model", "reason"],
+            registry=registry,
+        )
+        self._disagg: dict[str, DisaggSeries] = {}
 
     def model(self, model: str) -> _ModelSeries:
         series = self._series.get(model)
@@ -186,6 +224,23 @@ class FrontendMetrics:
                 self._output_tokens.labels(model),
                 self._tokenizer_ms.labels(model, "tokenize"),
                 self._tokenizer_ms.labels(model, "detokenize"),
+            )
+        return series
+
+    def disagg(self, model: str) -> DisaggSeries:
+        series = self._disagg.get(model)
+        if series is None:
+            decisions = {
+                (remote, reason): self._disagg_decisions.labels(
+                    model, "remote" if remote else "local", reason
+                )
+                for remote, reasons in ((True, REMOTE_REASONS), (False, LOCAL_REASONS))
+                for reason in reasons
+            }
+            series = self._disagg[model] = DisaggSeries(
+                decisions,
+                self._disagg_prefill.labels(model),
+                {reason: self._disagg_failures.labels(model, reason) for reason in FAILURE_REASONS},
             )
         return series
 

@@ -3,13 +3,19 @@
 A model stays *known* after its last worker left: asking for it then is "temporarily
 unavailable" (503), not "no such model" (404), which is what a client retrying through a
 worker restart should hear.
+
+Workers serve a model in one of three roles. Aggregated and decode workers serve clients whole
+(``instances``); prefill workers (``prefill``) only compute prompts for decode workers, so they
+alone never make a model servable. A model is *split* while it has both prefill and decode
+workers: the frontend then prefills its requests on the prefill pool and decodes them on the
+decode pool (see :mod:`tokenyard.frontend.disagg`).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tokenyard.common.discovery import Instance, ModelCard, WatchEventKind
 from tokenyard.common.errors import NotFound, Unavailable
@@ -20,7 +26,29 @@ log = logging.getLogger(__name__)
 @dataclass
 class ServedModel:
     card: ModelCard
+    # Workers that serve clients whole: aggregated and decode workers.
     instances: dict[int, Instance] = field(default_factory=dict)
+    # Prefill workers.
+    prefill: dict[int, Instance] = field(default_factory=dict)
+    # Ids of the decode workers among ``instances``.
+    decode: set[int] = field(default_factory=set)
+
+    @property
+    def split(self) -> bool:
+        """Both prefill and decode workers serve the model: requests are disaggregated."""
+        return bool(self.prefill) and bool(self.decode)
+
+    def client_pool(self) -> tuple[str, list[int]]:
+        """The pool a request's generating worker comes from (``decode`` while split, else ""
+        for every worker that serves clients whole) and the ids of its workers."""
+        if self.split:
+            return "decode", list(self.decode)
+        return "", list(self.instances)
+
+
+def _same_card(a: ModelCard, b: ModelCard) -> bool:
+    """Cards that differ only in role describe the same model (pools of one deployment)."""
+    return a == b if a.role == b.role else a == replace(b, role=a.role)
 
 
 class ModelRegistry:
@@ -65,14 +93,27 @@ class ModelRegistry:
             return
         if kind is WatchEventKind.REMOVED:
             model = self._models.get(card.model)
-            if model is not None and model.instances.pop(instance.instance_id, None) is not None:
+            if model is None:
+                return
+            model.decode.discard(instance.instance_id)
+            gone = model.instances.pop(instance.instance_id, None) or model.prefill.pop(
+                instance.instance_id, None
+            )
+            if gone is not None:
                 for left in self._on_worker_left:
                     left(instance)
             return
-        # Prefill-only workers take no requests from clients; they do not make a model servable.
-        if card.role == "prefill":
-            return
         model = self._models.get(card.model)
+        if card.role == "prefill":
+            # Prefill workers take no requests from clients: they do not make a model servable,
+            # and the card clients are served by stays the one of the workers that serve them.
+            if model is None:
+                model = self._models[card.model] = ServedModel(card)
+            # (An instance that changed role leaves its old pool.)
+            model.instances.pop(instance.instance_id, None)
+            model.decode.discard(instance.instance_id)
+            model.prefill[instance.instance_id] = instance
+            return
         changed = model is None or model.card != card
         if model is None:
             model = self._models[card.model] = ServedModel(card)
@@ -83,9 +124,15 @@ class ModelRegistry:
                 card.block_size,
             )
         elif model.card != card:
-            log.warning("workers of model %s advertise different cards; using the newest", card.model)
+            if not _same_card(model.card, card) and model.instances:
+                log.warning("workers of model %s advertise different cards; using the newest", card.model)
             model.card = card
         model.instances[instance.instance_id] = instance
+        model.prefill.pop(instance.instance_id, None)
+        if card.role == "decode":
+            model.decode.add(instance.instance_id)
+        else:
+            model.decode.discard(instance.instance_id)
         if changed:
             for listener in self._on_model:
                 listener(card)

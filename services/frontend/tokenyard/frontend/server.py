@@ -139,6 +139,7 @@ class FrontendServer:
                 max_inflight_requests=settings.max_inflight_requests,
                 request_timeout=settings.request_timeout,
             ),
+            disagg=settings.disagg(),
         )
         self._ready = [False]
         self._runner = web.AppRunner(

@@ -12,6 +12,11 @@ Predicted load per rank (no feedback from the engine needed):
 * ``active_blocks``: distinct prompt blocks referenced by active requests (refcounted by sequence
   hash), so that requests sharing a prefix count it once.
 
+What a request counts as depends on the pool it was routed in (:data:`POOL_TRACKING`): in the
+prefill pool only its prompt (its worker emits one token and hands the KV over, so it never
+decodes), in the decode pool only its blocks (its prompt was computed by a prefill worker), and
+in the others both.
+
 A request contributes all of its prompt's sequence hashes, so each rank's set of active blocks is
 prefix-closed; :meth:`ActiveRequests.overlap` reuses the KV index's jump search over bitmasks to
 tell, per rank, how many leading blocks of a new prompt are active there already.
@@ -27,6 +32,14 @@ from enum import Enum
 
 from tokenyard.router.index import WorkerRank
 from tokenyard.router.prefix import SlotTable, longest_prefixes
+
+# Per pool (RouteQuery.pool): whether a request routed there counts (prefill tokens, decode blocks).
+POOL_TRACKING: dict[str, tuple[bool, bool]] = {
+    "": (True, True),
+    "aggregated": (True, True),
+    "prefill": (True, False),
+    "decode": (False, True),
+}
 
 
 class Outcome(Enum):
@@ -49,14 +62,45 @@ class ActiveRequest:
     expected_output_tokens: int | None = None
     started_at: float = field(default_factory=time.monotonic)
     first_token_seen: bool = False
+    # Whether its prompt counts as prefill load until its first token (not in the decode pool).
+    track_prefill: bool = True
 
     @property
     def prefill_tokens(self) -> int:
-        return 0 if self.first_token_seen else max(0, self.prompt_tokens - self.cached_tokens)
+        if self.first_token_seen or not self.track_prefill:
+            return 0
+        return max(0, self.prompt_tokens - self.cached_tokens)
 
     @property
     def rank(self) -> WorkerRank:
         return WorkerRank(self.worker_id, self.dp_rank)
+
+
+def routed_request(
+    request_id: str,
+    worker_id: int,
+    dp_rank: int,
+    prompt_tokens: int,
+    cached_tokens: int,
+    block_hashes: Sequence[int],
+    pool: str = "",
+    *,
+    origin: str = "",
+    expected_output_tokens: int | None = None,
+) -> ActiveRequest:
+    """A request routed in ``pool``, counting the load that pool tracks (:data:`POOL_TRACKING`)."""
+    track_prefill, track_blocks = POOL_TRACKING.get(pool, (True, True))
+    return ActiveRequest(
+        request_id,
+        worker_id,
+        dp_rank,
+        prompt_tokens,
+        cached_tokens,
+        block_hashes=block_hashes if track_blocks else (),
+        origin=origin,
+        expected_output_tokens=expected_output_tokens,
+        track_prefill=track_prefill,
+    )
 
 
 @dataclass(slots=True)

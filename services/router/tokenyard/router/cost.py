@@ -11,6 +11,12 @@ For each eligible worker rank::
                    + active_blocks + blocks of the prompt not already active there
                    + active_request_weight * active_requests
 
+Pools (:meth:`CostKnobs.for_pool`): the prefill pool leaves decode blocks out (its requests never
+decode there); the decode pool leaves prefill load out and credits cached blocks against the
+decode term instead (``cost = max(0, decode - credit) + active_request_weight * requests``), so
+that a decode worker already holding a prompt's prefix is preferred, as the reference does for
+conditional disaggregation.
+
 Lower cost wins. Lower tiers are credited only for the blocks beyond what a faster tier already
 holds: a block cached on the device and also offloaded to host memory saves its prefill once.
 
@@ -38,6 +44,16 @@ class CostKnobs:
     temperature: float = 0.0
     track_prefill_tokens: bool = True
     track_active_blocks: bool = True
+    # Credit cached blocks against the decode term (the decode pool, whose prefill is elsewhere).
+    decode_credit: bool = False
+
+    def for_pool(self, pool: str) -> CostKnobs:
+        """These knobs for a request routed in ``pool`` (see the module's docstring)."""
+        if pool == "prefill":
+            return replace(self, track_active_blocks=False) if self.track_active_blocks else self
+        if pool == "decode":
+            return replace(self, track_prefill_tokens=False, decode_credit=True)
+        return self
 
     def with_overrides(
         self,
@@ -98,11 +114,14 @@ def costs(states: Sequence[RankState], isl_tokens: int, block_size: int, knobs: 
             + knobs.disk_cache_hit_weight * disk_extra
             + knobs.shared_cache_multiplier * shared_extra
         )
-        prefill = knobs.prefill_load_scale * max(0.0, raw_prefill - credit)
         decode = 0.0
         if knobs.track_active_blocks:
             decode = s.active_blocks + max(0, request_blocks - s.active_overlap)
-        out.append(prefill + decode + knobs.active_request_weight * s.active_requests)
+        if knobs.decode_credit and not track_prefill:
+            load = max(0.0, decode - credit)
+        else:
+            load = knobs.prefill_load_scale * max(0.0, raw_prefill - credit) + decode
+        out.append(load + knobs.active_request_weight * s.active_requests)
     return out
 
 

@@ -19,6 +19,7 @@ FRACTION_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 TOKEN_BUCKETS = (16, 64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 131072)
 STAGES = ("hashing", "index_lookup", "scoring", "total")
+POOLS = ("aggregated", "prefill", "decode")
 
 
 class RouterMetrics:
@@ -146,9 +147,45 @@ class RouterMetrics:
             self.worker_reported_prefill,
         )
         self._labelled: set[tuple[str, str]] = set()
+        # Per pool: the role of the workers (aggregated, prefill, decode).
+        self.pool_decisions = Counter(
+            "tokenyard_router_pool_decisions_total",
+            "Routing decisions, by the pool (role) of the worker chosen.",
+            ["pool"],
+            registry=r,
+        )
+        self._pool_decisions = {role: self.pool_decisions.labels(role) for role in POOLS}
+        self.pool_workers = Gauge(
+            "tokenyard_router_pool_workers", "Workers known from discovery, by pool.", ["pool"], registry=r
+        )
+        self.pool_requests = Gauge(
+            "tokenyard_router_pool_active_requests",
+            "Requests routed to the pool's workers and active.",
+            ["pool"],
+            registry=r,
+        )
+        self.pool_prefill_tokens = Gauge(
+            "tokenyard_router_pool_active_prefill_tokens",
+            "Predicted prompt tokens still to prefill on the pool's workers (the decode pool's "
+            "requests are prefilled elsewhere and count none).",
+            ["pool"],
+            registry=r,
+        )
+        self.pool_active_blocks = Gauge(
+            "tokenyard_router_pool_active_decode_blocks",
+            "Predicted KV blocks referenced by requests active on the pool's workers (the prefill "
+            "pool's requests never decode and count none).",
+            ["pool"],
+            registry=r,
+        )
 
     def stage(self, name: str, seconds: float) -> None:
         self._stage[name].observe(seconds)
+
+    def pool_decision(self, role: str) -> None:
+        counter = self._pool_decisions.get(role)
+        if counter is not None:
+            counter.inc()
 
     def refresh(self, workers: WorkerSet, active: ActiveRequests, index: TieredIndex) -> None:
         """Bring the gauges up to date (call from the event loop)."""
@@ -159,7 +196,11 @@ class RouterMetrics:
             self.indexed_blocks.labels(tier.name.lower()).set(kv.num_blocks() if kv is not None else 0)
         seen: set[tuple[str, str]] = set()
         loads = active.loads()
+        pools = {role: [0, 0, 0, 0] for role in POOLS}
         for state in workers.all():
+            pool = pools.get(state.role)
+            if pool is not None:
+                pool[0] += 1
             for rank in range(state.dp_size):
                 key = (str(state.worker_id), str(rank))
                 seen.add(key)
@@ -170,6 +211,15 @@ class RouterMetrics:
                 self.worker_requests.labels(*key).set(load.active_requests if load else 0)
                 self.worker_reported_blocks.labels(*key).set(report.active_blocks if report else 0)
                 self.worker_reported_prefill.labels(*key).set(report.active_prefill_tokens if report else 0)
+                if pool is not None and load is not None:
+                    pool[1] += load.active_requests
+                    pool[2] += load.active_prefill_tokens
+                    pool[3] += load.active_blocks
+        for role, (count, requests, prefill, blocks) in pools.items():
+            self.pool_workers.labels(role).set(count)
+            self.pool_requests.labels(role).set(requests)
+            self.pool_prefill_tokens.labels(role).set(prefill)
+            self.pool_active_blocks.labels(role).set(blocks)
         for key in self._labelled - seen:
             for gauge in self._worker_gauges:
                 gauge.remove(*key)

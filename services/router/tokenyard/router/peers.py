@@ -18,6 +18,7 @@ from tokenyard.common.discovery import Discovery, DiscoveryError, Instance, Watc
 from tokenyard.router.active import ActiveRequests
 from tokenyard.router.metrics import RouterMetrics
 from tokenyard.router.replicas import FirstToken, Freed, LifecycleEvent, Routed, apply_peer_event, kind
+from tokenyard.router.servicer import POOL_NAMES
 from tokenyard.router.v1 import router_pb2, router_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ def replica_event_from_pb(msg: router_pb2.SubscribeReplicaEventsResponse) -> Lif
             isl_tokens=r.isl_tokens,
             cached_tokens=r.cached_tokens,
             expected_output_tokens=r.expected_output_tokens if r.HasField("expected_output_tokens") else None,
+            pool=POOL_NAMES.get(r.pool, ""),
         )
     if which == "first_token":
         return FirstToken(msg.first_token.request_id)

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from tokenyard.router.active import ActiveRequest, ActiveRequests
+from tokenyard.router.active import ActiveRequests, routed_request
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,8 @@ class Routed:
     isl_tokens: int
     cached_tokens: int
     expected_output_tokens: int | None = None
+    # The pool it was routed in ("" the default): what its load counts as.
+    pool: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,13 +122,14 @@ def apply_peer_event(active: ActiveRequests, origin: str, event: LifecycleEvent)
             # Re-routed elsewhere (a migration decided by the peer): the new assignment wins.
             active.finish(event.request_id)
         return active.add(
-            ActiveRequest(
-                request_id=event.request_id,
-                worker_id=event.worker_id,
-                dp_rank=event.dp_rank,
-                prompt_tokens=event.isl_tokens,
-                cached_tokens=event.cached_tokens,
-                block_hashes=tuple(event.sequence_hashes),
+            routed_request(
+                event.request_id,
+                event.worker_id,
+                event.dp_rank,
+                event.isl_tokens,
+                event.cached_tokens,
+                tuple(event.sequence_hashes),
+                event.pool,
                 origin=origin,
                 expected_output_tokens=event.expected_output_tokens,
             )

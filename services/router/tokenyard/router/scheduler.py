@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from tokenyard.common.errors import InvalidArgument, Overloaded, Unavailable
-from tokenyard.router.active import ActiveRequest, ActiveRequests, Outcome
+from tokenyard.router.active import ActiveRequests, Outcome, routed_request
 from tokenyard.router.approx import ApproximateRecorder
 from tokenyard.router.busy import BusyThresholds, RankPressure, worker_busy
 from tokenyard.router.cost import CostKnobs, RankState
@@ -73,6 +73,12 @@ class RouteDecision:
     block_size: int
     cost: float
     mode: str
+    # The chosen rank's load before this request (the larger of prediction and fresh report) and
+    # capacity (0: unknown), for callers that decide on load.
+    active_prefill_tokens: int = 0
+    active_decode_blocks: int = 0
+    total_kv_blocks: int = 0
+    max_num_batched_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +148,7 @@ class Scheduler:
             raise InvalidArgument("routing mode direct needs pinned_worker_id")
         knobs = self.config.knobs.with_overrides(
             hints.overlap_score_credit, hints.prefill_load_scale, hints.temperature
-        )
+        ).for_pool(q.pool)
 
         workers = self._eligible_workers(q)
         if not q.dry_run and self.active.get(q.request_id) is not None:
@@ -174,13 +180,14 @@ class Scheduler:
         cached_tokens = min(isl, overlap * block_size)
         if not q.dry_run:
             self.active.add(
-                ActiveRequest(
+                routed_request(
                     q.request_id,
                     chosen.worker_id,
                     chosen.dp_rank,
                     isl,
                     cached_tokens,
-                    block_hashes=chain,
+                    chain,
+                    q.pool,
                     expected_output_tokens=hints.expected_output_tokens,
                 )
             )
@@ -200,10 +207,15 @@ class Scheduler:
                         isl,
                         cached_tokens,
                         hints.expected_output_tokens,
+                        q.pool,
                     )
                 )
+        chosen_worker = self.workers.get(chosen.worker_id)
         if self.metrics is not None:
             self._observe(policy.name(), candidates, overlap, len(prompt), isl, (t0, t1, t2, t3))
+            if chosen_worker is not None:
+                self.metrics.pool_decision(chosen_worker.role)
+        total_blocks, max_batched = self._capacity(chosen_worker, chosen.dp_rank)
         return RouteDecision(
             worker_id=chosen.worker_id,
             dp_rank=chosen.dp_rank,
@@ -213,7 +225,19 @@ class Scheduler:
             block_size=block_size,
             cost=chosen.cost,
             mode=policy.name(),
+            active_prefill_tokens=int(chosen.state.active_prefill_tokens),
+            active_decode_blocks=int(chosen.state.active_blocks),
+            total_kv_blocks=total_blocks,
+            max_num_batched_tokens=max_batched,
         )
+
+    def _capacity(self, w: WorkerState | None, rank: int) -> tuple[int, int]:
+        """(device KV blocks, prompt tokens per step) of a worker rank; 0 where unknown."""
+        if w is None:
+            return 0, 0
+        report = self._fresh(w.loads.get(rank))
+        total = report.total_blocks if report is not None and report.total_blocks else w.total_kv_blocks
+        return total, w.details.max_num_batched_tokens if w.details is not None else 0
 
     def _eligible_workers(self, q: RouteQuery) -> list[WorkerState]:
         hints = q.hints

@@ -30,12 +30,13 @@ MODE_NAMES = {
     router_pb2.ROUTING_MODE_DIRECT: "direct",
 }
 MODE_ENUMS = {name: value for value, name in MODE_NAMES.items()}
-_POOLS = {
+POOL_NAMES = {
     router_pb2.WORKER_POOL_UNSPECIFIED: "",
     router_pb2.WORKER_POOL_AGGREGATED: "aggregated",
     router_pb2.WORKER_POOL_PREFILL: "prefill",
     router_pb2.WORKER_POOL_DECODE: "decode",
 }
+POOL_ENUMS = {name: value for value, name in POOL_NAMES.items()}
 _OUTCOMES = {
     router_pb2.REQUEST_OUTCOME_FINISHED: Outcome.FINISHED,
     router_pb2.REQUEST_OUTCOME_FAILED: Outcome.FAILED,
@@ -85,6 +86,7 @@ def replica_event_to_pb(item: ReplicaEvent) -> router_pb2.SubscribeReplicaEvents
         routed.cached_tokens = event.cached_tokens
         if event.expected_output_tokens is not None:
             routed.expected_output_tokens = event.expected_output_tokens
+        routed.pool = POOL_ENUMS.get(event.pool, router_pb2.WORKER_POOL_UNSPECIFIED)
     elif isinstance(event, FirstToken):
         msg.first_token.request_id = event.request_id
     else:
@@ -120,7 +122,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     async def Route(
         self, request: router_pb2.RouteRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> router_pb2.RouteResponse:
-        pool = _POOLS.get(request.pool)
+        pool = POOL_NAMES.get(request.pool)
         if pool is None:
             raise InvalidArgument(f"unknown worker pool {request.pool}")
         decision = self._scheduler.route(
@@ -144,6 +146,10 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             block_size=decision.block_size,
             cost=decision.cost,
             mode=MODE_ENUMS[decision.mode],
+            active_prefill_tokens=decision.active_prefill_tokens,
+            active_decode_blocks=decision.active_decode_blocks,
+            total_kv_blocks=decision.total_kv_blocks,
+            max_num_batched_tokens=decision.max_num_batched_tokens,
         )
 
     async def NotifyFirstToken(

@@ -69,6 +69,12 @@ class WorkerState:
         return card.block_size if card is not None else 0
 
     @property
+    def role(self) -> str:
+        """aggregated, prefill or decode (the pool the worker belongs to)."""
+        card = self.instance.model_card
+        return card.role if card is not None else "aggregated"
+
+    @property
     def total_kv_blocks(self) -> int:
         if self.details is not None and self.details.total_kv_blocks:
             return self.details.total_kv_blocks
