@@ -26,11 +26,6 @@ from tokenyard.common.gms import LockState, get_info
 
 pytestmark = [
     pytest.mark.e2e,
-    # The frontend migrates a request whose worker died to another worker of the model; when the
-    # dead one was the only worker it routes straight back to it and spends every migration in a
-    # millisecond, before the standby registers. It must wait (a few seconds at most) for a
-    # replacement instead: services/gms/README.md, "Standby failover".
-    pytest.mark.xfail(strict=True, reason="needs the frontend to wait for a replacement worker"),
 ]
 
 MODEL = "SmolLM2-135M-Instruct"

@@ -206,6 +206,12 @@ class RequestSpans:
         self.root.end()
 
 
+# How long a migrating request waits for a worker when every worker of its model is lost, and how
+# often it looks.
+REPLACEMENT_WAIT_S = 5.0
+REPLACEMENT_POLL_S = 0.05
+
+
 def new_request_id() -> str:
     return uuid.uuid4().hex
 
@@ -600,22 +606,37 @@ class Frontend:
         try:
             card = self.models.card(request.model)
             token_ids = [*prompt, *generated]
-            served = self.models.get(request.model)
-            pool, ids = self._client_pool(served) if served is not None else ("", [])
-            # The lost worker stays eligible only where nothing else serves the model (its lease
-            # has not expired yet, so the router still counts it).
-            allowed = [w for w in ids if w not in avoid]
-            decision = await self._router.route(
-                request_id=request_id,
-                model=request.model,
-                block_hashes=local_block_hashes(
-                    token_ids, card.block_size, salt_hash(request.lora_name, request.cache_salt)
-                ),
-                isl_tokens=len(token_ids),
-                priority=request.priority,
-                allowed_worker_ids=allowed,
-                pool=pool,
-            )
+            loop = asyncio.get_running_loop()
+            wait_until = loop.time() + REPLACEMENT_WAIT_S
+            while True:
+                served = self.models.get(request.model)
+                pool, ids = self._client_pool(served) if served is not None else ("", [])
+                # The lost worker stays eligible only where nothing else serves the model (its lease
+                # has not expired yet, so the router still counts it).
+                allowed = [w for w in ids if w not in avoid]
+                try:
+                    if not allowed and loop.time() < wait_until:
+                        # Every worker of the model is lost: a standby taking over or a worker
+                        # restarting registers within moments; routing back to the dead one
+                        # would spend the request's migrations in a millisecond.
+                        raise Unavailable(f"no live worker serves {request.model!r}")
+                    decision = await self._router.route(
+                        request_id=request_id,
+                        model=request.model,
+                        block_hashes=local_block_hashes(
+                            token_ids, card.block_size, salt_hash(request.lora_name, request.cache_salt)
+                        ),
+                        isl_tokens=len(token_ids),
+                        priority=request.priority,
+                        allowed_worker_ids=allowed,
+                        pool=pool,
+                    )
+                    break
+                except Unavailable:
+                    # The router learns of a new worker from discovery on its own schedule.
+                    if loop.time() >= wait_until:
+                        raise
+                    await asyncio.sleep(REPLACEMENT_POLL_S)
             n = len(generated)
             stop = replace(
                 request.stop,
