@@ -249,4 +249,4 @@ class RedisDiscovery(LeasedDiscovery):
 
 async def _close_quietly(pubsub: PubSub) -> None:
     with contextlib.suppress(RedisError, OSError):
-        await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves PubSub.aclose unannotated
+        await pubsub.aclose()
