@@ -50,7 +50,8 @@ test-all: $(STAMP) ## everything but vLLM (make test-vllm), including the long e
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
-$(VLLM_STAMP):
+# Like .venv: installed again when the project's dependencies or the install script change.
+$(VLLM_STAMP): pyproject.toml tools/install_vllm.sh
 	bash tools/install_vllm.sh $(VLLM_VENV)
 	@touch $@
 

@@ -38,6 +38,7 @@ from vllm.config import KVEventsConfig, StructuredOutputsConfig
 from vllm.distributed.kv_events import KVEventBatch
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import GracefulHTTPError, VLLMClientError
+from vllm.inputs.engine import tokens_input
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
@@ -71,6 +72,7 @@ _REPLAY_END = -1
 _REPLAY_TIMEOUT_S = 5.0
 # Batches vLLM keeps for replay: one per engine step that changed the cache.
 _REPLAY_BUFFER_STEPS = 10_000
+_SHUTDOWN_TIMEOUT_S = 20.0
 
 _FINISH_REASONS = {
     "stop": FinishReason.STOP,
@@ -136,10 +138,15 @@ class _KvSubscriber:
         self._sub.setsockopt(zmq.LINGER, 0)
         # vLLM binds ipc:// endpoints and connects to tcp:// ones that name a host: whoever does
         # not bind connects.
-        if endpoint.startswith("ipc://"):
-            self._sub.connect(endpoint)
-        else:
-            self._sub.bind(endpoint)
+        try:
+            if endpoint.startswith("ipc://"):
+                self._sub.connect(endpoint)
+            else:
+                self._sub.bind(endpoint)
+        except zmq.ZMQError:
+            self._sub.close(linger=0)
+            self._ctx.term()
+            raise
         self._replay_endpoint = replay_endpoint
         self._on_batch = on_batch
         self._decoder: Any = msgspec.msgpack.Decoder(type=KVEventBatch)
@@ -261,7 +268,14 @@ class VllmEngine:
         endpoint, replay = self._event_endpoints(self._workdir)
         if self.publishes_kv_events:
             # Listening before vLLM starts: its first batches are not lost to a late join.
-            self._subscriber = _KvSubscriber(endpoint, replay, self._on_kv_batch)
+            try:
+                self._subscriber = _KvSubscriber(endpoint, replay, self._on_kv_batch)
+            except zmq.ZMQError as exc:
+                await self._close_side_channels()
+                raise Unavailable(
+                    f"cannot listen for vLLM's KV events on {endpoint}: {exc} "
+                    "(--vllm-kv-events-endpoint / TOKENYARD_WORKER_VLLM__KV_EVENTS_ENDPOINT)"
+                ) from None
             self._subscriber.start()
         self._configure_environment()
         args = self._engine_args(folder.path, endpoint, replay)
@@ -283,9 +297,13 @@ class VllmEngine:
         start_output_handler = getattr(self._llm, "_run_output_handler", None)
         if start_output_handler is not None:
             start_output_handler()
-        self._info = self._read_info(folder)
+        info = self._info = self._read_info(folder)
+        if info.block_size != self._translator.block_size:
+            # vLLM chose another block size than asked for (its platform's kernels decide):
+            # events and the model card follow what it runs.
+            log.warning("vLLM runs %d-token KV blocks, not %d", info.block_size, self._translator.block_size)
+            self._translator.block_size = info.block_size
         self.start_seconds = time.perf_counter() - started
-        info = self._info
         log.info(
             "vllm engine ready in %.1fs%s: %d KV blocks of %d tokens, context %d, model %s",
             self.start_seconds,
@@ -348,7 +366,9 @@ class VllmEngine:
             # The exact size, where VLLM_CPU_KVCACHE_SPACE only takes whole GiB.
             kv_cache_memory_bytes=int(cfg.kv_cache_gib * (1 << 30)),
             kv_events_config=events,
-            structured_outputs_config=StructuredOutputsConfig(backend=cfg.structured_output_backend),
+            structured_outputs_config=StructuredOutputsConfig(
+                backend=cfg.structured_output_backend, disable_any_whitespace=cfg.compact_json
+            ),
             # Tokenyard's priority classes map onto vLLM's (negated: vLLM runs the lowest first).
             scheduling_policy="priority",
             # Our stat logger gets the stats; vLLM's own periodic log lines are not wanted.
@@ -387,7 +407,15 @@ class VllmEngine:
                     await llm.abort(list(self._requests))
                 # Let the aborted streams deliver their last chunk before the engine goes.
                 await asyncio.sleep(0)
-            await asyncio.to_thread(llm.shutdown)
+            # vLLM stops its output handler only after its engine core is gone, and the handler
+            # logs that loss as a failure; nothing is in flight any more, so it goes first.
+            handler = getattr(llm, "output_handler", None)
+            if handler is not None:
+                handler.cancel()
+                await asyncio.wait([handler])
+            # vLLM's default wait (5 s) is short for its engine core's teardown on a busy CPU,
+            # which it then kills.
+            await asyncio.to_thread(llm.shutdown, _SHUTDOWN_TIMEOUT_S)
         await self._close_side_channels()
 
     async def _close_side_channels(self) -> None:
@@ -434,9 +462,8 @@ class VllmEngine:
             params = self._sampling_params(request)
         except (ValueError, TypeError, VLLMClientError) as exc:
             raise InvalidArgument(str(exc)) from None
-        prompt: dict[str, Any] = {"prompt_token_ids": list(request.token_ids)}
-        if request.cache_salt:
-            prompt["cache_salt"] = request.cache_salt
+        # Already tokenized: a rendered input skips vLLM's prompt processing.
+        prompt = tokens_input(list(request.token_ids), cache_salt=request.cache_salt or None)
         state = self._requests[rid] = _InFlight(len(request.token_ids))
         produced = 0
         try:
