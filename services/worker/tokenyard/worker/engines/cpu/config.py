@@ -10,6 +10,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from tokenyard.worker.engines.core.engine import CoreConfig
 
 DEFAULT_MODEL = "smollm2"
+_HOLD_DESCRIPTION = (
+    "Seconds a prefill worker holds a prompt's KV blocks (and a decode worker fetched blocks) for a "
+    "transfer that nobody releases."
+)
 
 
 class CpuEngineConfig(BaseModel):
@@ -66,12 +70,7 @@ class CpuEngineConfig(BaseModel):
     default_top_p: float = Field(
         default=0.9, gt=0, le=1, description="Top-p of requests that do not set one (1 keeps every token)."
     )
-    kv_transfer_hold_s: float = Field(
-        default=60.0,
-        gt=0,
-        description="Seconds a prefill worker holds a prompt's KV blocks (and a decode worker fetched "
-        "blocks) for a transfer that nobody releases.",
-    )
+    kv_transfer_hold_s: float = Field(default=60.0, gt=0, description=_HOLD_DESCRIPTION)
 
     gms: bool = Field(
         default=False,
