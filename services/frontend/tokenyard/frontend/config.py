@@ -39,6 +39,15 @@ class FrontendSettings(ServiceSettings):
             "worker, continuing from the tokens generated so far; 0 disables migration."
         ),
     )
+    migration_replacement_wait: float = Field(
+        default=5.0,
+        ge=0,
+        le=300,
+        description=(
+            "Seconds a migrating request waits for a worker to register when every worker of its "
+            "model is lost (a standby taking over, a restart) before it fails; 0: do not wait."
+        ),
+    )
 
     # ---- disaggregated prefill and decode (models served by prefill and decode workers) ---------
 

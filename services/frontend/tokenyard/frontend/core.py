@@ -206,9 +206,7 @@ class RequestSpans:
         self.root.end()
 
 
-# How long a migrating request waits for a worker when every worker of its model is lost, and how
-# often it looks.
-REPLACEMENT_WAIT_S = 5.0
+# How often a migrating request whose model lost every worker looks for a replacement.
 REPLACEMENT_POLL_S = 0.05
 
 
@@ -238,6 +236,7 @@ class Frontend:
         metrics: FrontendMetrics,
         *,
         migration_limit: int = 3,
+        replacement_wait: float = 5.0,
         limits: Limits | None = None,
         disagg: DisaggConfig | None = None,
     ) -> None:
@@ -247,6 +246,7 @@ class Frontend:
         self._workers = workers
         self._metrics = metrics
         self._migration_limit = migration_limit
+        self._replacement_wait = replacement_wait
         metrics.migration_limit.set(migration_limit)
         self.limits = limits or Limits()
         self.disagg = disagg or DisaggConfig()
@@ -607,7 +607,7 @@ class Frontend:
             card = self.models.card(request.model)
             token_ids = [*prompt, *generated]
             loop = asyncio.get_running_loop()
-            wait_until = loop.time() + REPLACEMENT_WAIT_S
+            wait_until = loop.time() + self._replacement_wait
             while True:
                 served = self.models.get(request.model)
                 pool, ids = self._client_pool(served) if served is not None else ("", [])

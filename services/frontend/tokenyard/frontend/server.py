@@ -133,6 +133,7 @@ class FrontendServer:
             self.workers,
             FrontendMetrics(metrics.registry),
             migration_limit=settings.migration_limit,
+            replacement_wait=settings.migration_replacement_wait,
             limits=Limits(
                 max_prompt_tokens=settings.max_prompt_tokens,
                 max_output_tokens=settings.max_output_tokens,
