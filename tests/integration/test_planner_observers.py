@@ -124,7 +124,9 @@ async def test_an_unreachable_frontend_is_an_observation_error() -> None:
 
 @pytest.mark.timeout(240)
 async def test_profile_a_worker() -> None:
-    async with running_worker(FAST) as w:
+    # Real time: sped up, the modelled gap between a 64- and a 1024-token prefill (about 14 ms) shrinks
+    # below the noise of a loaded machine.
+    async with running_worker(FAST.model_copy(update={"speedup_ratio": 1.0})) as w:
         settings = ProfileSettings(
             prefill_isl="64,256,1024", decode_context="128,512", decode_kv_points=3, decode_osl=8, repeats=1
         )
@@ -134,5 +136,5 @@ async def test_profile_a_worker() -> None:
     assert profile.decode_itl.shape == (len(profile.decode_active_kv_tokens), 2)
     assert (profile.max_kv_tokens, profile.max_num_seqs) == (4096, 8)
     assert profile.meta["engine"] == "mocker"
-    # Longer prompts take longer (the mocker's model, sped up ten times).
+    # Longer prompts take longer (the mocker's model).
     assert profile.prefill_ttft_ms[-1] > profile.prefill_ttft_ms[0]
