@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 import pytest
 
-from tests.fixtures.cpu import hf_tokenizer, prompt_of
+from tests.fixtures.cpu import CHAT_QUESTIONS, hf_tokenizer, prompt_of
 from tests.fixtures.processes import ServiceProcess, wait_for_instance
 from tests.fixtures.worker import RunningWorker, eventually, generate_request, running_worker
 from tokenyard.worker.engines.cpu.config import CpuEngineConfig
@@ -34,30 +34,14 @@ BS = 16
 MAX_TOKENS = 12
 # One torch thread per engine: two or three engines share the machine's cores.
 CPU = CpuEngineConfig(num_kv_blocks=256, num_threads=1)
+# The second question is long enough to span many blocks.
 QUESTIONS = [
-    "What is the capital of France?",
+    CHAT_QUESTIONS[0],
     "Summarise this in one sentence: The committee met on Tuesday to review the budget for the "
     "coming year. After a long debate about the cost of repairing the old bridge, the members agreed "
     "to split the work over two years, to ask the region for a grant, and to publish the plan so that "
     "residents can comment on it before the final vote in the spring.",
-    "Explain gravity in one sentence.",
-    "List three fruits.",
-    "What is 12 times 7?",
-    "Translate 'good morning' into Spanish.",
-    "Who wrote Romeo and Juliet?",
-    "Give me a synonym for happy.",
-    "What colour is the sky on a clear day?",
-    "Name a planet in our solar system.",
-    "How many legs does a spider have?",
-    "What is the boiling point of water in Celsius?",
-    "Suggest a name for a pet cat.",
-    "What does a bee make?",
-    "Describe a rainbow in five words.",
-    "What is the opposite of cold?",
-    "Which animal is known as the king of the jungle?",
-    "Write one sentence about autumn.",
-    "What language is spoken in Brazil?",
-    "Why do we need sleep?",
+    *CHAT_QUESTIONS[2:],
 ]
 REASONS = (
     "unreachable",

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 
+from tests.fixtures.cpu import CHAT_QUESTIONS
 from tokenyard.router.index import WorkerRank
 from tokenyard.router.radix import RadixIndex
 from tokenyard.worker.config import WorkerRole
@@ -35,29 +36,7 @@ pytestmark = pytest.mark.integration
 
 MAX_TOKENS = 12
 GREEDY = SamplingParams(temperature=0.0)
-QUESTIONS = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "Explain gravity in one sentence.",
-    "List three fruits.",
-    "What is 12 times 7?",
-    "Translate 'good morning' into Spanish.",
-    "Who wrote Romeo and Juliet?",
-    "Give me a synonym for happy.",
-    "What colour is the sky on a clear day?",
-    "Name a planet in our solar system.",
-    "How many legs does a spider have?",
-    "What is the boiling point of water in Celsius?",
-    "Suggest a name for a pet cat.",
-    "What does a bee make?",
-    "Describe a rainbow in five words.",
-    "What is the opposite of cold?",
-    "Which animal is known as the king of the jungle?",
-    "Write one sentence about autumn.",
-    "What language is spoken in Brazil?",
-    "Why do we need sleep?",
-]
-FAST = QUESTIONS[:3]
+FAST = CHAT_QUESTIONS[:3]
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +171,7 @@ async def test_greedy_matches_transformers_fast(
 async def test_greedy_matches_transformers_twenty_prompts(
     engine: CpuEngine, tokenizer: Any, expected: Reference
 ) -> None:
-    prompts = [chat(tokenizer, q) for q in QUESTIONS]
+    prompts = [chat(tokenizer, q) for q in CHAT_QUESTIONS]
     await check_cold(engine, prompts, expected)
     await check_cached(engine, prompts, expected)
     await check_batched(engine, prompts, expected)
@@ -202,7 +181,7 @@ async def test_greedy_matches_transformers_twenty_prompts(
 
 
 async def test_stop_conditions(engine: CpuEngine, tokenizer: Any, expected: Reference) -> None:
-    prompt = chat(tokenizer, QUESTIONS[0])
+    prompt = chat(tokenizer, CHAT_QUESTIONS[0])
     ref = expected(prompt)
     assert ref[-1] == 2 and len(ref) < MAX_TOKENS  # the model ends its answer with <|im_end|>
     tokens, last = await run(engine, greedy("eos", prompt))
@@ -258,7 +237,7 @@ async def test_seeded_sampling_is_reproducible(engine: CpuEngine, tokenizer: Any
 
 
 async def test_abort_mid_stream_frees_blocks(engine: CpuEngine, tokenizer: Any) -> None:
-    prompt = chat(tokenizer, QUESTIONS[1])
+    prompt = chat(tokenizer, CHAT_QUESTIONS[1])
     request = greedy("aborted", prompt, max_tokens=200, ignore_eos=True)
     chunks = engine.generate(request)
     first = await anext(chunks)
@@ -278,7 +257,7 @@ async def test_abort_mid_stream_frees_blocks(engine: CpuEngine, tokenizer: Any) 
 async def test_prefill_worker_kv_moves_to_a_decode_worker(
     weights: LoadedModel, tokenizer: Any, expected: Reference
 ) -> None:
-    prompt = chat(tokenizer, QUESTIONS[2])
+    prompt = chat(tokenizer, CHAT_QUESTIONS[2])
     config = CpuEngineConfig(num_kv_blocks=64, num_threads=2)
     async with (
         CpuEngine(config, model=weights, role=WorkerRole.PREFILL) as prefill,
@@ -328,7 +307,7 @@ async def test_router_index_mirrors_the_cache_after_a_random_workload(
                 index.clear(rank)
 
     rng = random.Random(3)
-    stems = [chat(tokenizer, q) for q in QUESTIONS[:4]]
+    stems = [chat(tokenizer, q) for q in CHAT_QUESTIONS[:4]]
     config = CpuEngineConfig(num_kv_blocks=16, max_num_batched_tokens=48, max_num_seqs=4, num_threads=2)
     engine = CpuEngine(config, model=weights)
     engine.subscribe_kv_events(on_event)
