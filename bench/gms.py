@@ -43,8 +43,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench import plots
+from tokenyard.api.worker.v1 import worker_pb2, worker_pb2_grpc
 from tokenyard.common.gms import LockState, get_info
-from tokenyard.worker.v1 import worker_pb2, worker_pb2_grpc
 
 RESULTS = Path(__file__).parent / "results" / "gms.json"
 MODEL = "SmolLM2-135M-Instruct"

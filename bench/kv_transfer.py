@@ -37,7 +37,7 @@ from typing import Any
 
 import grpc
 
-from tokenyard.worker.v1 import worker_pb2, worker_pb2_grpc
+from tokenyard.api.worker.v1 import worker_pb2, worker_pb2_grpc
 
 RESULTS = Path(__file__).parent / "results" / "kv_transfer.json"
 MODEL = "SmolLM2-135M-Instruct"

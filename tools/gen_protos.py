@@ -3,8 +3,8 @@
     python tools/gen_protos.py           regenerate (what `make proto` runs)
     python tools/gen_protos.py --check   exit 1 if the committed code differs from a fresh run
 
-The include root is protos/, so `protos/tokenyard/router/v1/router.proto` becomes the module
-`tokenyard.router.v1.router_pb2`, imported by package path. The compiler is the pinned
+The include root is protos/, so `protos/tokenyard/api/router/v1/router.proto` becomes the module
+`tokenyard.api.router.v1.router_pb2`, imported by package path. The compiler is the pinned
 grpcio-tools and the stub plugins come from the pinned mypy-protobuf, both from the dev extra;
 the same versions produce byte-identical output, which is what makes the drift check
 meaningful. Generated files are never edited afterwards.

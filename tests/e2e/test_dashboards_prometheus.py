@@ -40,8 +40,8 @@ import yaml
 
 from tests.fixtures.http import frontend_serves
 from tests.fixtures.processes import ServiceProcess, ServiceProcessFactory, wait_for_instance
+from tokenyard.api.router.v1 import router_pb2, router_pb2_grpc
 from tokenyard.common.discovery import open_discovery
-from tokenyard.router.v1 import router_pb2, router_pb2_grpc
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

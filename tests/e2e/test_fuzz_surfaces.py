@@ -26,10 +26,10 @@ import grpc
 import pytest
 
 from tests.fixtures.processes import ServiceProcess, wait_for_instance
+from tokenyard.api.kserve.v2 import grpc_service_pb2 as pb
+from tokenyard.api.kserve.v2 import grpc_service_pb2_grpc as pb_grpc
+from tokenyard.api.worker.v1 import worker_pb2, worker_pb2_grpc
 from tokenyard.common.discovery import Instance, open_discovery
-from tokenyard.kserve.v2 import grpc_service_pb2 as pb
-from tokenyard.kserve.v2 import grpc_service_pb2_grpc as pb_grpc
-from tokenyard.worker.v1 import worker_pb2, worker_pb2_grpc
 
 pytestmark = pytest.mark.e2e
 

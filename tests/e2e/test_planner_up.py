@@ -19,8 +19,8 @@ from bench.loadgen.client import Endpoint, RequestRecord, open_session, stream_r
 from bench.loadgen.runner import LoadShape, run_load
 from bench.loadgen.workload import RequestSpec, SharedPrefixWorkload
 from tests.e2e.test_up import _free_block
+from tokenyard.api.planner.v1 import planner_pb2, planner_pb2_grpc
 from tokenyard.common.discovery import open_discovery
-from tokenyard.planner.v1 import planner_pb2, planner_pb2_grpc
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

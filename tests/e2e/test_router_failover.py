@@ -19,8 +19,8 @@ import pytest
 from tests.e2e.test_router_kv import _new_router, dump, eventually_true, instances, router_argv
 from tests.fixtures.http import counter_total, frontend_serves
 from tests.fixtures.processes import ServiceProcessFactory
+from tokenyard.api.router.v1 import router_pb2, router_pb2_grpc
 from tokenyard.common.discovery import Instance
-from tokenyard.router.v1 import router_pb2, router_pb2_grpc
 
 pytestmark = pytest.mark.e2e
 

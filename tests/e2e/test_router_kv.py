@@ -18,10 +18,10 @@ import grpc
 import pytest
 
 from tests.fixtures.processes import ServiceProcess, ServiceProcessFactory
+from tokenyard.api.router.v1 import router_pb2, router_pb2_grpc
+from tokenyard.api.worker.v1 import worker_pb2, worker_pb2_grpc
 from tokenyard.common.discovery import Instance, open_discovery
 from tokenyard.common.hashing import block_hashes
-from tokenyard.router.v1 import router_pb2, router_pb2_grpc
-from tokenyard.worker.v1 import worker_pb2, worker_pb2_grpc
 
 pytestmark = pytest.mark.e2e
 

@@ -24,22 +24,22 @@ GRACE = 3.0
 SERVICES: dict[str, tuple[list[str], str, set[str]]] = {
     "router": (
         ["--port", "0", "--metrics-port", "0"],
-        "tokenyard.router.v1.RouterService",
+        "tokenyard.api.router.v1.RouterService",
         {"Route", "NotifyFirstToken", "NotifyFinished", "Dump", "QueryOverlap"},
     ),
     "planner": (
         ["--port", "0", "--metrics-port", "0"],
-        "tokenyard.planner.v1.PlannerService",
+        "tokenyard.api.planner.v1.PlannerService",
         {"GetDecision"},
     ),
     "gms": (
         ["--metrics-port", "0"],
-        "tokenyard.gms.v1.GmsService",
+        "tokenyard.api.gms.v1.GmsService",
         {"GetInfo", "Allocate", "Commit", "Lock"},
     ),
     "worker": (
         ["--port", "0", "--metrics-port", "0", "--mocker-speedup-ratio", "0"],
-        "tokenyard.worker.v1.WorkerService",
+        "tokenyard.api.worker.v1.WorkerService",
         {"Generate", "SubscribeKvEvents", "Drain"},
     ),
     # The frontend serves /metrics on its HTTP port, which its record advertises.

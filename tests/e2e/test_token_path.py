@@ -28,15 +28,15 @@ import pytest
 from openai.types.responses import ResponseIncompleteEvent, ResponseTextDeltaEvent
 
 from tests.fixtures.processes import ServiceProcess, run_to_exit, wait_for_instance
+from tokenyard.api.router.v1 import router_pb2, router_pb2_grpc
+from tokenyard.api.worker.v1 import worker_pb2, worker_pb2_grpc
 from tokenyard.common.discovery import Instance, open_discovery
-from tokenyard.router.v1 import router_pb2, router_pb2_grpc
-from tokenyard.worker.v1 import worker_pb2, worker_pb2_grpc
 
 pytestmark = pytest.mark.e2e
 
 MODEL = "SmolLM2-135M-Instruct"
 SLOW_MODEL = "slow-model"
-GENERATE = "/tokenyard.worker.v1.WorkerService/Generate"
+GENERATE = "/tokenyard.api.worker.v1.WorkerService/Generate"
 
 
 @dataclass

@@ -15,8 +15,8 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 
 from tests.fixtures.http import frontend_serves
 from tests.fixtures.processes import ServiceProcessFactory, wait_for_instance
+from tokenyard.api.router.v1 import router_pb2, router_pb2_grpc
 from tokenyard.common import tracing
-from tokenyard.router.v1 import router_pb2, router_pb2_grpc
 
 pytestmark = pytest.mark.e2e
 

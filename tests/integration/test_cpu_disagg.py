@@ -24,9 +24,9 @@ import pytest
 from tests.fixtures.cpu import CHAT_QUESTIONS, hf_tokenizer, prompt_of
 from tests.fixtures.processes import ServiceProcess, wait_for_instance
 from tests.fixtures.worker import RunningWorker, eventually, generate_request, running_worker
+from tokenyard.api.worker.v1 import worker_pb2
 from tokenyard.worker.engines.cpu.config import CpuEngineConfig
 from tokenyard.worker.engines.mocker.config import MockerConfig
-from tokenyard.worker.v1 import worker_pb2
 
 pytestmark = pytest.mark.integration
 
@@ -244,7 +244,7 @@ async def test_a_killed_prefill_process_means_local_prefill(tokenizer: Any, tmp_
     try:
         instance = await wait_for_instance(discovery, "worker", timeout=120, proc=proc)
         async with cpu_worker("decode") as d, grpc.aio.insecure_channel(instance.address) as channel:
-            from tokenyard.worker.v1 import worker_pb2_grpc
+            from tokenyard.api.worker.v1 import worker_pb2_grpc
 
             stub = worker_pb2_grpc.WorkerServiceStub(channel)
             request = greedy("killed", prompt)

@@ -9,8 +9,8 @@ import pytest
 
 from tests.fixtures.cpu import CPU, hf_tokenizer, prompt_of
 from tests.fixtures.worker import generate_request, running_worker
+from tokenyard.api.worker.v1 import worker_pb2
 from tokenyard.worker.engines.mocker.config import MockerConfig
-from tokenyard.worker.v1 import worker_pb2
 
 pytestmark = pytest.mark.integration
 

@@ -29,13 +29,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.fixtures.frontend import router_process
 from tests.fixtures.processes import ServiceProcess, wait_for_instance
 from tests.fixtures.worker import MODEL, RunningWorker, eventually, running_worker
+from tokenyard.api.kserve.v2 import grpc_service_pb2 as pb
+from tokenyard.api.kserve.v2 import grpc_service_pb2_grpc as pb_grpc
+from tokenyard.api.router.v1 import router_pb2, router_pb2_grpc
 from tokenyard.common.hashing import local_block_hashes, salt_hash
 from tokenyard.frontend.config import FrontendSettings
 from tokenyard.frontend.server import FrontendServer
 from tokenyard.frontend.tokenizer import Tokenizer, load_tokenizer
-from tokenyard.kserve.v2 import grpc_service_pb2 as pb
-from tokenyard.kserve.v2 import grpc_service_pb2_grpc as pb_grpc
-from tokenyard.router.v1 import router_pb2, router_pb2_grpc
 from tokenyard.worker.engines.mocker.config import MockerConfig
 from tokenyard.worker.engines.mocker.executor import pseudo_token
 

@@ -14,9 +14,9 @@ import pytest_asyncio
 from tests.fixtures.frontend import FrontendStack, frontend_stack, router_process
 from tests.fixtures.processes import ServiceProcess
 from tests.fixtures.worker import MODEL, eventually
+from tokenyard.api.kserve.v2 import grpc_service_pb2 as pb
+from tokenyard.api.kserve.v2 import grpc_service_pb2_grpc as pb_grpc
 from tokenyard.frontend.limits import MAX_STOP_STRINGS
-from tokenyard.kserve.v2 import grpc_service_pb2 as pb
-from tokenyard.kserve.v2 import grpc_service_pb2_grpc as pb_grpc
 from tokenyard.worker.engines.mocker.config import MockerConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]

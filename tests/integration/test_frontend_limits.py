@@ -16,9 +16,9 @@ from tests.fixtures.frontend import FrontendStack, frontend_stack, router_proces
 from tests.fixtures.http import counter_total
 from tests.fixtures.processes import ServiceProcess
 from tests.fixtures.worker import MODEL
+from tokenyard.api.kserve.v2 import grpc_service_pb2 as pb
+from tokenyard.api.kserve.v2 import grpc_service_pb2_grpc as pb_grpc
 from tokenyard.frontend.openai_api import parse_chat
-from tokenyard.kserve.v2 import grpc_service_pb2 as pb
-from tokenyard.kserve.v2 import grpc_service_pb2_grpc as pb_grpc
 from tokenyard.worker.engines.mocker.config import MockerConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]

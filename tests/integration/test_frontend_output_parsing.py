@@ -22,11 +22,11 @@ from tests.fixtures.frontend import router_process
 from tests.fixtures.processes import ServiceProcess, wait_for_instance
 from tests.fixtures.worker import eventually
 from tests.integration.test_router_service import ScriptedWorker
+from tokenyard.api.worker.v1 import worker_pb2, worker_pb2_grpc
 from tokenyard.common.discovery import Instance, ModelCard, new_instance_id, open_discovery
 from tokenyard.frontend.config import FrontendSettings
 from tokenyard.frontend.server import FrontendServer
 from tokenyard.frontend.tokenizer import load_tokenizer
-from tokenyard.worker.v1 import worker_pb2, worker_pb2_grpc
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 

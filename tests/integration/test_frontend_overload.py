@@ -18,10 +18,10 @@ import pytest_asyncio
 from tests.fixtures.frontend import router_process
 from tests.fixtures.processes import ServiceProcess, wait_for_instance
 from tests.fixtures.worker import MODEL, eventually, running_worker
+from tokenyard.api.kserve.v2 import grpc_service_pb2 as pb
+from tokenyard.api.kserve.v2 import grpc_service_pb2_grpc as pb_grpc
 from tokenyard.frontend.config import FrontendSettings
 from tokenyard.frontend.server import FrontendServer
-from tokenyard.kserve.v2 import grpc_service_pb2 as pb
-from tokenyard.kserve.v2 import grpc_service_pb2_grpc as pb_grpc
 from tokenyard.worker.engines.mocker.config import MockerConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]

@@ -20,9 +20,9 @@ import pytest
 from tests.fixtures.worker import MODEL
 from tests.integration.test_router_service import RouterClient as RouterProbe
 from tests.integration.test_router_service import eventually, running_router, scripted_worker
+from tokenyard.api.router.v1 import router_pb2, router_pb2_grpc
 from tokenyard.frontend.clients import RouterClient
 from tokenyard.frontend.generation import Outcome
-from tokenyard.router.v1 import router_pb2, router_pb2_grpc
 
 pytestmark = pytest.mark.integration
 
@@ -101,7 +101,7 @@ async def scripted_router(servicer: ScriptedRouter) -> AsyncIterator[str]:
 def unary_calls(r: RouterProbe, method: str) -> float:
     return r.metric(
         "tokenyard_rpc_requests_total",
-        {"service": "router", "method": f"/tokenyard.router.v1.RouterService/{method}", "code": "OK"},
+        {"service": "router", "method": f"/tokenyard.api.router.v1.RouterService/{method}", "code": "OK"},
     )
 
 

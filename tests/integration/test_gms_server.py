@@ -16,6 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fixtures.gms import ClientProcess, GmsThread, eventually, running_gms
+from tokenyard.api.gms.v1 import gms_pb2
 from tokenyard.common.discovery import Instance, open_discovery
 from tokenyard.common.errors import (
     AlreadyExists,
@@ -37,7 +38,6 @@ from tokenyard.common.gms import (
     get_info,
     wire,
 )
-from tokenyard.gms.v1 import gms_pb2
 
 pytestmark = pytest.mark.integration
 

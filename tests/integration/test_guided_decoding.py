@@ -17,13 +17,13 @@ import pytest
 from tests.fixtures.cpu import CPU, hf_tokenizer, prompt_of
 from tests.fixtures.processes import ServiceProcess, wait_for_instance
 from tests.fixtures.worker import MODEL, eventually, generate_request, running_worker
+from tokenyard.api.worker.v1 import worker_pb2
 from tokenyard.frontend.config import FrontendSettings
 from tokenyard.frontend.server import FrontendServer
 from tokenyard.worker.engines.base import GuidedDecoding, GuidedKind
 from tokenyard.worker.engines.cpu.guided import GuideFactory
 from tokenyard.worker.engines.cpu.model import load_model
 from tokenyard.worker.engines.mocker.config import MockerConfig
-from tokenyard.worker.v1 import worker_pb2
 
 pytestmark = pytest.mark.integration
 

@@ -20,13 +20,13 @@ import pytest
 from grpc.aio import EOF  # type: ignore[attr-defined]  # the stubs lack the end-of-stream marker
 
 from tests.fixtures.worker import MODEL, generate_request, running_worker
+from tokenyard.api.router.v1 import router_pb2, router_pb2_grpc
+from tokenyard.api.worker.v1 import worker_pb2, worker_pb2_grpc
 from tokenyard.common.discovery import Instance, ModelCard, new_instance_id, open_discovery
 from tokenyard.common.hashing import block_hashes, sequence_hashes
 from tokenyard.router.config import RouterSettings
 from tokenyard.router.server import RouterServer
-from tokenyard.router.v1 import router_pb2, router_pb2_grpc
 from tokenyard.worker.engines.mocker.config import MockerConfig
-from tokenyard.worker.v1 import worker_pb2, worker_pb2_grpc
 
 pytestmark = pytest.mark.integration
 

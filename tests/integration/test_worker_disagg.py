@@ -25,6 +25,7 @@ import pytest
 import xxhash
 
 from tests.fixtures.worker import MODEL, eventually, generate_request
+from tokenyard.api.worker.v1 import worker_pb2, worker_pb2_grpc
 from tokenyard.common.hashing import block_hashes
 from tokenyard.worker import servicer as servicer_module
 from tokenyard.worker.config import WorkerSettings
@@ -35,7 +36,6 @@ from tokenyard.worker.engines.core.scheduler import Scheduled, SequenceState
 from tokenyard.worker.engines.mocker.config import MockerConfig
 from tokenyard.worker.engines.mocker.executor import MockerExecutor, pseudo_token, request_seed
 from tokenyard.worker.server import WorkerServer
-from tokenyard.worker.v1 import worker_pb2, worker_pb2_grpc
 
 pytestmark = pytest.mark.integration
 

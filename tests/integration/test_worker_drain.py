@@ -8,8 +8,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.fixtures.worker import RunningWorker, eventually, generate_request, running_worker
+from tokenyard.api.worker.v1 import worker_pb2
 from tokenyard.worker.engines.mocker.config import MockerConfig
-from tokenyard.worker.v1 import worker_pb2
 
 pytestmark = pytest.mark.integration
 

@@ -7,10 +7,10 @@ import grpc
 import pytest
 
 from tests.fixtures.worker import MODEL, RunningWorker, eventually, generate_request, running_worker
+from tokenyard.api.worker.v1 import worker_pb2
 from tokenyard.common.hashing import block_hashes
 from tokenyard.worker.engines.mocker.config import MockerConfig
 from tokenyard.worker.engines.mocker.executor import pseudo_token, request_seed
-from tokenyard.worker.v1 import worker_pb2
 
 pytestmark = pytest.mark.integration
 

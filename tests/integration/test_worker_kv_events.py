@@ -10,12 +10,12 @@ import grpc
 import pytest
 
 from tests.fixtures.worker import RunningWorker, eventually, generate_request, running_worker
+from tokenyard.api.worker.v1 import worker_pb2
 from tokenyard.worker.engines.base import EngineRequest, KvSnapshot, RankLoad
 from tokenyard.worker.engines.mocker.config import MockerConfig
 from tokenyard.worker.engines.mocker.engine import MockerEngine
 from tokenyard.worker.kv_events import KvRemoved, KvStored
 from tokenyard.worker.kv_stream import KvEventBatch, KvEventHub
-from tokenyard.worker.v1 import worker_pb2
 
 pytestmark = pytest.mark.integration
 

@@ -15,12 +15,12 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from tests.fixtures.processes import ServiceProcessFactory, wait_for_instance
 from tests.fixtures.worker import MODEL, eventually, generate_request
+from tokenyard.api.worker.v1 import worker_pb2, worker_pb2_grpc
 from tokenyard.common.discovery import open_discovery
-from tokenyard.worker.v1 import worker_pb2, worker_pb2_grpc
 
 pytestmark = pytest.mark.integration
 
-SERVICE = "tokenyard.worker.v1.WorkerService"
+SERVICE = "tokenyard.api.worker.v1.WorkerService"
 
 
 def reflect(address: str) -> tuple[set[str], set[str]]:

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
+from tokenyard.api.kserve.v2 import grpc_service_pb2 as pb
 from tokenyard.common.errors import InvalidArgument
 from tokenyard.frontend.generation import Endpoint
 from tokenyard.frontend.kserve_tensors import build_request, parse_infer_request
-from tokenyard.kserve.v2 import grpc_service_pb2 as pb
 
 pytestmark = pytest.mark.unit
 

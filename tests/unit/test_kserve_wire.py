@@ -21,8 +21,8 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FileDescriptor
 from google.protobuf.message import Message
 
-from tokenyard.kserve.v2 import grpc_service_pb2 as pb
-from tokenyard.kserve.v2 import model_config_pb2 as mc
+from tokenyard.api.kserve.v2 import grpc_service_pb2 as pb
+from tokenyard.api.kserve.v2 import model_config_pb2 as mc
 
 pytestmark = pytest.mark.unit
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from tokenyard.api.worker.v1 import worker_pb2
 from tokenyard.common.errors import InvalidArgument
 from tokenyard.common.hashing import block_hashes
 from tokenyard.worker.engines.base import (
@@ -29,7 +30,6 @@ from tokenyard.worker.engines.mocker.perf_model import PolynomialPerfModel
 from tokenyard.worker.intake import validate
 from tokenyard.worker.kv_events import KvEvent, KvStored
 from tokenyard.worker.kv_fetch import ChannelPool, FetchFailed, _receive
-from tokenyard.worker.v1 import worker_pb2
 
 pytestmark = pytest.mark.unit
 

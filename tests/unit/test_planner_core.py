@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
+from tokenyard.api.planner.v1 import planner_pb2
 from tokenyard.planner.connectors import ConnectorError
 from tokenyard.planner.decide import Policy
 from tokenyard.planner.load import StepSample
@@ -21,7 +22,6 @@ from tokenyard.planner.pools import Mode, Pool
 from tokenyard.planner.records import Reason, State
 from tokenyard.planner.servicer import PlannerServicer
 from tokenyard.planner.throughput import Targets
-from tokenyard.planner.v1 import planner_pb2
 
 pytestmark = pytest.mark.unit
 

@@ -15,11 +15,11 @@ from types import ModuleType
 import pytest
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FileDescriptor
 
-from tokenyard.gms.v1 import gms_pb2
-from tokenyard.kserve.v2 import grpc_service_pb2
-from tokenyard.planner.v1 import planner_pb2
-from tokenyard.router.v1 import router_pb2
-from tokenyard.worker.v1 import worker_pb2
+from tokenyard.api.gms.v1 import gms_pb2
+from tokenyard.api.kserve.v2 import grpc_service_pb2
+from tokenyard.api.planner.v1 import planner_pb2
+from tokenyard.api.router.v1 import router_pb2
+from tokenyard.api.worker.v1 import worker_pb2
 
 pytestmark = pytest.mark.unit
 
@@ -38,7 +38,7 @@ UNARY = (False, False)
 SERVER_STREAM = (False, True)
 BIDI = (True, True)
 EXPECTED_RPCS: dict[str, dict[str, tuple[bool, bool]]] = {
-    "tokenyard.worker.v1.WorkerService": {
+    "tokenyard.api.worker.v1.WorkerService": {
         "Generate": SERVER_STREAM,
         "SubscribeKvEvents": SERVER_STREAM,
         "SubscribeForwardPassMetrics": SERVER_STREAM,
@@ -47,7 +47,7 @@ EXPECTED_RPCS: dict[str, dict[str, tuple[bool, bool]]] = {
         "FetchKvBlocks": SERVER_STREAM,
         "Drain": UNARY,
     },
-    "tokenyard.router.v1.RouterService": {
+    "tokenyard.api.router.v1.RouterService": {
         "Route": UNARY,
         "NotifyFirstToken": UNARY,
         "NotifyFinished": UNARY,
@@ -56,12 +56,12 @@ EXPECTED_RPCS: dict[str, dict[str, tuple[bool, bool]]] = {
         "QueryOverlap": UNARY,
         "SubscribeReplicaEvents": SERVER_STREAM,
     },
-    "tokenyard.planner.v1.PlannerService": {
+    "tokenyard.api.planner.v1.PlannerService": {
         "GetDecision": UNARY,
         "GetStatus": UNARY,
         "ListDecisions": UNARY,
     },
-    "tokenyard.gms.v1.GmsService": {
+    "tokenyard.api.gms.v1.GmsService": {
         "GetInfo": UNARY,
         "GetEventHistory": UNARY,
         "Lock": SERVER_STREAM,
@@ -133,17 +133,17 @@ def test_drift_check_reports_changed_missing_and_stale_files(tmp_path: Path) -> 
     shutil.copytree(fresh, committed)
     assert gen_protos.differences(fresh, committed) == []
 
-    router_stub = committed / "tokenyard/router/v1/router_pb2.py"
+    router_stub = committed / "tokenyard/api/router/v1/router_pb2.py"
     router_stub.write_text(router_stub.read_text() + "# edited by hand\n")
-    (committed / "tokenyard/gms/v1/gms_pb2.pyi").unlink()
+    (committed / "tokenyard/api/gms/v1/gms_pb2.pyi").unlink()
     stale = committed / "tokenyard/old/v1/old_pb2.py"
     stale.parent.mkdir(parents=True)
     stale.write_text("")
 
     assert gen_protos.differences(fresh, committed) == [
-        "missing:  lib/tokenyard/gms/v1/gms_pb2.pyi",
+        "missing:  lib/tokenyard/api/gms/v1/gms_pb2.pyi",
         "stale:    lib/tokenyard/old/v1/old_pb2.py (no proto produces it)",
-        "changed:  lib/tokenyard/router/v1/router_pb2.py (+0 -1 lines)",
+        "changed:  lib/tokenyard/api/router/v1/router_pb2.py (+0 -1 lines)",
     ]
 
 

@@ -20,8 +20,8 @@ import grpc
 
 from tests.fixtures.vllm import Stack, child_env
 from tests.fixtures.worker import MODEL, eventually
+from tokenyard.api.worker.v1 import worker_pb2, worker_pb2_grpc
 from tokenyard.common.hashing import block_hashes
-from tokenyard.worker.v1 import worker_pb2, worker_pb2_grpc
 
 HERE = Path(__file__).resolve().parent
 

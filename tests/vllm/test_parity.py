@@ -16,7 +16,7 @@ import pytest
 
 from tests.fixtures.vllm import Stack, chat_prompt, child_env
 from tests.fixtures.worker import MODEL
-from tokenyard.worker.v1 import worker_pb2, worker_pb2_grpc
+from tokenyard.api.worker.v1 import worker_pb2, worker_pb2_grpc
 
 pytestmark = pytest.mark.slow
 

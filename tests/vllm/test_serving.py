@@ -19,8 +19,8 @@ import pytest
 
 from tests.fixtures.vllm import Stack, chat_prompt, child_env
 from tests.fixtures.worker import MODEL, eventually
+from tokenyard.api.worker.v1 import worker_pb2, worker_pb2_grpc
 from tokenyard.common.discovery import open_discovery
-from tokenyard.worker.v1 import worker_pb2, worker_pb2_grpc
 
 PARIS = "What is the capital of France?"
 

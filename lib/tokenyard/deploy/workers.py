@@ -26,8 +26,8 @@ from typing import IO
 
 import grpc
 
+from tokenyard.api.worker.v1 import worker_pb2, worker_pb2_grpc
 from tokenyard.deploy.status import health_of
-from tokenyard.worker.v1 import worker_pb2, worker_pb2_grpc
 
 
 class WorkerStartError(Exception):

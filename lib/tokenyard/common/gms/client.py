@@ -32,6 +32,7 @@ from typing import Any
 
 import grpc
 
+from tokenyard.api.gms.v1 import gms_pb2, gms_pb2_grpc
 from tokenyard.common.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -52,7 +53,6 @@ from tokenyard.common.gms.types import (
     MemoryTag,
     MetadataEntry,
 )
-from tokenyard.gms.v1 import gms_pb2, gms_pb2_grpc
 
 # Unary calls answer at once (Allocate may wait for memory: it gets no deadline).
 CALL_TIMEOUT_S = 30.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import struct
 
+from tokenyard.api.gms.v1 import gms_pb2
 from tokenyard.common.gms.types import (
     Allocation,
     GmsInfo,
@@ -18,7 +19,6 @@ from tokenyard.common.gms.types import (
     MetadataEntry,
     SessionInfo,
 )
-from tokenyard.gms.v1 import gms_pb2
 
 MODE_TO_PB = {
     LockMode.RW: gms_pb2.LOCK_MODE_RW,

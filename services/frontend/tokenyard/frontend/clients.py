@@ -19,6 +19,8 @@ from typing import Any
 
 import grpc
 
+from tokenyard.api.router.v1 import router_pb2, router_pb2_grpc
+from tokenyard.api.worker.v1 import worker_pb2, worker_pb2_grpc
 from tokenyard.common.errors import Unavailable, from_rpc_error
 from tokenyard.common.interceptors import outgoing_metadata
 from tokenyard.frontend.generation import (
@@ -31,8 +33,6 @@ from tokenyard.frontend.generation import (
     WorkerRequest,
 )
 from tokenyard.frontend.response_format import GuidedDecoding
-from tokenyard.router.v1 import router_pb2, router_pb2_grpc
-from tokenyard.worker.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
 

@@ -15,11 +15,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from tokenyard.api.kserve.v2 import grpc_service_pb2 as pb
+from tokenyard.api.kserve.v2 import model_config_pb2 as mc
 from tokenyard.common.errors import InvalidArgument
 from tokenyard.frontend.generation import Endpoint, GenerationRequest, Sampling, StopConditions
 from tokenyard.frontend.openai_api import reject_lone_surrogates
-from tokenyard.kserve.v2 import grpc_service_pb2 as pb
-from tokenyard.kserve.v2 import model_config_pb2 as mc
 
 # The KServe default for text models when the client names no max_tokens, as Triton's vLLM
 # backend does (vLLM's own default).

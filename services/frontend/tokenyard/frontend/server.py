@@ -16,6 +16,7 @@ from types import TracebackType
 
 from aiohttp import web
 
+from tokenyard.api.kserve.v2 import grpc_service_pb2_grpc
 from tokenyard.common.discovery import Discovery, DiscoveryError, Instance, WatchEventKind
 from tokenyard.common.metrics import Metrics
 from tokenyard.common.service import ServiceRuntime, StartupError
@@ -28,7 +29,6 @@ from tokenyard.frontend.metrics import FrontendMetrics
 from tokenyard.frontend.models import ModelRegistry
 from tokenyard.frontend.preprocess import Preprocessor
 from tokenyard.frontend.servicer import SERVICE_NAME, KServeServicer
-from tokenyard.kserve.v2 import grpc_service_pb2_grpc
 
 log = logging.getLogger(__name__)
 

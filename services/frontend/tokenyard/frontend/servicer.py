@@ -18,6 +18,9 @@ from typing import Any
 
 import grpc
 
+from tokenyard.api.kserve.v2 import grpc_service_pb2 as pb
+from tokenyard.api.kserve.v2 import grpc_service_pb2_grpc as pb_grpc
+from tokenyard.api.kserve.v2 import model_config_pb2 as mc
 from tokenyard.common.errors import InvalidArgument, NotFound, TokenyardError
 from tokenyard.frontend.core import Frontend, new_request_id
 from tokenyard.frontend.generation import Endpoint
@@ -29,9 +32,6 @@ from tokenyard.frontend.kserve_tensors import (
     parse_infer_request,
 )
 from tokenyard.frontend.limits import stream_limit_error
-from tokenyard.kserve.v2 import grpc_service_pb2 as pb
-from tokenyard.kserve.v2 import grpc_service_pb2_grpc as pb_grpc
-from tokenyard.kserve.v2 import model_config_pb2 as mc
 
 log = logging.getLogger(__name__)
 

@@ -20,11 +20,11 @@ from pathlib import Path
 import grpc
 from google.protobuf.message import DecodeError
 
+from tokenyard.api.gms.v1 import gms_pb2
 from tokenyard.common.errors import TokenyardError
 from tokenyard.common.gms import wire
 from tokenyard.gms.manager import MemoryManager
 from tokenyard.gms.metrics import GmsMetrics
-from tokenyard.gms.v1 import gms_pb2
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,7 @@ import logging
 import socket
 from pathlib import Path
 
+from tokenyard.api.gms.v1 import gms_pb2_grpc
 from tokenyard.common.gms.paths import fd_socket_path
 from tokenyard.common.service import ServiceRuntime, StartupError
 from tokenyard.gms.backend import BackendError, backend_for
@@ -22,7 +23,6 @@ from tokenyard.gms.fd_server import DescriptorServer
 from tokenyard.gms.manager import MemoryManager
 from tokenyard.gms.metrics import GmsMetrics
 from tokenyard.gms.servicer import SERVICE_NAME, GmsServicer
-from tokenyard.gms.v1 import gms_pb2_grpc
 
 log = logging.getLogger(__name__)
 

@@ -7,11 +7,11 @@ from typing import Any
 
 import grpc
 
+from tokenyard.api.gms.v1 import gms_pb2, gms_pb2_grpc
 from tokenyard.common.errors import InvalidArgument
 from tokenyard.common.gms import wire
 from tokenyard.common.gms.types import LockMode, MemoryTag
 from tokenyard.gms.manager import MemoryManager
-from tokenyard.gms.v1 import gms_pb2, gms_pb2_grpc
 
 SERVICE_NAME = gms_pb2.DESCRIPTOR.services_by_name["GmsService"].full_name
 MAX_CLIENT_NAME = 256

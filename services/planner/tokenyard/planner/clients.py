@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import aiohttp
 import grpc
 
+from tokenyard.api.worker.v1 import worker_pb2, worker_pb2_grpc
 from tokenyard.common.discovery import Discovery, DiscoveryError, Instance, WatchEventKind
 from tokenyard.planner.connectors.base import pool_of
 from tokenyard.planner.load import StepSample
@@ -24,7 +25,6 @@ from tokenyard.planner.observe import (
     parse_counters,
 )
 from tokenyard.planner.pools import Pool
-from tokenyard.worker.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
 

@@ -29,11 +29,11 @@ import numpy as np
 from pydantic import Field
 from pydantic_settings import BaseSettings
 
+from tokenyard.api.worker.v1 import worker_pb2, worker_pb2_grpc
 from tokenyard.common.cli_settings import parse_settings
 from tokenyard.common.settings import settings_config
 from tokenyard.deploy.workers import WorkerLaunch, WorkerProcess, WorkerStartError, free_port
 from tokenyard.planner.profile import Profile
-from tokenyard.worker.v1 import worker_pb2, worker_pb2_grpc
 
 
 class ProfileSettings(BaseSettings):

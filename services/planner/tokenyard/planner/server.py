@@ -8,6 +8,7 @@ import shlex
 from collections.abc import Callable
 from pathlib import Path
 
+from tokenyard.api.planner.v1 import planner_pb2_grpc
 from tokenyard.common.discovery import Discovery
 from tokenyard.common.service import ServiceRuntime, StartupError
 from tokenyard.planner.budget import Budget
@@ -23,7 +24,6 @@ from tokenyard.planner.pools import Pool
 from tokenyard.planner.profile import ProfileError, load_profile
 from tokenyard.planner.servicer import SERVICE_NAME, PlannerServicer
 from tokenyard.planner.throughput import Targets
-from tokenyard.planner.v1 import planner_pb2_grpc
 
 
 def policy_of(s: PlannerSettings) -> Policy:

@@ -6,10 +6,10 @@ from typing import Any
 
 import grpc
 
+from tokenyard.api.planner.v1 import planner_pb2, planner_pb2_grpc
 from tokenyard.planner.planner import Planner
 from tokenyard.planner.pools import Mode
 from tokenyard.planner.records import DecisionRecord, PoolDecision, Reason, State, TickKind, TrafficStats
-from tokenyard.planner.v1 import planner_pb2, planner_pb2_grpc
 
 SERVICE_NAME = planner_pb2.DESCRIPTOR.services_by_name["PlannerService"].full_name
 

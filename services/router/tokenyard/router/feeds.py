@@ -23,6 +23,7 @@ from typing import Any
 
 import grpc
 
+from tokenyard.api.worker.v1 import worker_pb2, worker_pb2_grpc
 from tokenyard.common.discovery import Instance, WatchEventKind
 from tokenyard.router.kv_stream import (
     Cleared,
@@ -38,7 +39,6 @@ from tokenyard.router.metrics import RouterMetrics
 from tokenyard.router.scheduler import Scheduler
 from tokenyard.router.tiers import Tier
 from tokenyard.router.workers import LoadReport, WorkerDetails, WorkerSet, WorkerState
-from tokenyard.worker.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
 

@@ -14,12 +14,12 @@ import random
 
 import grpc
 
+from tokenyard.api.router.v1 import router_pb2, router_pb2_grpc
 from tokenyard.common.discovery import Discovery, DiscoveryError, Instance, WatchEventKind
 from tokenyard.router.active import ActiveRequests
 from tokenyard.router.metrics import RouterMetrics
 from tokenyard.router.replicas import FirstToken, Freed, LifecycleEvent, Routed, apply_peer_event, kind
 from tokenyard.router.servicer import POOL_NAMES
-from tokenyard.router.v1 import router_pb2, router_pb2_grpc
 
 log = logging.getLogger(__name__)
 

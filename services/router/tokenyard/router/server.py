@@ -8,6 +8,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 
+from tokenyard.api.router.v1 import router_pb2_grpc
 from tokenyard.common.service import ServiceRuntime
 from tokenyard.router.active import ActiveRequests
 from tokenyard.router.approx import ApproximateRecorder
@@ -20,7 +21,6 @@ from tokenyard.router.replicas import LifecycleEvent, ReplicaHub, kind
 from tokenyard.router.scheduler import RouterConfig, Scheduler
 from tokenyard.router.servicer import SERVICE_NAME, RouterServicer
 from tokenyard.router.tiers import TieredIndex
-from tokenyard.router.v1 import router_pb2_grpc
 from tokenyard.router.workers import WorkerSet, WorkerWatch
 
 log = logging.getLogger(__name__)

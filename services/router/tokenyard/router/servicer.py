@@ -9,13 +9,13 @@ from typing import Any
 
 import grpc
 
+from tokenyard.api.router.v1 import router_pb2, router_pb2_grpc
 from tokenyard.common.errors import InvalidArgument
 from tokenyard.router.active import Outcome
 from tokenyard.router.index import Chain, Prompt, WorkerRank
 from tokenyard.router.replicas import FirstToken, ReplicaEvent, ReplicaHub, Routed
 from tokenyard.router.scheduler import RouteHints, RouteQuery, Scheduler
 from tokenyard.router.tiers import Tier
-from tokenyard.router.v1 import router_pb2, router_pb2_grpc
 
 log = logging.getLogger(__name__)
 

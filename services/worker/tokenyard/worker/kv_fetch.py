@@ -23,8 +23,8 @@ from typing import Any
 
 import grpc
 
+from tokenyard.api.worker.v1 import worker_pb2, worker_pb2_grpc
 from tokenyard.worker.engines.base import KvBlockExport, KvBlockLayout, KvTransferParams
-from tokenyard.worker.v1 import worker_pb2, worker_pb2_grpc
 
 FETCH_MESSAGE_BYTES = 8 * 1024 * 1024
 """Largest FetchKvBlocks message a decode worker accepts. Exporters send a block in parts of at

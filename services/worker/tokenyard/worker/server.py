@@ -17,6 +17,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 
+from tokenyard.api.worker.v1 import worker_pb2_grpc
 from tokenyard.common.errors import TokenyardError
 from tokenyard.common.service import ServiceRuntime, StartupError
 from tokenyard.worker.config import WorkerSettings
@@ -30,7 +31,6 @@ from tokenyard.worker.kv_stream import KvEventHub
 from tokenyard.worker.metrics import WorkerMetrics
 from tokenyard.worker.servicer import SERVICE_NAME, WorkerServicer
 from tokenyard.worker.standby import StandbyLock
-from tokenyard.worker.v1 import worker_pb2_grpc
 
 log = logging.getLogger(__name__)
 

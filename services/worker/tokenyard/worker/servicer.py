@@ -9,6 +9,7 @@ from typing import Any
 
 import grpc
 
+from tokenyard.api.worker.v1 import worker_pb2, worker_pb2_grpc
 from tokenyard.common.errors import InvalidArgument, Unimplemented
 from tokenyard.worker.description import WorkerDescription
 from tokenyard.worker.engines.base import (
@@ -30,7 +31,6 @@ from tokenyard.worker.intake import Intake, Output
 from tokenyard.worker.kv_events import KvCleared, KvEvent, KvRemoved, KvStored
 from tokenyard.worker.kv_stream import KvEventBatch, KvEventHub, KvStreamItem
 from tokenyard.worker.metrics import WorkerMetrics
-from tokenyard.worker.v1 import worker_pb2, worker_pb2_grpc
 
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
 
