@@ -136,13 +136,13 @@ def test_drift_check_reports_changed_missing_and_stale_files(tmp_path: Path) -> 
     router_stub = committed / "tokenyard/api/router/v1/router_pb2.py"
     router_stub.write_text(router_stub.read_text() + "# edited by hand\n")
     (committed / "tokenyard/api/gms/v1/gms_pb2.pyi").unlink()
-    stale = committed / "tokenyard/old/v1/old_pb2.py"
+    stale = committed / "tokenyard/api/old/v1/old_pb2.py"
     stale.parent.mkdir(parents=True)
     stale.write_text("")
 
     assert gen_protos.differences(fresh, committed) == [
         "missing:  lib/tokenyard/api/gms/v1/gms_pb2.pyi",
-        "stale:    lib/tokenyard/old/v1/old_pb2.py (no proto produces it)",
+        "stale:    lib/tokenyard/api/old/v1/old_pb2.py (no proto produces it)",
         "changed:  lib/tokenyard/api/router/v1/router_pb2.py (+0 -1 lines)",
     ]
 
@@ -172,7 +172,7 @@ def test_each_file_holds_one_service_in_a_versioned_package_matching_its_folder(
         assert len(file.services_by_name) == 1, file.name
         folder = file.name.rsplit("/", 1)[0]
         assert file.package == folder.replace("/", "."), file.name
-        assert re.fullmatch(r"tokenyard\.[a-z]+\.v[0-9]+", file.package), file.name
+        assert re.fullmatch(r"tokenyard\.api\.[a-z]+\.v[0-9]+", file.package), file.name
 
 
 def test_each_rpc_has_its_own_request_and_response_pair() -> None:
