@@ -16,8 +16,10 @@ import grpc
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
+from tests.e2e.test_router_kv import instances as wait_for_instances
 from tests.fixtures.http import frontend_serves
 from tests.fixtures.processes import ServiceProcess, ServiceProcessFactory, wait_for_instance
+from tokenyard.common.discovery import Instance
 
 pytestmark = pytest.mark.e2e
 
@@ -83,6 +85,51 @@ def json_lines(proc: ServiceProcess) -> list[dict[str, Any]]:
     return lines
 
 
+async def _send_traced_request(http: str) -> None:
+    async with aiohttp.ClientSession() as session:
+        for _ in range(300):
+            if await frontend_serves(session, http, MODEL):
+                break
+            await asyncio.sleep(0.1)
+        # A prompt of several blocks, so that a split deployment hands KV over.
+        body = {"model": MODEL, "prompt": "join my logs " * 40, "max_tokens": 3}
+        headers = {"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"}
+        async with session.post(f"{http}/v1/completions", json=body, headers=headers) as r:
+            assert r.status == 200, await r.text()
+
+
+def _assert_logs_join_the_trace(
+    rec: Receiver,
+    procs: dict[str, ServiceProcess],
+    instances: dict[str, Instance],
+    expected_names: dict[str, str],
+) -> list[Span]:
+    """Every service's JSON log lines carry the request's trace and span ids; returns its spans."""
+    spans = [s for s in rec.spans if s.trace_id == TRACE_ID]
+    span_ids = {s.span_id: s for s in spans}
+    assert {s.service for s in spans} == set(expected_names.values()), [(s.service, s.name) for s in spans]
+    root = next(s for s in spans if s.name == "frontend.request")
+    request_id = root.attributes["tokenyard.request_id"]
+
+    for name, proc in procs.items():
+        lines = json_lines(proc)
+        assert lines, f"{name} wrote no JSON log lines:\n{proc.output()[-2000:]}"
+        for line in lines:
+            assert {"ts", "level", "service", "instance", "logger", "request_id", "msg"} <= set(line), line
+            assert line["service"] == expected_names[name], line
+        # Once registered, every line names the instance that discovery lists.
+        assert lines[-1]["instance"] == str(instances[name].instance_id), lines[-1]
+        joined = [line for line in lines if line.get("trace_id") == TRACE_ID]
+        assert joined, f"no {name} log line carries trace {TRACE_ID}:\n" + "\n".join(map(str, lines[-20:]))
+        for line in joined:
+            # Each line points at a span of this trace, exported by the same service.
+            span = span_ids.get(line["span_id"])
+            assert span is not None, f"{name}: span {line['span_id']} is not in the trace: {line}"
+            assert span.service == expected_names[name], (line, span)
+            assert line["request_id"] == request_id, line
+    return spans
+
+
 async def test_every_services_log_lines_join_the_requests_trace(
     receiver: tuple[Receiver, int], spawn: ServiceProcessFactory, tmp_path: Path
 ) -> None:
@@ -110,49 +157,19 @@ async def test_every_services_log_lines_join_the_requests_trace(
         "worker": await wait_for_instance(url, "worker", proc=worker),
         "frontend": await wait_for_instance(url, "frontend", proc=frontend),
     }
-    http = f"http://{instances['frontend'].metrics_address}"
-    async with aiohttp.ClientSession() as session:
-        for _ in range(200):
-            if await frontend_serves(session, http, MODEL):
-                break
-            await asyncio.sleep(0.1)
-        body = {"model": MODEL, "prompt": "join my logs", "max_tokens": 3}
-        headers = {"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"}
-        async with session.post(f"{http}/v1/completions", json=body, headers=headers) as r:
-            assert r.status == 200, await r.text()
+    await _send_traced_request(f"http://{instances['frontend'].metrics_address}")
     # Spans are flushed at shutdown.
     procs = {"frontend": frontend, "worker": worker, "router": router}
     for proc in procs.values():
         assert await asyncio.to_thread(proc.terminate) == 0
 
     expected_names = {"frontend": "tokenyard-frontend", "router": "edge-router", "worker": "pool-a-worker"}
-    spans = [s for s in rec.spans if s.trace_id == TRACE_ID]
-    span_ids = {s.span_id: s for s in spans}
-    assert {s.service for s in spans} == set(expected_names.values()), [(s.service, s.name) for s in spans]
+    spans = _assert_logs_join_the_trace(rec, procs, instances, expected_names)
     router_span = next(s for s in spans if s.service == "edge-router")
     assert router_span.resource["deployment.environment"] == "test"
     assert router_span.resource["service.namespace"] == "tokenyard"
     worker_span = next(s for s in spans if s.service == "pool-a-worker")
     assert worker_span.resource["k8s.pod.name"] == "w-0"
-    root = next(s for s in spans if s.name == "frontend.request")
-    request_id = root.attributes["tokenyard.request_id"]
-
-    for name, proc in procs.items():
-        lines = json_lines(proc)
-        assert lines, f"{name} wrote no JSON log lines:\n{proc.output()[-2000:]}"
-        for line in lines:
-            assert {"ts", "level", "service", "instance", "logger", "request_id", "msg"} <= set(line), line
-            assert line["service"] == expected_names[name], line
-        # Once registered, every line names the instance that discovery lists.
-        assert lines[-1]["instance"] == str(instances[name].instance_id), lines[-1]
-        joined = [line for line in lines if line.get("trace_id") == TRACE_ID]
-        assert joined, f"no {name} log line carries trace {TRACE_ID}:\n" + "\n".join(map(str, lines[-20:]))
-        for line in joined:
-            # Each line points at a span of this trace, exported by the same service.
-            span = span_ids.get(line["span_id"])
-            assert span is not None, f"{name}: span {line['span_id']} is not in the trace: {line}"
-            assert span.service == expected_names[name], (line, span)
-            assert line["request_id"] == request_id, line
 
     # Requests without a caller's traceparent get a trace of their own, and the frontend's line
     # about each names it.
@@ -161,3 +178,49 @@ async def test_every_services_log_lines_join_the_requests_trace(
         rid = warmup.attributes["tokenyard.request_id"]
         about = [line for line in frontend_lines if line["request_id"] == rid and "trace_id" in line]
         assert about and all(line["trace_id"] == warmup.trace_id for line in about), rid
+
+
+async def test_a_split_requests_logs_join_one_trace_across_prefill_and_decode(
+    receiver: tuple[Receiver, int], spawn: ServiceProcessFactory, tmp_path: Path
+) -> None:
+    """Disaggregated: the frontend, the router, the prefill worker that computes the prompt and the
+    decode worker that pulls its KV and generates all log under the one trace."""
+    rec, port = receiver
+    url = f"dir://{tmp_path}"
+    otlp = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}", "OTEL_EXPORTER_OTLP_INSECURE": "true"}
+    logging_flags = ["--log-format", "json", "--log-level", "debug", "--discovery", url]
+    base = ["--port", "0", "--metrics-port", "0", *logging_flags]
+    mocker = ["--engine", "mocker", "--mocker-speedup-ratio", "0", "--mocker-block-size", "16"]
+    router = spawn(["router", *base, "--mode", "kv"], env=otlp)
+    prefill = spawn(
+        ["worker", *base, "--role", "prefill", *mocker], env={**otlp, "OTEL_SERVICE_NAME": "prefill-worker"}
+    )
+    decode = spawn(
+        ["worker", *base, "--role", "decode", *mocker], env={**otlp, "OTEL_SERVICE_NAME": "decode-worker"}
+    )
+    frontend = spawn(
+        ["frontend", "--port", "0", "--http-port", "0", "--disagg-policy", "always", *logging_flags], env=otlp
+    )
+    workers = await wait_for_instances(url, "worker", 2, [prefill, decode])
+    by_role = {w.model_card.role: w for w in workers if w.model_card is not None}
+    instances = {
+        "router": await wait_for_instance(url, "router", proc=router),
+        "prefill": by_role["prefill"],
+        "decode": by_role["decode"],
+        "frontend": await wait_for_instance(url, "frontend", proc=frontend),
+    }
+    await _send_traced_request(f"http://{instances['frontend'].metrics_address}")
+    procs = {"frontend": frontend, "prefill": prefill, "decode": decode, "router": router}
+    for proc in procs.values():
+        assert await asyncio.to_thread(proc.terminate) == 0
+
+    expected_names = {
+        "frontend": "tokenyard-frontend",
+        "router": "tokenyard-router",
+        "prefill": "prefill-worker",
+        "decode": "decode-worker",
+    }
+    spans = _assert_logs_join_the_trace(rec, procs, instances, expected_names)
+    # The frontend's prefill stage is the parent of the prefill worker's span.
+    prefill_stage = [s for s in spans if s.service == "tokenyard-frontend" and "prefill" in s.name]
+    assert prefill_stage, [(s.service, s.name) for s in spans]

@@ -202,12 +202,14 @@ def _eventually(check: Any, what: str, timeout: float = 20.0) -> None:
 # ---- KServe v2 with tritonclient ------------------------------------------------------------
 
 TRITON_CLIENT = r"""
-import json, queue, sys
+import faulthandler, json, queue, sys
 import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 url, model = sys.argv[1], sys.argv[2]
+# Should a call hang, the stacks of every thread tell where (the test's own timeout is 120 s).
+faulthandler.dump_traceback_later(90, exit=True)
 client = grpcclient.InferenceServerClient(url)
 out = {
     "live": client.is_server_live(),
@@ -226,14 +228,14 @@ text = tensor("text_input", "BYTES", "What is the capital of France?".encode())
 max_tokens = grpcclient.InferInput("max_tokens", [1], "INT32")
 max_tokens.set_data_from_numpy(np.array([6], dtype=np.int32))
 
-result = client.infer(model, [text, max_tokens], request_id="unary-1")
+result = client.infer(model, [text, max_tokens], request_id="unary-1", client_timeout=30)
 out["unary"] = {
     "text": result.as_numpy("text_output")[0].decode(),
     "finish": result.as_numpy("finish_reason")[0].decode(),
     "id": result.get_response().id,
 }
 try:
-    client.infer(model, [text, tensor("streaming", "BOOL", True)])
+    client.infer(model, [text, tensor("streaming", "BOOL", True)], client_timeout=30)
     out["unary_streaming_error"] = None
 except InferenceServerException as exc:
     out["unary_streaming_error"] = exc.status()
@@ -274,7 +276,7 @@ def test_tritonclient_unary_and_streaming(deployment: Deployment) -> None:
         text=True,
         timeout=120,
     )
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 0, done.stdout + done.stderr
     out = json.loads(done.stdout)
     assert out["live"] and out["ready"] and out["model_ready"] and out["decoupled"]
     assert out["metadata_inputs"][0] == "text_input"
