@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
 # The frontend-ceiling deployment: one router, two mocker workers that never sleep, one frontend,
-# on loopback, in the background. Optionally from another source tree (a `git worktree` of an
-# older commit), so that two versions are measured in one load-generator run.
+# on loopback, in the background. Optionally from another source tree (an older commit extracted
+# with `git archive`), so that two versions are measured in one load-generator run. That tree's
+# lib/ and services/*/ go first on PYTHONPATH, so its processes import its own code (and its own
+# generated stubs) rather than the installed checkout; each process's log names the files it runs
+# from in its tracebacks, and `/proc/<pid>/environ` shows the PYTHONPATH it got.
 #
 #   bench/ceiling_deploy.sh up   BASE_PORT [SOURCE_TREE]   # frontend HTTP on BASE_PORT
 #   bench/ceiling_deploy.sh down BASE_PORT
 #
-# Before/after in one run (A = an older commit checked out in /tmp/before):
-#   git worktree add /tmp/before <commit>
+# FRONTEND_ARGS adds flags to the frontend (e.g. FRONTEND_ARGS='--worker-transport unary').
+#
+# Before/after in one run (A = an older commit extracted to /tmp/before):
+#   mkdir -p /tmp/before && git archive <commit> | tar -x -C /tmp/before
 #   python -m bench.loadgen --labels before,after --target http://127.0.0.1:18000 \
 #       --target http://127.0.0.1:19000 \
 #       --setup-a 'bench/ceiling_deploy.sh up 18000 /tmp/before' --teardown-a 'bench/ceiling_deploy.sh down 18000' \
 #       --setup-b 'bench/ceiling_deploy.sh up 19000' --teardown-b 'bench/ceiling_deploy.sh down 19000' \
 #       --concurrency 64 --num-requests 2560 --warmup 128 --prefix-len 0 --suffix-len 100 \
-#       --output-len 64 --prompt-format tokens --measure-cpu-of 'tokenyard.cli (frontend|router|worker)'
+#       --output-len 64 --prompt-format tokens --measure-cpu-of 'tokenyard.cli (frontend|router|worker) .*ceiling'
 set -euo pipefail
 
 cmd=${1:?up or down}
@@ -46,7 +51,8 @@ up)
         run "worker$i" worker --port $((base + 300 + i)) --metrics-port $((base + 400 + i)) \
             --discovery "$disc" --engine mocker --mocker-speedup-ratio 0
     done
-    run frontend frontend --http-port "$base" --port $((base + 1)) --discovery "$disc"
+    # shellcheck disable=SC2086
+    run frontend frontend --http-port "$base" --port $((base + 1)) --discovery "$disc" ${FRONTEND_ARGS:-}
     ;;
 down)
     if [[ -f $state/pids ]]; then

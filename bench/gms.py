@@ -4,12 +4,16 @@ workers without it, measured in the same run.
 * Restart: a worker process started again, from process start to health SERVING and to its first
   token, loading its weights from disk (the page cache is warm: it is a restart on the same host)
   or mapping them from the gms that a previous worker filled. Rounds alternate between the two.
-  Goal: with the gms at least 5x faster to SERVING.
+  The engine's startup line splits it: when the engine began (the interpreter, imports and
+  settings before it), the weights, the KV pools, when it was ready; SERVING minus ready is the
+  server and discovery. Goal: with the gms at least 5x faster to SERVING.
 * Takeover: an active worker and a standby (``--standby-lock``, weights mapped from the gms)
   share a lock file; the active one is SIGKILLed; time until the standby is SERVING.
 * Memory: two workers side by side, each after one request (every weight page touched), the
-  proportional set size (PSS) of both, and of the weight mappings alone (the model's safetensors
-  file, or the gms memory), with and without the gms. Goal: with the gms at most 0.75x.
+  proportional set size (PSS) of both, of the weight mappings alone (the model's safetensors
+  file, or the gms memory; their share of the total) and the kernel's split into anonymous, file
+  and shared memory, with and without the gms. The gms is empty at first, so one of the two
+  publishes (through a child process). Goal: with the gms at most 0.75x.
 
 ``--model-path`` picks the weights: by default a copy of the shipped model in the bench's own
 folder (float32 safetensors, which transformers maps from the file as they are: workers without
@@ -175,6 +179,21 @@ def first_token(child: Child, request_id: str) -> float:
     raise RuntimeError(f"{child.name} produced no token")
 
 
+STARTUP_PHASES = ("engine_began_s", "weights_s", "kv_s", "engine_ready_s")
+
+
+def startup_phases(child: Child) -> dict[str, float]:
+    """The CPU engine's own startup line: when (after the process started) the engine began
+    loading, the weights, the KV pools, when it was ready; each in seconds."""
+    for line in child.output().splitlines():
+        if "CPU engine startup:" in line:
+            text = line.split("CPU engine startup:", 1)[1]
+            numbers = [float(word.rstrip("s,")) for word in text.split() if word.rstrip("s,")[:1].isdigit()]
+            if len(numbers) == len(STARTUP_PHASES):
+                return dict(zip(STARTUP_PHASES, numbers, strict=True))
+    return {}
+
+
 def load_seconds(child: Child) -> float | None:
     """The engine's own figure for loading (disk) or mapping (gms) the weights, from its log."""
     for line in child.output().splitlines():
@@ -186,8 +205,10 @@ def load_seconds(child: Child) -> float | None:
     return None
 
 
-def pss_kib(pid: int) -> tuple[int, int]:
-    """(total PSS, PSS of the weight mappings) of a process, KiB."""
+def pss_kib(pid: int) -> dict[str, int]:
+    """PSS of a process, KiB: ``total``, ``weights`` (the weight mappings: the safetensors file or
+    the gms memory) and, from the kernel's rollup, ``anon``, ``file`` and ``shmem`` (the gms
+    memory is shared memory)."""
     total = weights = 0
     current_is_weights = False
     with open(f"/proc/{pid}/smaps") as smaps:
@@ -200,18 +221,38 @@ def pss_kib(pid: int) -> tuple[int, int]:
                 total += kib
                 if current_is_weights:
                     weights += kib
-    return total, weights
+    out = {"total": total, "weights": weights}
+    with open(f"/proc/{pid}/smaps_rollup") as rollup:
+        for line in rollup:
+            name = line.split(":", 1)[0]
+            if name in ("Pss_Anon", "Pss_File", "Pss_Shmem"):
+                out[name.removeprefix("Pss_").lower()] = int(line.split()[1])
+    return out
 
 
 # ---- the measurements -------------------------------------------------------------------------
 
 
+RESTART_METRICS = (
+    "serving_s",
+    "first_token_s",
+    "engine_began_s",
+    "weights_s",
+    "kv_s",
+    "engine_ready_s",
+    "server_s",
+)
+
+
 def restarts(bench: Bench) -> dict[str, Any]:
     gms = bench.gms()
-    # First starts: fill the page cache (and convert a GGUF file), and fill the gms.
+    # First starts: fill the page cache (and convert a GGUF file), and fill the gms (the first
+    # worker on an empty gms publishes: reported, not part of the comparison).
+    first_start: dict[str, float] = {}
     for mode in (False, True):
-        w = bench.worker(f"first-{'gms' if mode else 'disk'}", gms=mode)
-        wait_serving(w)
+        key = "gms" if mode else "disk"
+        w = bench.worker(f"first-{key}", gms=mode)
+        first_start[key] = wait_serving(w)
         first_token(w, "warm")
         w.stop()
     assert get_info(bench.socket).state is LockState.COMMITTED
@@ -222,7 +263,16 @@ def restarts(bench: Bench) -> dict[str, Any]:
             w = bench.worker(f"restart-{key}-{i}", gms=mode)
             serving = wait_serving(w)
             token = first_token(w, f"r{i}")
-            rows[key].append({"serving_s": serving, "first_token_s": token, "weights_s": load_seconds(w)})
+            phases = startup_phases(w)
+            row: dict[str, float | None] = {
+                "serving_s": serving,
+                "first_token_s": token,
+                "weights_s": phases.get("weights_s", load_seconds(w)),
+                **{k: v for k, v in phases.items() if k != "weights_s"},
+            }
+            if "engine_ready_s" in phases:
+                row["server_s"] = serving - phases["engine_ready_s"]
+            rows[key].append(row)
             w.stop(signal.SIGKILL)  # a crash: nothing is handed back politely
             print(f"  round {i} {key:<5} SERVING {serving:6.2f}s  first token {token:6.2f}s", flush=True)
     gms.stop()
@@ -231,16 +281,16 @@ def restarts(bench: Bench) -> dict[str, Any]:
         values = [v for r in rows[key] if (v := r[metric]) is not None]
         return float(statistics.median(values)) if values else float("nan")
 
-    summary = {
-        key: {metric: med(key, metric) for metric in ("serving_s", "first_token_s", "weights_s")}
-        for key in rows
-    }
+    summary = {key: {metric: med(key, metric) for metric in RESTART_METRICS} for key in rows}
     return {
+        "first_start_serving_s": first_start,
         "rounds": rows,
         "median": summary,
         "speedup_serving": summary["disk"]["serving_s"] / summary["gms"]["serving_s"],
         "speedup_first_token": summary["disk"]["first_token_s"] / summary["gms"]["first_token_s"],
-        "speedup_weights": summary["disk"]["weights_s"] / summary["gms"]["weights_s"],
+        "speedup_weights": summary["disk"]["weights_s"] / summary["gms"]["weights_s"]
+        if summary["gms"]["weights_s"]
+        else float("nan"),
     }
 
 
@@ -279,12 +329,14 @@ def memory(bench: Bench) -> dict[str, Any]:
         time.sleep(1)
         per = [pss_kib(w.proc.pid) for w in workers if w.proc is not None]
         out[key] = {
-            "workers_pss_mib": sum(p[0] for p in per) / 1024,
-            "weights_pss_mib": sum(p[1] for p in per) / 1024,
-            "per_worker_pss_mib": [p[0] / 1024 for p in per],
+            "workers_pss_mib": sum(p["total"] for p in per) / 1024,
+            "weights_pss_mib": sum(p["weights"] for p in per) / 1024,
+            "per_worker_pss_mib": [p["total"] / 1024 for p in per],
+            "per_worker_mib": [{k: v / 1024 for k, v in p.items()} for p in per],
         }
+        out[key]["weights_share"] = out[key]["weights_pss_mib"] / out[key]["workers_pss_mib"]
         if gms is not None and gms.proc is not None:
-            out[key]["gms_pss_mib"] = pss_kib(gms.proc.pid)[0] / 1024
+            out[key]["gms_pss_mib"] = pss_kib(gms.proc.pid)["total"] / 1024
             out[key]["gms_allocated_mib"] = get_info(bench.socket).allocated_bytes / 2**20
         for w in workers:
             w.stop()
@@ -426,14 +478,23 @@ def report(r: dict[str, Any]) -> None:
     print(f"machine: {r['machine']['cores']} cores, load average {r['machine']['load'][0]:.1f} at start")
     if "restart" in r:
         m = r["restart"]["median"]
-        print(f"\n{'restart (median)':<26} {'disk':>8} {'gms':>8} {'speedup':>8}")
+        print(f"\n{'restart (median)':<34} {'disk':>8} {'gms':>8} {'ratio':>8}")
         for metric, label in (
             ("serving_s", "to SERVING"),
             ("first_token_s", "to first token"),
-            ("weights_s", "weights (engine log)"),
+            ("engine_began_s", "  engine began (imports, settings)"),
+            ("weights_s", "  weights"),
+            ("kv_s", "  KV pools"),
+            ("engine_ready_s", "  engine ready"),
+            ("server_s", "  then SERVING (server, discovery)"),
         ):
-            speed = m["disk"][metric] / m["gms"][metric]
-            print(f"{label:<26} {m['disk'][metric]:>7.2f}s {m['gms'][metric]:>7.2f}s {speed:>7.1f}x")
+            speed = m["disk"][metric] / m["gms"][metric] if m["gms"][metric] else float("nan")
+            print(f"{label:<34} {m['disk'][metric]:>7.2f}s {m['gms'][metric]:>7.2f}s {speed:>7.1f}x")
+        first = r["restart"]["first_start_serving_s"]
+        print(
+            f"first starts (not compared): disk {first['disk']:.2f}s, gms {first['gms']:.2f}s "
+            "(publishes the weights through a child process)"
+        )
         print("goal: to SERVING at least 5x faster with the gms")
     if "takeover" in r:
         t = r["takeover"]
@@ -443,9 +504,16 @@ def report(r: dict[str, Any]) -> None:
         )
     if "memory" in r:
         mem = r["memory"]
-        print(f"\n{'two workers, PSS':<26} {'total':>9} {'weights':>9}")
+        print(
+            f"\n{'two workers, PSS (MiB)':<24} {'total':>7} {'weights':>8} {'share':>6} {'anon':>6} {'file':>6} {'shmem':>6}"
+        )
         for key in ("disk", "gms"):
-            print(f"{key:<26} {mem[key]['workers_pss_mib']:>7.0f}Mi {mem[key]['weights_pss_mib']:>7.0f}Mi")
+            k = mem[key]
+            parts = {p: sum(w[p] for w in k["per_worker_mib"]) for p in ("anon", "file", "shmem")}
+            print(
+                f"{key:<24} {k['workers_pss_mib']:>7.0f} {k['weights_pss_mib']:>8.0f} {k['weights_share']:>6.0%} "
+                f"{parts['anon']:>6.0f} {parts['file']:>6.0f} {parts['shmem']:>6.0f}"
+            )
         print(
             f"gms process itself: {mem['gms']['gms_pss_mib']:.0f} MiB PSS, {mem['gms']['gms_allocated_mib']:.0f} MiB allocated"
         )

@@ -7,12 +7,16 @@ For each implementation (each in a fresh process, so memory figures are its own)
   quarter of them leave as ``removed`` events of leaf blocks; blocks per second for each. Then
   **churn** at capacity: 4000 new chains, each with the eviction of its worker's oldest root
   chain, whose descendants (chains later requests hung under it) go along, a harsher case than
-  an engine's leaves-first eviction. Throughput is in CPU time of the process, so that it stays
+  an engine's leaves-first eviction (run after the decisions, which it would leave without
+  cached prefixes to find). Throughput is in CPU time of the process, so that it stays
   meaningful on a shared machine;
 * **route decision**: the full in-process decision (:meth:`Scheduler.route`: sequence hashes,
   KV overlap in the index, active-block overlap, cost over 64 candidates, selection, recording
   the request) for prompts of 2000 tokens (31 blocks of 64) sharing system prompts, with about
-  256 requests active; p50/p99/max over 20k decisions, and the index lookup alone.
+  256 requests active; p50/p99/max over 20k decisions, and the index lookup alone. Every worker's
+  cache is full (its KV capacity is what it holds, and the kv mode's forecast of what it keeps
+  starts from what it stored), so every kv decision weighs evictions on all 64 candidates; every
+  other decision runs the previous policy (kv-classic) on the same state, for comparison.
 
 Prints a table and writes JSON to bench/results/router_index.json. Targets from the issue:
 decision p99 <= 1 ms, updates >= 500k blocks/s.
@@ -39,8 +43,8 @@ from tokenyard.common.discovery import Instance, ModelCard, WatchEventKind
 from tokenyard.common.hashing import sequence_hashes
 from tokenyard.router.active import ActiveRequests
 from tokenyard.router.index import Prompt, WorkerRank, make_index
-from tokenyard.router.scheduler import RouteQuery, Scheduler
-from tokenyard.router.tiers import TieredIndex
+from tokenyard.router.index.tiers import TieredIndex
+from tokenyard.router.scheduler import RouteHints, RouteQuery, Scheduler
 from tokenyard.router.workers import WorkerSet
 
 BLOCK_SIZE = 64
@@ -152,22 +156,10 @@ def run(kind: str, workers: int, blocks: int, decisions: int, seed: int) -> dict
         index.store(rank, parent, hashes, tokens, start)
     assert index.num_blocks() == indexed
 
-    # Churn at capacity, as a full cache reports it: every new 32-block chain on a worker comes
-    # with the eviction of that worker's oldest chain, leaves first.
-    churn = _churn_events(rng, stores, workers, CHURN_EVENTS)
-    before = index.num_blocks()
-    t0 = time.process_time()
-    for rank, evict, fresh in churn:
-        for i in range(0, len(evict), 8):
-            index.remove(rank, evict[i : i + 8])
-        index.store(rank, None, fresh[0], fresh[1], 0)
-    churn_s = time.process_time() - t0
-    stored_new = sum(len(fresh[0]) for _, _, fresh in churn)
-    # Evicting a chain takes its descendants along (chains other requests extended): count them.
-    moved = stored_new + (before + stored_new - index.num_blocks())
-
     ws = WorkerSet()
-    card = ModelCard("m", "tok", BLOCK_SIZE, 8192, 16384, "mocker", "aggregated")
+    # Each worker's KV capacity is what it holds: its cache is full, so the kv mode's forecast
+    # evicts on every placement (the decision's most expensive case).
+    card = ModelCard("m", "tok", BLOCK_SIZE, 8192, blocks // workers, "mocker", "aggregated")
     for w in range(1, workers + 1):
         ws.apply(
             WatchEventKind.ADDED,
@@ -178,6 +170,10 @@ def run(kind: str, workers: int, blocks: int, decisions: int, seed: int) -> dict
     tiered = TieredIndex(lambda: index)
     active = ActiveRequests()
     scheduler = Scheduler(ws, tiered, active, rng=random.Random(seed))
+    # The forecast of what each worker keeps, as if this router had routed what they store.
+    for rank, _parent, hashes, _tokens, _start in stores:
+        scheduler.forecast.touch(rank, hashes)
+    forecast_blocks = sum(scheduler.forecast.blocks(WorkerRank(w, 0)) for w in range(1, workers + 1))
 
     n_blocks = PROMPT_TOKENS // BLOCK_SIZE
     prompts = []
@@ -194,21 +190,42 @@ def run(kind: str, workers: int, blocks: int, decisions: int, seed: int) -> dict
         lookup.append(time.perf_counter() - t0)
     samples: list[float] = []
     cpu: list[float] = []
+    # Every other decision in the previous kv policy, for the cost of the cache-pressure terms
+    # measured in the same state of the same process.
+    classic: list[float] = []
+    classic_cpu: list[float] = []
+    hints = (RouteHints(), RouteHints(mode="kv-classic"))
     hits = 0
     live: list[str] = []
     for i, p in enumerate(prompts):
-        q = RouteQuery(f"r{i}", "m", p, PROMPT_TOKENS)
+        q = RouteQuery(f"r{i}", "m", p, PROMPT_TOKENS, hints=hints[i % 2])
         c0 = time.thread_time()
         t0 = time.perf_counter()
         d = scheduler.route(q)
-        samples.append(time.perf_counter() - t0)
-        cpu.append(time.thread_time() - c0)
+        wall, used = time.perf_counter() - t0, time.thread_time() - c0
+        (samples if i % 2 == 0 else classic).append(wall)
+        (cpu if i % 2 == 0 else classic_cpu).append(used)
         # Prefill ends quickly next to decode: most active requests only hold blocks.
         scheduler.first_token(q.request_id)
         hits += d.overlap_blocks > 0
         live.append(q.request_id)
         if len(live) > 256:
             scheduler.finish(live.pop(0))
+    # Churn last: it evicts whole system-prompt subtrees, which the decisions above hit.
+    # Churn at capacity, as a full cache reports it: every new 32-block chain on a worker comes
+    # with the eviction of that worker's oldest chain, leaves first.
+    churn = _churn_events(rng, stores, workers, CHURN_EVENTS)
+    before = index.num_blocks()
+    t0 = time.process_time()
+    for rank, evict, fresh in churn:
+        for i in range(0, len(evict), 8):
+            index.remove(rank, evict[i : i + 8])
+        index.store(rank, None, fresh[0], fresh[1], 0)
+    churn_s = time.process_time() - t0
+    stored_new = sum(len(fresh[0]) for _, _, fresh in churn)
+    # Evicting a chain takes its descendants along (chains other requests extended): count them.
+    moved = stored_new + (before + stored_new - index.num_blocks())
+
     ms = 1e3
     return {
         "index": kind,
@@ -230,8 +247,13 @@ def run(kind: str, workers: int, blocks: int, decisions: int, seed: int) -> dict
         # preemptions (the wall-clock figures include them on a shared machine).
         "decision_cpu_p50_ms": percentile(cpu, 0.5) * ms,
         "decision_cpu_p99_ms": percentile(cpu, 0.99) * ms,
+        "classic_decision_p50_ms": percentile(classic, 0.5) * ms,
+        "classic_decision_p99_ms": percentile(classic, 0.99) * ms,
+        "classic_decision_cpu_p50_ms": percentile(classic_cpu, 0.5) * ms,
+        "classic_decision_cpu_p99_ms": percentile(classic_cpu, 0.99) * ms,
         "gc_collections": [g["collections"] for g in gc.get_stats()],
         "decisions_with_overlap": hits / len(samples),
+        "forecast_blocks": forecast_blocks,
     }
 
 
@@ -278,7 +300,8 @@ def main() -> None:
     )
     header = (
         f"{'index':>11} {'store blk/s':>12} {'remove blk/s':>13} {'churn blk/s':>12} {'RSS MiB':>8} {'lookup p99':>11} "
-        f"{'decide p50':>11} {'decide p99':>11} {'max':>7} {'cpu p99':>9}"
+        f"{'decide p50':>11} {'decide p99':>11} {'max':>7} {'cpu p50':>9} {'cpu p99':>9} "
+        f"{'classic cpu p50/p99':>20}"
     )
     print(header)
     for r in rows:
@@ -286,7 +309,8 @@ def main() -> None:
             f"{r['index']:>11} {r['store_blocks_per_s']:>12,.0f} {r['remove_blocks_per_s']:>13,.0f} "
             f"{r['churn_blocks_per_s']:>12,.0f} "
             f"{r['index_rss_mib']:>8.0f} {r['lookup_p99_ms']:>9.3f}ms {r['decision_p50_ms']:>9.3f}ms "
-            f"{r['decision_p99_ms']:>9.3f}ms {r['decision_max_ms']:>5.1f}ms {r['decision_cpu_p99_ms']:>7.3f}ms"
+            f"{r['decision_p99_ms']:>9.3f}ms {r['decision_max_ms']:>5.1f}ms {r['decision_cpu_p50_ms']:>7.3f}ms "
+            f"{r['decision_cpu_p99_ms']:>7.3f}ms {r['classic_decision_cpu_p50_ms']:>9.3f}/{r['classic_decision_cpu_p99_ms']:.3f}ms"
         )
     out_dir = Path(__file__).parent / "results"
     out_dir.mkdir(exist_ok=True)

@@ -1,12 +1,19 @@
-"""KV-aware routing against round-robin, end to end: same deployment, same workload, one run.
+"""KV-aware routing against the previous KV policy and round-robin, end to end: same
+deployment, same workload, one run.
 
 Each mode gets a fresh deployment (a router in that mode, four mocker workers with 256 KV blocks
-each, a frontend), then the load generator sends 16 concurrent streams of prompts made of one of
-16 shared 2000-token prefixes plus 100 tokens of their own, 50 output tokens each. Reports TTFT
-and the prompt cache hit rate the workers measured, for both modes, and writes JSON to
-bench/results/router_kv_vs_rr.json.
+each, a frontend), then the load generator sends 16 concurrent streams. Two workloads:
 
-    .venv/bin/python -m bench.router_kv_vs_rr [--requests 400] [--rounds 1]
+* ``--workload pressure`` (default), the cache-pressure workload: prompts made of one of 16
+  shared 2000-token prefixes plus 100 tokens of their own, 50 output tokens each;
+* ``--workload conversations``: the multi-turn conversation trace
+  (bench/traces/conversations.jsonl, from ``python -m bench.traces.conversations``), replayed
+  as a prompt source with each turn's session id as a routing hint.
+
+Reports TTFT p50/p90 and the prompt cache hit rate the workers measured, per mode, and writes
+JSON to bench/results/router_kv_vs_rr.json (``router_kv_vs_rr_<workload>.json`` for the others).
+
+    .venv/bin/python -m bench.router_kv_vs_rr [--requests 400] [--rounds 1] [--modes kv,kv-classic,round-robin]
 """
 
 from __future__ import annotations
@@ -30,6 +37,12 @@ from tokenyard.common.discovery import Instance, open_discovery
 WORKERS = 4
 KV_BLOCKS = 256
 RESULTS = Path(__file__).parent / "results"
+CONVERSATIONS = Path(__file__).parent / "traces" / "conversations.jsonl"
+WORKLOADS: dict[str, list[str]] = {
+    "pressure": ["--num-prefixes", "16", "--prefix-len", "2000", "--suffix-len", "100", "--output-len", "50"],
+    # The trace's blocks are the mocker's (64 tokens); its turns carry their session ids.
+    "conversations": ["--trace", str(CONVERSATIONS), "--block-size", "64", "--prompt-format", "tokens"],
+}
 
 
 async def _instances(url: str, service: str, count: int, timeout: float = 120) -> list[Instance]:
@@ -66,7 +79,15 @@ def _wait_http(port: int, timeout: float = 120) -> None:
     raise RuntimeError("the frontend never listed a model")
 
 
-def run_mode(mode: str, requests: int, workdir: Path, router_flags: list[str]) -> dict[str, Any]:
+def run_mode(
+    mode: str,
+    requests: int,
+    workdir: Path,
+    router_flags: list[str],
+    workload: str = "pressure",
+    label: str | None = None,
+) -> dict[str, Any]:
+    workdir = workdir / str(abs(hash(label))) if label and label != mode else workdir
     url = f"dir://{workdir / mode / 'discovery'}"
     (workdir / mode).mkdir(parents=True)
     common = ["--port", "0", "--metrics-port", "0", "--discovery", url, "--log-level", "warning"]
@@ -96,7 +117,7 @@ def run_mode(mode: str, requests: int, workdir: Path, router_flags: list[str]) -
                 sys.executable, "-m", "bench.loadgen",
                 "--target", f"http://127.0.0.1:{port}",
                 "--concurrency", "16",
-                "--num-prefixes", "16", "--prefix-len", "2000", "--suffix-len", "100", "--output-len", "50",
+                *WORKLOADS[workload],
                 "--num-requests", str(requests), "--warmup", "32",
                 "--progress", "off", "--output", str(out),
             ],
@@ -136,10 +157,11 @@ def _router_metrics(address: str) -> dict[str, float]:
 
 
 def _summary(doc: dict[str, Any]) -> dict[str, float]:
-    """TTFT p50 (ms), cache hit rate and failures from a load generator result."""
+    """TTFT p50/p90 (ms), cache hit rate and failures from a load generator result."""
     summary = doc["runs"][-1]["summary"]
     return {
         "ttft_p50_ms": float(summary["ttft_ms"]["p50"]),
+        "ttft_p90_ms": float(summary["ttft_ms"]["p90"]),
         "cache_hit_rate": float(summary["cache_hit_rate"]),
         "requests_failed": float(summary["requests_failed"]),
         **{f"router_{k}": v for k, v in doc.get("router_metrics", {}).items()},
@@ -151,37 +173,63 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--requests", type=int, default=400)
-    parser.add_argument("--rounds", type=int, default=1, help="alternate kv and round-robin this many times")
-    parser.add_argument("--modes", default="kv,round-robin", help="comma-separated router modes to run")
+    parser.add_argument("--rounds", type=int, default=1, help="alternate the modes this many times")
     parser.add_argument(
-        "--kv-flags", default="", help="extra router flags for the kv run, e.g. '--predicted-ttl 2'"
+        "--modes",
+        default="kv,kv-classic,round-robin",
+        help="comma-separated router modes to run; 'kv[--decode-load-scale 1]' adds router flags to one",
+    )
+    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="pressure")
+    parser.add_argument(
+        "--kv-flags", default="", help="extra router flags for the kv run, e.g. '--eviction-weight 2'"
     )
     args = parser.parse_args()
+    if args.workload == "conversations" and not CONVERSATIONS.exists():
+        parser.error(f"{CONVERSATIONS} is missing: python -m bench.traces.conversations writes it")
     modes = args.modes.split(",")
     rows: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
     with tempfile.TemporaryDirectory(prefix="router-bench-") as tmp:
         for r in range(args.rounds):
-            for mode in modes:
+            for label in modes:
+                # "kv[--eviction-weight 2]": a mode with router flags of its own.
+                mode, _, extra = label.partition("[")
                 flags = shlex.split(args.kv_flags) if mode == "kv" else []
-                rows[mode].append(run_mode(mode, args.requests, Path(tmp) / f"round-{r}", flags))
-    print(
-        f"\n{WORKERS} mocker workers x {KV_BLOCKS} KV blocks, 16 prefixes x 2000 + 100 tokens, 50 out, 16 streams"
-    )
+                flags += shlex.split(extra.rstrip("]"))
+                rows[label].append(
+                    run_mode(mode, args.requests, Path(tmp) / f"round-{r}", flags, args.workload, label)
+                )
+    what = {
+        "pressure": "16 prefixes x 2000 + 100 tokens, 50 out",
+        "conversations": f"conversation trace {CONVERSATIONS.name}",
+    }[args.workload]
+    print(f"\n{WORKERS} mocker workers x {KV_BLOCKS} KV blocks, {what}, 16 streams")
     if args.kv_flags:
         print(f"kv router flags: {args.kv_flags}")
-    print(f"{'mode':>12} {'TTFT p50 ms':>12} {'cache hit':>10}   (medians over rounds)")
-    summary = {}
+    print(
+        f"{'mode':>12} {'TTFT p50 ms':>12} {'p90 ms':>8} {'cache hit':>10} {'failed':>7}   (medians over rounds)"
+    )
+    summary: dict[str, dict[str, Any]] = {}
     for mode, docs in rows.items():
         s = [_summary(d) for d in docs]
         ttft = statistics.median(x["ttft_p50_ms"] for x in s)
+        p90 = statistics.median(x["ttft_p90_ms"] for x in s)
         hit = statistics.median(x["cache_hit_rate"] for x in s)
-        summary[mode] = {"ttft_p50_ms": ttft, "cache_hit_rate": hit, "rounds": s, "kv_flags": args.kv_flags}
+        failed = sum(x["requests_failed"] for x in s)
+        summary[mode] = {
+            "ttft_p50_ms": ttft,
+            "ttft_p90_ms": p90,
+            "cache_hit_rate": hit,
+            "rounds": s,
+            "kv_flags": args.kv_flags if mode == "kv" else "",
+        }
         rounds = ", ".join(f"{x['ttft_p50_ms']:.1f} ms / {x['cache_hit_rate']:.2f}" for x in s)
-        print(f"{mode:>12} {ttft:>12.1f} {hit:>10.2f}   rounds: {rounds}")
+        print(f"{mode:>12} {ttft:>12.1f} {p90:>8.1f} {hit:>10.2f} {failed:>7.0f}   rounds: {rounds}")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "router_kv_vs_rr.json").write_text(json.dumps({"summary": summary, "raw": rows}, indent=2))
+    name = "router_kv_vs_rr" if args.workload == "pressure" else f"router_kv_vs_rr_{args.workload}"
+    out = RESULTS / f"{name}.json"
+    out.write_text(json.dumps({"workload": args.workload, "summary": summary, "raw": rows}, indent=2))
     plots.save(
-        RESULTS / "router_kv_vs_rr.json",
+        out,
         plots.Chart(
             [
                 plots.Bars("TTFT p50", "ms", {m: {"TTFT p50": s["ttft_p50_ms"]} for m, s in summary.items()}),
@@ -191,7 +239,7 @@ def main() -> None:
                     {m: {"hit rate": s["cache_hit_rate"] * 100} for m, s in summary.items()},
                 ),
             ],
-            title="kv against round-robin routing (medians over rounds)",
+            title=f"kv, kv-classic and round-robin routing, {args.workload} workload (medians over rounds)",
         ),
     )
 

@@ -12,7 +12,7 @@ import json
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bench import plots
@@ -65,12 +65,12 @@ def encode_unseen(fresh: Tokenizer, helper: Tokenizer) -> float:
     return statistics.median(samples)
 
 
-def stream_all(tok: Tokenizer, ids: list[int]) -> str:
+def stream_all(tok: Tokenizer, ids: Sequence[int]) -> str:
     stream = DetokenizeStream(tok)
     return "".join(stream.push([i]) for i in ids) + stream.flush()
 
 
-def redecode_all(tok: Tokenizer, ids: list[int]) -> str:
+def redecode_all(tok: Tokenizer, ids: Sequence[int]) -> str:
     # The obvious alternative: decode the whole response at every token and emit the new suffix.
     out, emitted = [], 0
     for n in range(1, len(ids) + 1):

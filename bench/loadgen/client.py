@@ -82,6 +82,9 @@ def build_body(endpoint: Endpoint, spec: RequestSpec) -> dict[str, object]:
         body["messages"] = [{"role": "user", "content": as_text(spec.tokens)}]
     else:
         body["prompt"] = spec.tokens if endpoint.prompt_format == "tokens" else as_text(spec.tokens)
+    if spec.session_id is not None:
+        # A conversation's turns carry its id as a routing hint (session affinity).
+        body["nvext"] = {"session_id": spec.session_id}
     body.update(endpoint.extra_body)
     return body
 

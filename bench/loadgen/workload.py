@@ -79,6 +79,8 @@ class RequestSpec:
     output_len: int
     arrival_s: float | None = None
     """Offset from the start of the schedule, for fixed-schedule replay; None outside traces."""
+    session_id: str | None = None
+    """The conversation a trace row belongs to; sent as a routing hint (``nvext.session_id``)."""
 
 
 def as_text(tokens: list[int]) -> str:
@@ -169,10 +171,12 @@ class TraceEntry:
     input_length: int
     output_length: int
     hash_ids: tuple[int, ...]
+    session_id: str | None = None
 
 
 def load_trace(path: Path) -> list[TraceEntry]:
-    """Mooncake JSONL: one request per line, ``timestamp`` in ms, ``hash_ids`` naming prompt blocks."""
+    """Mooncake JSONL: one request per line, ``timestamp`` in ms, ``hash_ids`` naming prompt blocks,
+    optionally ``session_id`` naming the conversation (bench/traces/conversations.py)."""
     entries: list[TraceEntry] = []
     with path.open() as f:
         for lineno, line in enumerate(f, 1):
@@ -186,6 +190,7 @@ def load_trace(path: Path) -> list[TraceEntry]:
                     input_length=int(row["input_length"]),
                     output_length=int(row["output_length"]),
                     hash_ids=tuple(int(h) for h in row.get("hash_ids", ())),
+                    session_id=None if row.get("session_id") is None else str(row["session_id"]),
                 )
             except (ValueError, KeyError, TypeError) as exc:
                 raise ValueError(f"{path}:{lineno}: not a Mooncake trace row: {exc}") from exc
@@ -250,7 +255,7 @@ class MooncakeWorkload:
         if missing:
             tokens += self.token_range.draw(np.random.default_rng([self.seed, _PAD, index]), missing)
         arrival = None if entry.timestamp_ms is None else (entry.timestamp_ms - self._t0) / 1000.0
-        return RequestSpec(index, tokens, entry.output_length, arrival)
+        return RequestSpec(index, tokens, entry.output_length, arrival, entry.session_id)
 
     def __iter__(self) -> Iterator[RequestSpec]:
         for index in range(len(self.entries)):

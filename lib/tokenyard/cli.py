@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "down": ("tokenyard.deploy.up", "stop a deployment started with `tokenyard up --detach`"),
     "status": ("tokenyard.deploy.status", "list registered instances and their health"),
     "probe": ("tokenyard.deploy.probe", "exit 0 iff a gRPC health check answers SERVING"),
+    "certs": ("tokenyard.deploy.certs", "create a CA and per-service certificates for mTLS"),
 }
 
 _ENTRY = {"down": "main_down"}

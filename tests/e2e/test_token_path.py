@@ -36,7 +36,6 @@ pytestmark = pytest.mark.e2e
 
 MODEL = "SmolLM2-135M-Instruct"
 SLOW_MODEL = "slow-model"
-GENERATE = "/tokenyard.api.worker.v1.WorkerService/Generate"
 
 
 @dataclass
@@ -176,11 +175,12 @@ def _post(url: str, body: bytes) -> tuple[int, Any]:
 
 
 def _generate_calls(worker: Instance) -> float:
+    """Requests the worker ended, whichever call carried them (Generate or GenerateMux)."""
     with urllib.request.urlopen(f"http://{worker.metrics_address}/metrics", timeout=10) as r:
         text = r.read().decode()
     total = 0.0
     for line in text.splitlines():
-        if line.startswith("tokenyard_rpc_requests_total{") and f'method="{GENERATE}"' in line:
+        if line.startswith("tokenyard_worker_requests_total{"):
             total += float(line.rsplit(" ", 1)[1])
     return total
 
@@ -247,22 +247,29 @@ client.async_stream_infer(model, [text, tensor("bogus", "BYTES", b"x")], request
 client.async_stream_infer(model, [text, max_tokens], request_id="s-2")
 events = []
 finals = set()
-while len(finals) < 3:
-    result, error = responses.get(timeout=30)
-    if error is not None:
-        events.append({"error": str(error)})
-        finals.add("s-bad")
-        continue
-    response = result.get_response()
-    final = response.parameters["triton_final_response"].bool_param
-    events.append({
-        "id": response.id,
-        "text": result.as_numpy("text_output")[0].decode(),
-        "finish": result.as_numpy("finish_reason")[0].decode(),
-        "final": final,
-    })
-    if final:
-        finals.add(response.id)
+try:
+    while len(finals) < 3:
+        result, error = responses.get(timeout=30)
+        if error is not None:
+            events.append({"error": str(error)})
+            finals.add("s-bad")
+            continue
+        response = result.get_response()
+        final = response.parameters["triton_final_response"].bool_param
+        events.append({
+            "id": response.id,
+            "text": result.as_numpy("text_output")[0].decode(),
+            "finish": result.as_numpy("finish_reason")[0].decode(),
+            "final": final,
+        })
+        if final:
+            finals.add(response.id)
+except BaseException:
+    # The stream's response thread is not a daemon: exiting with the stream open would wait for
+    # it forever. Cancel the stream and say what did arrive.
+    print(json.dumps({"stream_so_far": events}), file=sys.stderr)
+    client.stop_stream(cancel_requests=True)
+    raise
 client.stop_stream()
 out["stream"] = events
 print(json.dumps(out))
@@ -414,7 +421,7 @@ def test_requests_spread_across_both_workers(deployment: Deployment) -> None:
     def served() -> list[float]:
         return [_generate_calls(w) - b for w, b in zip(deployment.workers, before, strict=True)]
 
-    # A worker counts a call once its handler returned, just after the client saw the end.
+    # A worker counts a request once its stream ended, just after the client saw the end.
     _eventually(lambda: sum(served()) >= 4, "the workers counted the calls")
     # Sequential requests under round-robin alternate between the two workers.
     assert served() == [2, 2]

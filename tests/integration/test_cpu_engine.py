@@ -18,7 +18,7 @@ import torch
 
 from tests.fixtures.cpu import CHAT_QUESTIONS
 from tokenyard.router.index import WorkerRank
-from tokenyard.router.radix import RadixIndex
+from tokenyard.router.index.radix import RadixIndex
 from tokenyard.worker.config import WorkerRole
 from tokenyard.worker.engines.base import (
     EngineRequest,

@@ -13,6 +13,7 @@ import torch
 from tests.fixtures.cpu import CPU, hf_tokenizer, prompt_of
 from tests.fixtures.gms import running_gms
 from tests.fixtures.worker import generate_request, running_worker
+from tokenyard.api.worker.v1 import worker_pb2
 from tokenyard.common.gms import GmsClient, LockMode, LockState, MetadataEntry, get_info
 from tokenyard.worker.engines.cpu.config import CpuEngineConfig
 from tokenyard.worker.engines.cpu.gms_weights import MODEL_KEY
@@ -91,6 +92,11 @@ async def test_a_cpu_worker_serves_from_weights_it_published_and_others_map_them
             request = generate_request("paris", prompt, 16)
             request.sampling.temperature = 0.0
             responses = await w.generate(request)
+            # Guided decoding too: its vocabulary loads at this first guided request.
+            constrained = generate_request("json", prompt_of(tokenizer, "Describe Paris as JSON."), 48)
+            constrained.sampling.temperature = 0.0
+            constrained.guided_decoding.kind = worker_pb2.GUIDED_DECODING_KIND_JSON_OBJECT
+            structured = await w.generate(constrained)
             assert get_info(gms.socket).reader_count == 1
             # A second engine on the same gms maps the published copy instead of loading one.
             second = load_model(cpu)
@@ -99,3 +105,6 @@ async def test_a_cpu_worker_serves_from_weights_it_published_and_others_map_them
             assert all(_in_gms_memory(p) for p in second.model.parameters())
             second.gms_session.close()
     assert "Paris" in tokenizer.decode([t for r in responses for t in r.token_ids])
+    assert structured[-1].finish_reason == worker_pb2.FINISH_REASON_STOP
+    document = tokenizer.decode([t for r in structured for t in r.token_ids], skip_special_tokens=True)
+    assert isinstance(json.loads(document), dict)

@@ -10,7 +10,7 @@ import pytest
 
 from tokenyard.common.hashing import block_hashes, chain_hash
 from tokenyard.router.index import InvalidEvent, WorkerRank
-from tokenyard.router.radix import RadixIndex
+from tokenyard.router.index.radix import RadixIndex
 from tokenyard.worker.engines.core.block_pool import Block, BlockPool, BlockTable
 from tokenyard.worker.kv_events import KvCleared, KvEventData, KvRemoved, KvStored, StoredBlock
 

@@ -12,14 +12,14 @@ import pytest
 from tokenyard.common.discovery import Instance, ModelCard, WatchEventKind
 from tokenyard.common.hashing import sequence_hashes
 from tokenyard.router.active import ActiveRequests, routed_request
-from tokenyard.router.cost import CostKnobs, RankState, costs
 from tokenyard.router.index import WorkerRank, make_index
+from tokenyard.router.index.tiers import TieredIndex
 from tokenyard.router.metrics import RouterMetrics
-from tokenyard.router.peers import replica_event_from_pb
-from tokenyard.router.replicas import LifecycleEvent, ReplicaEvent, Routed, apply_peer_event
+from tokenyard.router.policies.cost import CostKnobs, RankState, costs
+from tokenyard.router.replication.peers import replica_event_from_pb
+from tokenyard.router.replication.replicas import LifecycleEvent, ReplicaEvent, Routed, apply_peer_event
 from tokenyard.router.scheduler import RouteQuery, Scheduler
 from tokenyard.router.servicer import replica_event_to_pb
-from tokenyard.router.tiers import TieredIndex
 from tokenyard.router.workers import LoadReport, WorkerDetails, WorkerSet
 
 pytestmark = pytest.mark.unit

@@ -24,6 +24,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from tokenyard.common.tls import MTLS_SERVERS
+
 pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -208,6 +210,12 @@ def test_probes_ask_the_grpc_health_service_on_the_services_own_port() -> None:
                     # A Unix socket: the kubelet's gRPC probe dials TCP only.
                     socket = env_value(container, prefix + "SOCKET")
                     assert spec["exec"]["command"] == ["tokenyard", "probe", f"unix://{socket}"], where
+                elif service in MTLS_SERVERS:
+                    # mTLS only: the kubelet's gRPC probe has no certificate; the probe command
+                    # presents the container's own (its TOKENYARD_<SERVICE>_TLS_* variables).
+                    port = env_value(container, prefix + "PORT")
+                    assert spec["exec"]["command"] == ["tokenyard", "probe", f"127.0.0.1:{port}"], where
+                    assert env_value(container, prefix + "TLS_CERT") is not None, where
                 else:
                     port = env_value(container, prefix + "PORT")
                     assert port is not None, where

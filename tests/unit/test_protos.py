@@ -40,6 +40,7 @@ BIDI = (True, True)
 EXPECTED_RPCS: dict[str, dict[str, tuple[bool, bool]]] = {
     "tokenyard.api.worker.v1.WorkerService": {
         "Generate": SERVER_STREAM,
+        "GenerateMux": BIDI,
         "SubscribeKvEvents": SERVER_STREAM,
         "SubscribeForwardPassMetrics": SERVER_STREAM,
         "GetLoad": UNARY,

@@ -8,7 +8,14 @@ import random
 
 import pytest
 
-from tokenyard.router.cost import CostKnobs, RankState, costs, select, select_min, softmax_probabilities
+from tokenyard.router.policies.cost import (
+    CostKnobs,
+    RankState,
+    costs,
+    select,
+    select_min,
+    softmax_probabilities,
+)
 
 pytestmark = pytest.mark.unit
 

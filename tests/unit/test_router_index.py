@@ -19,8 +19,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from tokenyard.common.hashing import sequence_hashes
 from tokenyard.router.index import Chain, InvalidEvent, KvIndex, Prompt, WorkerRank, make_index
-from tokenyard.router.positional import PositionalIndex
-from tokenyard.router.radix import RadixIndex
+from tokenyard.router.index.positional import PositionalIndex
+from tokenyard.router.index.radix import RadixIndex
 
 pytestmark = pytest.mark.unit
 

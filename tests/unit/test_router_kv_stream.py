@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 
 from tokenyard.common.hashing import sequence_hashes
 from tokenyard.router.index import InvalidEvent, Prompt, WorkerRank, make_index
-from tokenyard.router.kv_stream import (
+from tokenyard.router.index.radix import RadixIndex
+from tokenyard.router.index.tiers import Tier, TieredIndex
+from tokenyard.router.kv_ingest.stream import (
     Cleared,
     KvEvent,
     Removed,
@@ -22,8 +24,6 @@ from tokenyard.router.kv_stream import (
     StreamViolation,
     WorkerKvTracker,
 )
-from tokenyard.router.radix import RadixIndex
-from tokenyard.router.tiers import Tier, TieredIndex
 
 pytestmark = pytest.mark.unit
 

@@ -7,7 +7,14 @@ import asyncio
 import pytest
 
 from tokenyard.router.active import ActiveRequest, ActiveRequests
-from tokenyard.router.replicas import FirstToken, Freed, LifecycleEvent, ReplicaHub, Routed, apply_peer_event
+from tokenyard.router.replication.replicas import (
+    FirstToken,
+    Freed,
+    LifecycleEvent,
+    ReplicaHub,
+    Routed,
+    apply_peer_event,
+)
 
 pytestmark = pytest.mark.unit
 

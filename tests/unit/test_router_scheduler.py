@@ -12,14 +12,14 @@ from tokenyard.common.discovery import Instance, ModelCard, WatchEventKind
 from tokenyard.common.errors import InvalidArgument, Overloaded, Unavailable
 from tokenyard.common.hashing import sequence_hashes
 from tokenyard.router.active import ActiveRequests
-from tokenyard.router.approx import ApproximateRecorder
 from tokenyard.router.busy import BusyThresholds
-from tokenyard.router.cost import CostKnobs
 from tokenyard.router.index import Prompt, WorkerRank, make_index
+from tokenyard.router.index.approx import ApproximateRecorder
+from tokenyard.router.index.tiers import Tier, TieredIndex
 from tokenyard.router.metrics import RouterMetrics
-from tokenyard.router.replicas import FirstToken, Freed, LifecycleEvent, Routed
+from tokenyard.router.policies.cost import CostKnobs
+from tokenyard.router.replication.replicas import FirstToken, Freed, LifecycleEvent, Routed
 from tokenyard.router.scheduler import RouteDecision, RouteHints, RouteQuery, RouterConfig, Scheduler
-from tokenyard.router.tiers import Tier, TieredIndex
 from tokenyard.router.workers import LoadReport, WorkerDetails, WorkerSet
 
 pytestmark = pytest.mark.unit

@@ -13,7 +13,7 @@ import json
 import math
 import re
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -364,7 +364,7 @@ def test_template_syntax_error_is_a_tokenizer_error() -> None:
 # --- incremental detokenization -----------------------------------------------------------------------
 
 
-def _stream(tok: Tokenizer, ids: list[int], chunks: list[int]) -> list[str]:
+def _stream(tok: Tokenizer, ids: Sequence[int], chunks: list[int]) -> list[str]:
     stream, pieces, at = DetokenizeStream(tok), [], 0
     sizes = iter(chunks)
     while at < len(ids):

@@ -17,7 +17,7 @@ import pytest
 
 from tokenyard.common.hashing import block_hashes, salt_hash
 from tokenyard.router.index import WorkerRank
-from tokenyard.router.radix import RadixIndex
+from tokenyard.router.index.radix import RadixIndex
 from tokenyard.worker.engines.vllm.kv_translate import KvEventTranslator
 from tokenyard.worker.kv_events import KvCleared, KvEventData, KvRemoved, KvStored
 

@@ -76,5 +76,9 @@ def from_rpc_error(err: grpc.RpcError) -> TokenyardError:
     """The domain error matching a failed call (INTERNAL and unknown codes give TokenyardError)."""
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     details = err.details() if hasattr(err, "details") else str(err)
-    cls = _BY_CODE.get(code, TokenyardError)
-    return cls(details or code.name)
+    return from_status(code, details)
+
+
+def from_status(code: grpc.StatusCode, details: str | None) -> TokenyardError:
+    """The domain error of a status carried in a message rather than as a call's status."""
+    return _BY_CODE.get(code, TokenyardError)(details or code.name)

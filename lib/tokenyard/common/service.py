@@ -27,6 +27,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from tokenyard.common.access import AccessInterceptor
 from tokenyard.common.discovery import (
     Discovery,
     DiscoveryError,
@@ -39,6 +40,7 @@ from tokenyard.common.interceptors import ServiceInterceptor
 from tokenyard.common.logs import set_instance as set_log_instance
 from tokenyard.common.metrics import Metrics
 from tokenyard.common.settings import ServiceSettings
+from tokenyard.common.tls import Tls, TlsError
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +53,29 @@ SERVER_OPTIONS: Sequence[tuple[str, Any]] = (
     # Prompts of long-context models and KV snapshots exceed the 4 MiB default.
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    # Keep idle streams (KV event subscriptions) alive through NATs and proxies.
+    # Keep idle streams (KV event subscriptions) alive through NATs and proxies, and find a peer
+    # that vanished without closing (a killed host, a pulled cable) within 30 s.
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
+    # A client that pings more often than the policy above allows is told to go away after a few
+    # strikes instead of costing a wakeup per ping.
+    ("grpc.http2.max_ping_strikes", 3),
+    # Connections without a call for 10 minutes are closed (GOAWAY; clients reconnect on their
+    # next call): idle connections opened and forgotten must not accumulate until descriptors
+    # run out. Long calls (streams) are not idle, so this never cuts one.
+    ("grpc.max_connection_idle_ms", 600_000),
 )
+
+
+def merged_options(*groups: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """Server options where a later group overrides an earlier one: gRPC itself honours the
+    *first* of two options with the same key, which would silently keep the shared default."""
+    merged: dict[str, Any] = {}
+    for group in groups:
+        merged.update(group)
+    return list(merged.items())
 
 
 class StartupError(Exception):
@@ -81,6 +100,8 @@ class ServiceRuntime:
         register: bool = True,
         listen_address: str | None = None,
         server_options: Sequence[tuple[str, Any]] = (),
+        peer_auth: bool = True,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),  # type: ignore[type-arg]
     ) -> None:
         self.settings = settings
         self.service = service
@@ -105,8 +126,27 @@ class ServiceRuntime:
         self._register = register
         # A unix:/path address (gms) replaces host:port for both binding and advertising.
         self._listen_override = listen_address
+        try:
+            # The process's certificate: its clients present it to other services whatever the
+            # port serves.
+            self.tls = Tls.from_paths(settings.tls_ca, settings.tls_cert, settings.tls_key)
+        except TlsError as exc:
+            raise StartupError(f"{exc} (TOKENYARD_{service.upper()}_TLS_* / TOKENYARD_TLS_*)") from None
+        identity = self.tls.files.identity if self.tls.files is not None else service
+        if identity != service and service != "gms":
+            # Not fatal (a certificate may be shared while migrating), but peers will refuse it.
+            log.warning(
+                "the certificate (--tls-cert) names %r, not %r: peers that dial a %s refuse this process",
+                identity,
+                service,
+                service,
+            )
+        # peer_auth=False: the port serves clients, not services (the frontend's KServe port,
+        # which takes API keys; the gms's Unix socket, guarded by its file mode): no mTLS there.
+        self._server_tls = self.tls if peer_auth else None
+        self._extra_interceptors = list(interceptors)
         # Later options win: a service may override the shared defaults (message sizes).
-        self._server_options = [*SERVER_OPTIONS, *server_options]
+        self._server_options = merged_options(SERVER_OPTIONS, server_options)
         self._servicers: list[tuple[AddServicer, Any, str]] = []
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._server: grpc.aio.Server | None = None
@@ -142,16 +182,24 @@ class ServiceRuntime:
     async def start(self) -> None:
         s = self.settings
         env = f"TOKENYARD_{self.service.upper()}"
-        server = grpc.aio.server(
-            interceptors=[ServiceInterceptor(self.service, self.metrics)], options=self._server_options
-        )
+        interceptors: list[grpc.aio.ServerInterceptor] = [ServiceInterceptor(self.service, self.metrics)]  # type: ignore[type-arg]
+        credentials = self._server_tls.server_credentials() if self._server_tls is not None else None
+        if credentials is not None:
+            # Inside the metrics interceptor, so refused calls are counted with their status.
+            interceptors.append(AccessInterceptor(self.service))
+        # The service's own (client authentication), innermost: refusals are counted too.
+        interceptors.extend(self._extra_interceptors)
+        server = grpc.aio.server(interceptors=interceptors, options=self._server_options)
         for add, servicer, _ in self._servicers:
             add(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         names = [*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
         reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
         try:
-            self.port = server.add_insecure_port(self._listen_address())
+            if credentials is not None:
+                self.port = server.add_secure_port(self._listen_address(), credentials)
+            else:
+                self.port = server.add_insecure_port(self._listen_address())
         except RuntimeError as exc:
             raise StartupError(
                 f"cannot listen on {s.host}:{s.port} (--port / {env}_PORT, --host / {env}_HOST): "
@@ -170,9 +218,10 @@ class ServiceRuntime:
                     f"(--metrics-port / {env}_METRICS_PORT): {exc.strerror or exc}"
                 ) from None
         log.info(
-            "%s listening on %s (gRPC), /metrics on %s; instance %d",
+            "%s listening on %s (gRPC%s), /metrics on %s; instance %d",
             self.service,
             self.address,
+            ", mTLS" if credentials is not None else "",
             f"{s.host}:{self.metrics_port}"
             if self._metrics_port_setting is not None
             else self._metrics_address,

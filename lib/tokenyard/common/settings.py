@@ -7,14 +7,45 @@ same class by :mod:`tokenyard.common.cli_settings`, so a knob is declared exactl
 
 from __future__ import annotations
 
+import os
 import socket
 from enum import StrEnum
-from typing import ClassVar
+from typing import Any, ClassVar
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tokenyard.common.discovery import default_discovery_dir
+
+# Settings every service also reads from an unprefixed TOKENYARD_<NAME> variable.
+SHARED_ENV = ("tls_ca", "tls_cert", "tls_key")
+
+
+_TLS_HELP = {
+    "ca": "CA certificate (PEM) of the deployment; with --tls-cert and --tls-key it turns on mTLS "
+    "between services (`tokenyard certs` makes them).",
+    "cert": "This process's certificate (PEM), signed by --tls-ca; it names the service it proves.",
+    "key": "Private key (PEM) of --tls-cert.",
+}
+
+
+def tls_field(name: str) -> Any:
+    """The ``tls_<name>`` field, declared once for the services and the tools that dial them."""
+    return Field(default="", description=f"{_TLS_HELP[name]} Also read from TOKENYARD_TLS_{name.upper()}.")
+
+
+def with_shared_env(data: Any, names: tuple[str, ...] = SHARED_ENV) -> Any:
+    """Fill :data:`SHARED_ENV` settings from ``TOKENYARD_<NAME>`` when nothing more specific set them.
+
+    One set of TOKENYARD_TLS_* variables then serves every process of a container or pod (and
+    ``tokenyard probe``); a service's own variables and flags still win.
+    """
+    if isinstance(data, dict):
+        for name in names:
+            value = os.environ.get(f"TOKENYARD_{name.upper()}")
+            if value and not data.get(name):
+                data = {**data, name: value}
+    return data
 
 
 def default_discovery_url() -> str:
@@ -76,6 +107,14 @@ class ServiceSettings(BaseSettings):
     )
     log_level: LogLevel = Field(default=LogLevel.INFO, description="Log level.")
     log_format: LogFormat = Field(default=LogFormat.TEXT, description="Log format: text or json lines.")
+    tls_ca: str = tls_field("ca")
+    tls_cert: str = tls_field("cert")
+    tls_key: str = tls_field("key")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shared_tls_env(cls, data: Any) -> Any:
+        return with_shared_env(data)
 
     @field_validator("host", "advertise_host")
     @classmethod

@@ -6,16 +6,17 @@ import asyncio
 import json
 import sys
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings
 
 from tokenyard.common.cli_settings import parse_settings
 from tokenyard.common.discovery import DiscoveryError, Instance, open_discovery
-from tokenyard.common.settings import default_discovery_url, settings_config
+from tokenyard.common.settings import default_discovery_url, settings_config, tls_field, with_shared_env
+from tokenyard.common.tls import MTLS_SERVERS, PLAINTEXT, Tls, TlsError
 
 
 class StatusSettings(BaseSettings):
@@ -26,10 +27,20 @@ class StatusSettings(BaseSettings):
     service: str = Field(default="", description="Only list instances of this service.")
     timeout: float = Field(default=1.0, gt=0, le=60, description="Seconds to wait for each health check.")
     json_output: bool = Field(default=False, description="Print JSON lines instead of a table.")
+    # With mTLS on, health checks need a certificate of the deployment's CA (admin's, or any).
+    tls_ca: str = tls_field("ca")
+    tls_cert: str = tls_field("cert")
+    tls_key: str = tls_field("key")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shared_tls_env(cls, data: Any) -> Any:
+        return with_shared_env(data)
 
 
-async def health_of(address: str, timeout: float) -> str:
-    async with grpc.aio.insecure_channel(address) as channel:
+async def health_of(address: str, timeout: float, tls: Tls = PLAINTEXT, peer: str | None = None) -> str:
+    """The health status at ``address``; ``peer`` is the service the certificate must name (TLS)."""
+    async with tls.channel(address, peer) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
@@ -40,14 +51,24 @@ async def health_of(address: str, timeout: float) -> str:
     return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
 
+async def service_health(address: str, service: str, timeout: float, tls: Tls = PLAINTEXT) -> str:
+    """The health of an instance of ``service``, with TLS where that service's port requires it."""
+    if service in MTLS_SERVERS:
+        return await health_of(address, timeout, tls, service)
+    return await health_of(address, timeout)
+
+
 async def collect(settings: StatusSettings) -> list[tuple[Instance, str]]:
+    tls = Tls.from_paths(settings.tls_ca, settings.tls_cert, settings.tls_key)
     discovery = open_discovery(settings.discovery)
     try:
         instances = await discovery.instances(settings.service or None)
     finally:
         await discovery.close()
     instances.sort(key=lambda i: (i.service, i.address))
-    healths = await asyncio.gather(*(health_of(i.address, settings.timeout) for i in instances))
+    healths = await asyncio.gather(
+        *(service_health(i.address, i.service, settings.timeout, tls) for i in instances)
+    )
     return list(zip(instances, healths, strict=True))
 
 
@@ -59,6 +80,9 @@ def main(argv: Sequence[str]) -> int:
         rows = asyncio.run(collect(settings))
     except DiscoveryError as exc:
         print(f"tokenyard status: error: discovery {settings.discovery!r}: {exc}", file=sys.stderr)
+        return 1
+    except TlsError as exc:
+        print(f"tokenyard status: error: {exc}", file=sys.stderr)
         return 1
     if settings.json_output:
         for inst, state in rows:
@@ -86,4 +110,10 @@ def main(argv: Sequence[str]) -> int:
     for r in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
     unhealthy = sum(1 for _, state in rows if state != "SERVING")
+    if not settings.tls_ca and any(i.service in MTLS_SERVERS and st == "UNREACHABLE" for i, st in rows):
+        print(
+            "note: with mTLS on, routers, workers and planners answer only a client with a certificate: "
+            "set TOKENYARD_TLS_CA, TOKENYARD_TLS_CERT and TOKENYARD_TLS_KEY (the admin's)",
+            file=sys.stderr,
+        )
     return 1 if unhealthy else 0

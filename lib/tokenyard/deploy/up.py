@@ -5,8 +5,14 @@ frontend. ``--prefill-workers N --decode-workers M`` starts a split deployment i
 and M decode workers (``--role prefill|decode``), whose requests the frontend disaggregates.
 Child output is prefixed with its name. Ctrl-C or SIGTERM stops everything: SIGTERM to
 each child (frontend first, so no new requests arrive while workers drain), SIGKILL for any that
-outlive the grace period. If a child dies on its own, the deployment is stopped and the exit code
-is non-zero, since a half-running deployment is worse than a clear failure.
+outlive the grace period. A child that dies on its own is restarted, after a delay that doubles
+with each recent restart (:mod:`tokenyard.deploy.supervisor`); one that keeps dying (more than
+``--max-restarts`` restarts within ``--restart-window`` seconds) is given up on: the deployment
+stops, says which child and why, and exits non-zero.
+
+The deployment's state (its pid file, the gms socket, logs of --detach) lives in the user's
+runtime folder (:mod:`tokenyard.deploy.state`), so ``tokenyard down`` works from any folder, and
+a stop leaves no pid file or socket behind.
 """
 
 from __future__ import annotations
@@ -29,7 +35,11 @@ from pydantic_settings import BaseSettings
 
 from tokenyard.common.cli_settings import parse_settings
 from tokenyard.common.settings import default_discovery_url, settings_config
-from tokenyard.deploy.status import health_of
+from tokenyard.common.tls import PLAINTEXT
+from tokenyard.deploy import state
+from tokenyard.deploy.certs import throwaway_tls
+from tokenyard.deploy.status import service_health
+from tokenyard.deploy.supervisor import RestartPolicy, RestartTracker, describe_exit
 
 
 class UpSettings(BaseSettings):
@@ -58,8 +68,27 @@ class UpSettings(BaseSettings):
         default=300.0, gt=0, description="Seconds to wait for every service to be ready."
     )
     grace_period: float = Field(default=10.0, ge=0, description="Seconds children get to stop on shutdown.")
-    state_dir: str = Field(default=".tokenyard", description="Folder for logs and the pid file of --detach.")
+    state_dir: str = Field(
+        default_factory=state.default_state_dir,
+        description="Folder for the pid file, the gms socket and the logs of --detach: "
+        "$TOKENYARD_HOME/state, else $XDG_RUNTIME_DIR/tokenyard, else ~/.local/state/tokenyard.",
+    )
+    max_restarts: int = Field(
+        default=5,
+        ge=0,
+        le=1000,
+        description="Restarts of one child within --restart-window seconds after which the deployment "
+        "gives up on it and stops (0: a child that dies stops the deployment).",
+    )
+    restart_window: float = Field(
+        default=120.0, gt=0, description="Seconds over which --max-restarts counts a child's restarts."
+    )
     detach: bool = Field(default=False, description="Run in the background; stop it with `tokenyard down`.")
+    tls: bool = Field(
+        default=False,
+        description="mTLS between the services, with a throwaway CA made at start in <state-dir>/tls "
+        "(admin.crt/.key there for `tokenyard status`), removed at stop.",
+    )
     log_level: str = Field(default="info", description="Log level of every child.")
     cpu_threads: int = Field(
         default=0,
@@ -127,7 +156,7 @@ try it:
   curl -s http://{host}:{http}/v1/chat/completions -H 'content-type: application/json' \\
     -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}'
 
-python - <<'EOF'
+{python} - <<'EOF'
 import openai
 client = openai.OpenAI(base_url="http://{host}:{http}/v1", api_key="unused")
 reply = client.chat.completions.create(
@@ -135,7 +164,7 @@ reply = client.chat.completions.create(
 print(reply.choices[0].message.content)
 EOF
 
-python - <<'EOF'
+{python} - <<'EOF'
 import numpy as np, tritonclient.grpc as triton
 client = triton.InferenceServerClient("{host}:{grpc}")
 prompt = triton.InferInput("text_input", [1], "BYTES")
@@ -143,9 +172,10 @@ prompt.set_data_from_numpy(np.array([b"The capital of France is"], dtype=object)
 print(client.infer("{model}", [prompt]).as_numpy("text_output"))
 EOF
 
-  tokenyard status
+  {tokenyard} status
+  {tokenyard} down       (from any folder; state in {state_dir})
 
-Ctrl-C stops everything.
+A child that dies is restarted. Ctrl-C stops everything.
 """
 
 
@@ -157,6 +187,7 @@ class Child:
     proc: asyncio.subprocess.Process | None = None
     pump: asyncio.Task[None] | None = None
     tail: list[str] = field(default_factory=list)
+    restarts: RestartTracker = field(default_factory=lambda: RestartTracker(RestartPolicy()))
 
 
 # Seconds an engine needs to stop beyond the grace period: vLLM's engine core waits 5 s for its
@@ -191,7 +222,8 @@ def plan(s: UpSettings) -> list[Child]:
         engine_flags = ["--cpu-num-threads", str(threads)]
     core_sets = vllm_core_sets(len(s.worker_roles())) if s.engine == "vllm" else []
     router_flags = ["--mode", s.router_mode] if s.router_mode else []
-    gms_socket = str(Path(s.state_dir).resolve() / "gms-0.sock")
+    state_dir = Path(s.state_dir).expanduser().resolve()
+    gms_socket = str(state_dir / "gms-0.sock")
     if s.gms and s.engine == "cpu":
         engine_flags += ["--cpu-gms", "--cpu-gms-socket", gms_socket]
     children = [
@@ -230,7 +262,7 @@ def plan(s: UpSettings) -> list[Child]:
                 "--local-first-metrics-port",
                 str(s.worker_metrics_port + 64),
                 "--local-state-dir",
-                str(Path(s.state_dir) / "planner-workers"),
+                str(state_dir / "planner-workers"),
                 "--local-worker-args",
                 shlex.join(engine_flags),
             ],
@@ -290,7 +322,12 @@ def plan(s: UpSettings) -> list[Child]:
 class Deployment:
     def __init__(self, settings: UpSettings) -> None:
         self.settings = settings
+        self.state_dir = Path(settings.state_dir).expanduser().resolve()
         self.children = plan(settings)
+        self.tls = PLAINTEXT
+        policy = RestartPolicy(max_restarts=settings.max_restarts, window=settings.restart_window)
+        for child in self.children:
+            child.restarts = RestartTracker(policy)
         self.width = max(len(c.name) for c in self.children)
         self.stopping = asyncio.Event()
         self.failed: str | None = None
@@ -324,7 +361,8 @@ class Deployment:
                     raise RuntimeError(
                         f"{child.name} exited with code {child.proc.returncode} while starting"
                     )
-                if await health_of(child.health_address, 1.0) == "SERVING":
+                # argv: python -m tokenyard.cli SERVICE ...
+                if await service_health(child.health_address, child.argv[3], 1.0, self.tls) == "SERVING":
                     pending.remove(child)
             if self.stopping.is_set():
                 raise RuntimeError("interrupted while starting")
@@ -334,15 +372,58 @@ class Deployment:
             if pending:
                 await asyncio.sleep(0.2)
 
-    async def watch(self) -> None:
-        """Return when a child exits on its own."""
-        waits = {asyncio.create_task(c.proc.wait()): c for c in self.children if c.proc is not None}
-        done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        for task in waits:
-            task.cancel()
-        child = waits[next(iter(done))]
-        if not self.stopping.is_set():
-            self.failed = f"{child.name} exited with code {child.proc.returncode if child.proc else '?'}"
+    def _say(self, text: str) -> None:
+        sys.stdout.write(f"{'up':<{self.width}} | {text}\n")
+        sys.stdout.flush()
+
+    async def keep(self, child: Child) -> None:
+        """Restart ``child`` each time it exits on its own, until stopping or giving up."""
+        while not self.stopping.is_set():
+            assert child.proc is not None
+            await child.proc.wait()
+            if self.stopping.is_set():
+                return
+            if child.pump is not None:
+                # Its last lines, for the message below.
+                with contextlib.suppress(asyncio.CancelledError):
+                    await child.pump
+            how = describe_exit(child.proc.returncode)
+            delay = child.restarts.next_delay()
+            if delay is None:
+                p = child.restarts.policy
+                last = "\n".join(child.tail[-10:])
+                self.failed = (
+                    f"{child.name} {how}, after {child.restarts.recent} restart(s) within {p.window:.0f}s "
+                    f"(--max-restarts {p.max_restarts} / --restart-window); giving up on it"
+                    + (f"\n--- last lines of {child.name} ---\n{last}" if last else "")
+                )
+                self.stopping.set()
+                return
+            self._say(
+                f"{child.name} {how}; restarting it in {delay:.1f}s "
+                f"(restart {child.restarts.recent} of at most {child.restarts.policy.max_restarts} "
+                f"within {child.restarts.policy.window:.0f}s)"
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), delay)
+            if self.stopping.is_set():
+                return
+            try:
+                await self.spawn(child)
+            except OSError as exc:
+                self.failed = f"{child.name} could not be restarted: {exc}"
+                self.stopping.set()
+                return
+
+    async def supervise(self) -> None:
+        """Keep every child running until stopping is set (Ctrl-C, SIGTERM, or a child given up)."""
+        keepers = [asyncio.create_task(self.keep(c), name=f"keep-{c.name}") for c in self.children]
+        try:
+            await self.stopping.wait()
+        finally:
+            for task in keepers:
+                task.cancel()
+            await asyncio.gather(*keepers, return_exceptions=True)
 
     async def stop(self) -> None:
         for child in reversed(self.children):
@@ -367,6 +448,29 @@ class Deployment:
                     await child.pump
 
     async def run(self) -> int:
+        other = state.running_pid(self.state_dir)
+        if other is not None and other != os.getpid():
+            print(
+                f"tokenyard up: error: a deployment is already running from {self.state_dir} (pid {other}); "
+                "stop it with `tokenyard down`, or use another --state-dir",
+                file=sys.stderr,
+            )
+            return 1
+        state.prepare(self.state_dir)
+        state.remove_stale(self.state_dir)
+        (self.state_dir / state.PID_FILE).write_text(f"{os.getpid()}\n")
+        try:
+            tls = (
+                throwaway_tls(self.state_dir / "tls")
+                if self.settings.tls
+                else contextlib.nullcontext(PLAINTEXT)
+            )
+            with tls as self.tls:
+                return await self._run()
+        finally:
+            state.remove_stale(self.state_dir)
+
+    async def _run(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stopping.set)
@@ -387,12 +491,7 @@ class Deployment:
             await self.stop()
             return 1
         self._announce()
-        watcher = asyncio.create_task(self.watch())
-        stopper = asyncio.create_task(self.stopping.wait())
-        await asyncio.wait({watcher, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        self.stopping.set()
-        watcher.cancel()
-        stopper.cancel()
+        await self.supervise()
         print("stopping the deployment ...", flush=True)
         await self.stop()
         if self.failed:
@@ -403,10 +502,14 @@ class Deployment:
 
     def _announce(self) -> None:
         s = self.settings
-        ready = Path(s.state_dir) / "up.ready"
-        ready.parent.mkdir(parents=True, exist_ok=True)
+        ready = self.state_dir / state.READY_FILE
         ready.write_text(str(os.getpid()))
+        # Absolute paths: the examples work without activating the virtualenv.
+        python = Path(sys.executable)
         text = ANNOUNCEMENT.format(
+            python=shlex.quote(str(python)),
+            tokenyard=shlex.quote(str(python.parent / "tokenyard")),
+            state_dir=self.state_dir,
             workers=s.describe_workers(),
             engine=s.engine,
             model=s.model,
@@ -420,30 +523,44 @@ class Deployment:
         print(text, flush=True)
 
 
-def _pid_file(s: UpSettings) -> Path:
-    return Path(s.state_dir) / "up.pid"
-
-
 def _detach(s: UpSettings, argv: Sequence[str]) -> int:
-    state = Path(s.state_dir)
-    state.mkdir(parents=True, exist_ok=True)
-    (state / "up.ready").unlink(missing_ok=True)
-    log_path = state / "up.log"
+    state_dir = state.prepare(Path(s.state_dir))
+    other = state.running_pid(state_dir)
+    if other is not None:
+        print(
+            f"tokenyard up: error: a deployment is already running from {state_dir} (pid {other}); "
+            "stop it with `tokenyard down`",
+            file=sys.stderr,
+        )
+        return 1
+    state.remove_stale(state_dir)
+    log_path = state_dir / state.LOG_FILE
     args = [a for a in argv if a not in ("--detach",)]
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tokenyard.cli", "up", *args, "--no-detach"],
+            # The same state folder whatever the child's environment says.
+            [
+                sys.executable,
+                "-m",
+                "tokenyard.cli",
+                "up",
+                *args,
+                "--no-detach",
+                "--state-dir",
+                str(state_dir),
+            ],
             stdout=log,
             stderr=log,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
-    _pid_file(s).write_text(str(proc.pid))
+    (state_dir / state.PID_FILE).write_text(f"{proc.pid}\n")
     deadline = time.monotonic() + s.ready_timeout + 10
     while time.monotonic() < deadline:
-        if (state / "up.ready").exists():
+        if (state_dir / state.READY_FILE).exists():
             print(
-                f"tokenyard is up in the background (pid {proc.pid}); logs: {log_path}; stop: tokenyard down"
+                f"tokenyard is up in the background (pid {proc.pid}); logs: {log_path}; "
+                "stop: tokenyard down (from any folder)"
             )
             return 0
         if proc.poll() is not None:
@@ -451,6 +568,7 @@ def _detach(s: UpSettings, argv: Sequence[str]) -> int:
                 f"tokenyard up: error: the deployment exited with code {proc.returncode}; see {log_path}",
                 file=sys.stderr,
             )
+            state.remove_stale(state_dir)
             return 1
         time.sleep(0.3)
     print(f"tokenyard up: error: not ready in time; see {log_path}", file=sys.stderr)
@@ -466,25 +584,28 @@ def main(argv: Sequence[str]) -> int:
 
 def main_down(argv: Sequence[str]) -> int:
     settings, _ = parse_settings(
-        UpSettings, argv, "tokenyard down", "Stop a deployment started with --detach."
+        UpSettings,
+        argv,
+        "tokenyard down",
+        "Stop the local deployment (started with `tokenyard up`, detached or not).",
     )
-    pid_file = _pid_file(settings)
-    if not pid_file.exists():
-        print(f"tokenyard down: nothing to stop (no {pid_file})")
+    state_dir = Path(settings.state_dir).expanduser().resolve()
+    pid = state.running_pid(state_dir)
+    if pid is None:
+        stale = state.remove_stale(state_dir) if state_dir.is_dir() else []
+        note = f"; removed {len(stale)} stale file(s)" if stale else ""
+        print(f"tokenyard down: nothing to stop (no deployment running from {state_dir}){note}")
         return 0
-    pid = int(pid_file.read_text().strip() or 0)
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
-        pid_file.unlink(missing_ok=True)
+        state.remove_stale(state_dir)
         print("tokenyard down: the deployment was not running")
         return 0
-    deadline = time.monotonic() + settings.grace_period + 15
+    deadline = time.monotonic() + settings.grace_period + 15 + ENGINE_STOP_S.get(settings.engine, 0.0)
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            pid_file.unlink(missing_ok=True)
+        if state.running_pid(state_dir) != pid:
+            state.remove_stale(state_dir)
             print("stopped")
             return 0
         time.sleep(0.2)

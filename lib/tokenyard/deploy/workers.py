@@ -27,6 +27,7 @@ from typing import IO
 import grpc
 
 from tokenyard.api.worker.v1 import worker_pb2, worker_pb2_grpc
+from tokenyard.common.tls import PLAINTEXT, Tls
 from tokenyard.deploy.status import health_of
 
 
@@ -81,9 +82,17 @@ def free_port(host: str) -> int:
 
 class WorkerProcess:
     def __init__(
-        self, name: str, launch: WorkerLaunch, port: int, metrics_port: int, state_dir: Path
+        self,
+        name: str,
+        launch: WorkerLaunch,
+        port: int,
+        metrics_port: int,
+        state_dir: Path,
+        tls: Tls = PLAINTEXT,
     ) -> None:
         self.name = name
+        # With mTLS on, health checks and Drain present the launcher's certificate.
+        self.tls = tls
         self.launch = launch
         self.port = port
         self.metrics_port = metrics_port
@@ -136,7 +145,7 @@ class WorkerProcess:
                     f"{self.name} exited with code {self.proc.returncode} while starting; "
                     f"last lines of {self.log_path}:\n{self.tail()}"
                 )
-            if await health_of(self.address, 1.0) == "SERVING":
+            if await health_of(self.address, 1.0, self.tls, "worker") == "SERVING":
                 return
             if time.monotonic() > deadline:
                 raise WorkerStartError(
@@ -146,7 +155,7 @@ class WorkerProcess:
 
     async def drain(self, grace_s: float, timeout: float) -> None:
         """Stop taking new work and wait (up to ``grace_s``) for in-flight requests."""
-        async with grpc.aio.insecure_channel(self.address) as channel:
+        async with self.tls.channel(self.address, "worker") as channel:
             stub = worker_pb2_grpc.WorkerServiceStub(channel)
             await stub.Drain(
                 worker_pb2.DrainRequest(grace_period_ms=int(grace_s * 1000), wait=True), timeout=timeout

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import math
 import time
+import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -21,8 +22,10 @@ import grpc
 
 from tokenyard.api.router.v1 import router_pb2, router_pb2_grpc
 from tokenyard.api.worker.v1 import worker_pb2, worker_pb2_grpc
+from tokenyard.common import tracing
 from tokenyard.common.errors import Unavailable, from_rpc_error
 from tokenyard.common.interceptors import outgoing_metadata
+from tokenyard.common.tls import PLAINTEXT, Tls
 from tokenyard.frontend.generation import (
     FinishReason,
     KvTransfer,
@@ -33,6 +36,8 @@ from tokenyard.frontend.generation import (
     WorkerRequest,
 )
 from tokenyard.frontend.response_format import GuidedDecoding
+from tokenyard.frontend.worker_mux import MuxStream, WorkerMux
+from tokenyard.frontend.worker_mux import kv_transfer_of as _kv_transfer
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +51,9 @@ CHANNEL_OPTIONS: Sequence[tuple[str, Any]] = (
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
 )
+
+# The call metadata that names this client to the routers (the router's client_leases reads it).
+CLIENT_METADATA_KEY = "tokenyard-client"
 
 # How long a notification stream gathers notifications before it writes them.
 NOTIFY_BATCH_SECONDS = 0.005
@@ -70,10 +78,6 @@ _POOLS = {
 }
 
 
-def _channel(address: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-
-
 # A lifecycle notification: (request id, outcome or None for a first token, output tokens).
 _Note = tuple[str, Outcome | None, int]
 
@@ -86,7 +90,8 @@ class _Router:
 
     def __init__(self, address: str, client: RouterClient) -> None:
         self.address = address
-        self.channel = _channel(address)
+        # With mTLS, the handshake fails unless the replica holds a router certificate.
+        self.channel = client.tls.channel(address, "router", CHANNEL_OPTIONS)
         self.stub: router_pb2_grpc.RouterServiceAsyncStub = router_pb2_grpc.RouterServiceStub(self.channel)
         self.down_until = 0.0
         self.notes = _NotificationStream(self, client)
@@ -175,7 +180,7 @@ class _NotificationStream:
         loop = asyncio.get_running_loop()
         timeout = self._client._notify_timeout
         # No request iterator: _write writes with call.write(), which keeps batching under our control.
-        call = self._call = self.router.stub.StreamNotifications()  # type: ignore[call-arg]
+        call = self._call = self.router.stub.StreamNotifications(metadata=self._client.identity)  # type: ignore[call-arg]
         writer = loop.create_task(self._write(call))
         reader = loop.create_task(self._read(call))
         error: BaseException | None = None
@@ -295,7 +300,13 @@ class RouterClient:
         route_timeout: float = 30.0,
         notify_timeout: float = 5.0,
         down_for: float = 2.0,
+        tls: Tls = PLAINTEXT,
     ) -> None:
+        self.tls = tls
+        # Who this client is to the routers, on every call: a router releases the requests of a
+        # client whose notification stream ended and that stays silent (it crashed), and knows
+        # this client again across reconnections by it.
+        self.identity: tuple[tuple[str, str], ...] = ((CLIENT_METADATA_KEY, uuid.uuid4().hex),)
         self._routers: dict[str, _Router] = {}
         self._ring: list[_Router] = []
         self._next = 0
@@ -375,6 +386,8 @@ class RouterClient:
         priority: int = 0,
         allowed_worker_ids: Sequence[int] = (),
         pool: str = "",
+        session_id: str = "",
+        expected_output_tokens: int | None = None,
     ) -> RouteDecision:
         """Choose a worker of ``pool`` ("" the workers that serve clients whole, "prefill",
         "decode"); ``allowed_worker_ids`` (empty: any) narrows the choice."""
@@ -387,9 +400,14 @@ class RouterClient:
             pool=_POOLS[pool],
             block_hashes=block_hashes,
             isl_tokens=isl_tokens,
-            hints=router_pb2.RouteHints(priority=priority, allowed_worker_ids=allowed_worker_ids),
+            hints=router_pb2.RouteHints(
+                priority=priority,
+                allowed_worker_ids=allowed_worker_ids,
+                session_id=session_id,
+                expected_output_tokens=expected_output_tokens,
+            ),
         )
-        metadata = outgoing_metadata()
+        metadata = (*outgoing_metadata(), *self.identity)
         # Routers that timed out may have recorded the request; they hear of its end only if no
         # other router takes it (a re-route elsewhere supersedes their record through replica sync).
         timed_out: list[_Router] = []
@@ -470,7 +488,7 @@ class RouterClient:
         request = router_pb2.NotifyFirstTokenRequest(request_id=request_id)
 
         async def send(stub: router_pb2_grpc.RouterServiceAsyncStub) -> None:
-            await stub.NotifyFirstToken(request, timeout=self._notify_timeout)
+            await stub.NotifyFirstToken(request, timeout=self._notify_timeout, metadata=self.identity)
 
         # A lost first-token only overstates that request's prefill load until it finishes.
         await self._deliver("NotifyFirstToken", request_id, owner, send)
@@ -490,7 +508,7 @@ class RouterClient:
         )
 
         async def send(stub: router_pb2_grpc.RouterServiceAsyncStub) -> None:
-            await stub.NotifyFinished(request, timeout=self._notify_timeout)
+            await stub.NotifyFinished(request, timeout=self._notify_timeout, metadata=self.identity)
 
         await self._deliver("NotifyFinished", request_id, owner, send)
 
@@ -586,9 +604,16 @@ class WorkerStream:
 
 
 class WorkerClients:
-    """One channel per worker address, opened on first use and reused by every request."""
+    """One channel per worker address, opened on first use and reused by every request.
 
-    def __init__(self) -> None:
+    ``mux``: requests travel over one GenerateMux call per worker (:mod:`tokenyard.frontend.worker_mux`)
+    rather than a Generate call each; while tracing is on they take Generate calls, whose metadata
+    carries each request's trace context to the worker."""
+
+    def __init__(self, tls: Tls = PLAINTEXT, *, mux: bool = True) -> None:
+        self._tls = tls
+        self._mux = mux
+        self._muxes: dict[str, WorkerMux] = {}
         self._stubs: dict[str, worker_pb2_grpc.WorkerServiceAsyncStub] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._closing: set[asyncio.Task[None]] = set()
@@ -596,11 +621,12 @@ class WorkerClients:
     def _stub(self, address: str) -> worker_pb2_grpc.WorkerServiceAsyncStub:
         stub = self._stubs.get(address)
         if stub is None:
-            channel = self._channels[address] = _channel(address)
+            # With mTLS, a discovery record that is not a worker's fails the handshake here.
+            channel = self._channels[address] = self._tls.channel(address, "worker", CHANNEL_OPTIONS)
             stub = self._stubs[address] = worker_pb2_grpc.WorkerServiceStub(channel)
         return stub
 
-    def generate(self, address: str, request: WorkerRequest) -> WorkerStream:
+    def generate(self, address: str, request: WorkerRequest) -> WorkerStream | MuxStream:
         stop = request.stop
         s = request.sampling
         message = worker_pb2.GenerateRequest(
@@ -633,12 +659,27 @@ class WorkerClients:
             message.disaggregation.prefill_only = True
         elif request.kv_transfer is not None:
             message.disaggregation.kv_transfer.CopyFrom(_kv_transfer_pb(request.kv_transfer))
-        call = self._stub(address).Generate(message, metadata=outgoing_metadata(), timeout=request.timeout)
+        if self._mux and tracing.tracer() is None:
+            mux = self._muxes.get(address)
+            if mux is None:
+                mux = self._muxes[address] = WorkerMux(
+                    address, self._stub(address), lambda m, t: self._unary(address, m, t)
+                )
+            if mux.supported:
+                return mux.open(message, request.timeout)
+        return self._unary(address, message, request.timeout)
+
+    def _unary(
+        self, address: str, message: worker_pb2.GenerateRequest, timeout: float | None
+    ) -> WorkerStream:
+        call = self._stub(address).Generate(message, metadata=outgoing_metadata(), timeout=timeout)
         return WorkerStream(call)
 
     def forget(self, address: str, grace: float = 30.0) -> None:
         """The worker at ``address`` left: close its channel once its calls had ``grace`` seconds."""
         self._stubs.pop(address, None)
+        # Its streams in flight end with the channel (or finish first).
+        self._muxes.pop(address, None)
         channel = self._channels.pop(address, None)
         if channel is not None:
             task = asyncio.get_running_loop().create_task(channel.close(grace=grace))
@@ -646,6 +687,10 @@ class WorkerClients:
             task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
+        muxes = list(self._muxes.values())
+        self._muxes.clear()
+        for mux in muxes:
+            await mux.close()
         channels = list(self._channels.values())
         self._channels.clear()
         self._stubs.clear()
@@ -666,18 +711,6 @@ def _guided_decoding(guided: GuidedDecoding | None) -> worker_pb2.GuidedDecoding
     if guided is None:
         return None
     return worker_pb2.GuidedDecoding(kind=_GUIDED_KINDS[guided.kind], json_schema=guided.schema_json or "")
-
-
-def _kv_transfer(t: worker_pb2.KvTransferParams) -> KvTransfer:
-    return KvTransfer(
-        source_worker_id=t.source_worker_id,
-        source_dp_rank=t.source_dp_rank,
-        source_address=t.source_address,
-        transfer_id=t.transfer_id,
-        block_hashes=tuple(t.block_hashes),
-        num_tokens=t.num_tokens,
-        engine_params=t.engine_params,
-    )
 
 
 def _kv_transfer_pb(t: KvTransfer) -> worker_pb2.KvTransferParams:

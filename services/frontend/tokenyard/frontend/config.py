@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from enum import StrEnum
+from typing import Any, ClassVar
 
 from pydantic import Field, model_validator
 
-from tokenyard.common.settings import ServiceSettings, settings_config
+from tokenyard.common.settings import ServiceSettings, settings_config, with_shared_env
 from tokenyard.frontend.disagg import DisaggConfig, DisaggPolicy
+
+
+class WorkerTransport(StrEnum):
+    MUX = "mux"
+    UNARY = "unary"
 
 
 class FrontendSettings(ServiceSettings):
@@ -31,6 +37,29 @@ class FrontendSettings(ServiceSettings):
         ),
     )
 
+    # ---- client authentication (see the Security section of the README) ----------------------
+
+    api_keys_file: str = Field(
+        default="",
+        description="File of API keys clients must send as 'Authorization: Bearer <key>' (one per line, "
+        "# comments); with no key configured the frontend serves anyone.",
+    )
+    api_keys: str = Field(
+        default="",
+        description="API keys, comma-separated, added to --api-keys-file's (prefer the file or the "
+        "environment: flags show in ps). Also read from TOKENYARD_API_KEYS.",
+    )
+    auth_probes: bool = Field(
+        default=False,
+        description="Also require an API key on /health, /live, /metrics and gRPC health (off: probes "
+        "and Prometheus need none).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shared_api_keys_env(cls, data: Any) -> Any:
+        return with_shared_env(data, ("api_keys",))
+
     migration_limit: int = Field(
         default=3,
         ge=0,
@@ -46,6 +75,22 @@ class FrontendSettings(ServiceSettings):
         description=(
             "Seconds a migrating request waits for a worker to register when every worker of its "
             "model is lost (a standby taking over, a restart) before it fails; 0: do not wait."
+        ),
+    )
+    http_reuse_port: bool = Field(
+        default=False,
+        description=(
+            "Open the HTTP port with SO_REUSEPORT, so that several frontend processes (each with its "
+            "own --port for KServe gRPC) serve one HTTP port and the kernel spreads connections over "
+            "them: a box with cores to spare runs one per core."
+        ),
+    )
+    worker_transport: WorkerTransport = Field(
+        default=WorkerTransport.MUX,
+        description=(
+            "How requests reach workers: 'mux', all of this frontend's requests to a worker over one "
+            "GenerateMux call (a step's tokens for all of them in one message); 'unary', a Generate "
+            "call per request. Requests take Generate calls while tracing is on either way."
         ),
     )
 
@@ -136,13 +181,52 @@ class FrontendSettings(ServiceSettings):
         ),
     )
     request_timeout: float = Field(
-        default=0.0,
+        default=600.0,
         ge=0,
         description=(
             "Seconds a request may take from arrival to its last token (504 / DEADLINE_EXCEEDED after "
-            "it, and the worker stops generating); 0 means no limit. gRPC clients' own deadlines "
-            "apply as well."
+            "it, and the worker stops generating); a deployment serving longer generations raises it, "
+            "0 means no limit. gRPC clients' own deadlines apply as well."
         ),
+    )
+    default_max_tokens: int = Field(
+        default=4096,
+        ge=0,
+        description=(
+            "Output tokens a request that names no limit may generate (chat and responses; completions "
+            "keep OpenAI's 16, KServe its 16), within what the context leaves after the prompt; a "
+            "deployment may raise it. 0 means up to the model's context length."
+        ),
+    )
+
+    # ---- client connections of the OpenAI HTTP server ------------------------------------------
+
+    http_max_connections: int = Field(
+        default=0,
+        ge=0,
+        description=(
+            "Client connections the OpenAI HTTP server keeps open at once; one more is answered 503 "
+            "and closed. 0: what the process's descriptor limit (raised to its hard limit) leaves "
+            "after a reserve for the frontend's own connections."
+        ),
+    )
+    http_header_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="Seconds a request's line and headers may take from its first byte (408 and close after).",
+    )
+    http_body_timeout: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        description="Seconds a request body may take to arrive once its headers did (408 after).",
+    )
+    http_idle_timeout: float = Field(
+        default=75.0,
+        gt=0,
+        le=86400,
+        description="Seconds a connection may stay open without a request in progress before it is closed.",
     )
     overload_status: int = Field(
         default=529,

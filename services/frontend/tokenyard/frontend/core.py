@@ -43,7 +43,7 @@ from tokenyard.common.errors import DeadlineExceeded, TokenyardError, Unavailabl
 from tokenyard.common.hashing import local_block_hashes, salt_hash
 from tokenyard.common.logs import log_fields, request_id_var
 from tokenyard.frontend.chat_output import check_capabilities
-from tokenyard.frontend.clients import RouterClient, WorkerClients, WorkerStream
+from tokenyard.frontend.clients import RouterClient, WorkerClients
 from tokenyard.frontend.disagg import (
     DisaggConfig,
     DisaggPolicy,
@@ -321,6 +321,12 @@ class Frontend:
                     request_id, Outcome.CANCELLED if cancelled else Outcome.FAILED, 0
                 )
                 raise
+            card, _, prepared, _, _ = routed
+            max_tokens = limits.default_output(
+                request.stop.max_tokens, len(prepared.token_ids), card.context_length
+            )
+            if max_tokens != request.stop.max_tokens:
+                request = replace(request, stop=replace(request.stop, max_tokens=max_tokens))
             return self._open(request, request_id, started, sampling, *routed, spans)
         except BaseException as exc:
             if spans is not None:
@@ -340,10 +346,10 @@ class Frontend:
             tokenizer = await self._pre.tokenizer(card.tokenizer)
             began = time.perf_counter()
             if spans is None:
-                prepared = self._pre.prepare(tokenizer, request, card)
+                prepared = await self._pre.prepare_async(tokenizer, request, card)
             else:
                 with spans.stage("tokenize") as span:
-                    prepared = self._pre.prepare(tokenizer, request, card)
+                    prepared = await self._pre.prepare_async(tokenizer, request, card)
                     span.set_attribute("tokenyard.prompt_tokens", len(prepared.token_ids))
             self._metrics.model(request.model).tokenize_ms.observe((time.perf_counter() - began) * 1000)
             self.limits.check_prompt(len(prepared.token_ids))
@@ -357,6 +363,8 @@ class Frontend:
                     isl_tokens=len(prepared.token_ids),
                     priority=request.priority,
                     pool="decode" if split else "",
+                    session_id=request.session_id,
+                    expected_output_tokens=request.expected_output_tokens,
                 )
         except TokenyardError as exc:
             self.count_failure(request, exc)
@@ -502,7 +510,7 @@ class Frontend:
         kv_transfer: KvTransfer | None = None,
         prefill_only: bool = False,
         timeout_cap: float | None = None,
-    ) -> WorkerStream:
+    ) -> TokenStream:
         timeout = None
         if deadline is not None:
             timeout = deadline - time.perf_counter()
@@ -630,6 +638,8 @@ class Frontend:
                         priority=request.priority,
                         allowed_worker_ids=allowed,
                         pool=pool,
+                        session_id=request.session_id,
+                        expected_output_tokens=request.expected_output_tokens,
                     )
                     break
                 except Unavailable:

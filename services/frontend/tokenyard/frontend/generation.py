@@ -95,6 +95,10 @@ class GenerationRequest:
     priority: int = 0
     lora_name: str = ""
     cache_salt: str = ""
+    # Routing hints (``nvext``): the conversation this turn belongs to, and how many tokens the
+    # caller expects it to generate.
+    session_id: str = ""
+    expected_output_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,17 +24,21 @@ from tokenyard.common import tracing
 from tokenyard.common.errors import InvalidArgument, TokenyardError
 from tokenyard.common.metrics import Metrics
 from tokenyard.frontend.chat_output import ChatDelta, ChatOutputParser, merge, output_parser, parse_output
+from tokenyard.frontend.connections import GuardedListener
 from tokenyard.frontend.core import Frontend, Generation, new_request_id
 from tokenyard.frontend.generation import Delta, Endpoint, GenerationRequest
 from tokenyard.frontend.openai_api import (
     SSE_DONE,
     ResponseWriter,
+    UnsupportedMediaType,
+    check_content_type,
     error_body,
     parse_chat,
     parse_completion,
     reject_lone_surrogates,
     sse,
 )
+from tokenyard.frontend.readiness import Readiness
 from tokenyard.frontend.responses_api import FunctionCall, ResponsesWriter, parse_responses
 
 log = logging.getLogger(__name__)
@@ -45,12 +49,16 @@ class HttpOptions:
     # What "every worker is busy" answers (RESOURCE_EXHAUSTED).
     overload_status: int = 529
     max_body_bytes: int = 32 * 1024 * 1024
+    # Seconds a body may take to arrive once the headers did (a slow body holds a handler).
+    body_timeout: float = 60.0
 
 
 FRONTEND_KEY = web.AppKey("frontend", Frontend)
 METRICS_KEY = web.AppKey("metrics", Metrics)
 READY_KEY = web.AppKey("ready", list)
 OPTIONS_KEY = web.AppKey("options", HttpOptions)
+LISTENER_KEY = web.AppKey("listener", GuardedListener)
+READINESS_KEY = web.AppKey("readiness", Readiness)
 
 # The HTTP status of each domain error's gRPC code, with the OpenAI error "type". By code, not
 # class: errors of other layers (a chat template's refusal) carry their code too.
@@ -70,6 +78,8 @@ _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"
 
 def http_status(exc: BaseException, overload_status: int = 529) -> tuple[int, str, str]:
     """``(status, type, message)`` for an error raised while serving a request."""
+    if isinstance(exc, UnsupportedMediaType):
+        return 415, "invalid_request_error", str(exc)
     if isinstance(exc, TokenyardError) and exc.code in _STATUS:
         status, kind = _STATUS[exc.code]
         if exc.code is grpc.StatusCode.RESOURCE_EXHAUSTED:
@@ -92,8 +102,18 @@ def _trace_parent(request: web.Request) -> Context | None:
     return tracing.extract_from_headers(request.headers) if tracing.tracer() is not None else None
 
 
+class BodyTimeout(Exception):
+    """The request body did not arrive in time (408)."""
+
+
 async def _json_body(request: web.Request) -> object:
-    raw = await request.read()
+    try:
+        async with asyncio.timeout(request.app[OPTIONS_KEY].body_timeout):
+            raw = await request.read()
+    except TimeoutError:
+        raise BodyTimeout from None
+    # After the read: a body over the size limit is a 413 whatever it is labelled.
+    check_content_type(request.headers.get("Content-Type"))
     if not raw:
         raise InvalidArgument("the request body is empty; expected a JSON object")
     try:
@@ -311,6 +331,26 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response(body, status=200 if ready else 503)
 
 
+async def health_live(request: web.Request) -> web.Response:
+    """Liveness: the process runs and its event loop answers; nothing else is checked, so that an
+    orchestrator restarts a frontend only when restarting can help."""
+    return web.json_response({"status": "live"})
+
+
+async def health_ready(request: web.Request) -> web.Response:
+    """Readiness: serving, and some router and some worker answer (503 otherwise, with why)."""
+    if not request.app[READY_KEY][0]:
+        return web.json_response({"ready": False, "reason": "starting or stopping"}, status=503)
+    readiness = request.app.get(READINESS_KEY)
+    if readiness is None:
+        return web.json_response({"ready": True})
+    state = await readiness.state()
+    body: dict[str, object] = {"ready": state.ready, "routers": state.routers, "workers": state.workers}
+    if state.reason:
+        body["reason"] = state.reason
+    return web.json_response(body, status=200 if state.ready else 503)
+
+
 async def metrics(request: web.Request) -> web.Response:
     data, content_type = request.app[METRICS_KEY].render()
     # aiohttp wants the charset apart from the mime type.
@@ -341,6 +381,15 @@ async def _errors(
     unexpected ones in the OpenAI shape."""
     try:
         return await handler(request)
+    except BodyTimeout:
+        limit = request.app[OPTIONS_KEY].body_timeout
+        response = _error(
+            408,
+            f"the request body did not arrive within {limit:g}s "
+            "(--http-body-timeout / TOKENYARD_FRONTEND_HTTP_BODY_TIMEOUT)",
+        )
+        response.force_close()
+        return response
     except asyncio.CancelledError:
         # The client closed its connection (the server runs with handler cancellation).
         request.app[FRONTEND_KEY].client_disconnected()
@@ -362,17 +411,47 @@ async def _errors(
         return _error(500, "internal error", "internal_error")
 
 
+@web.middleware
+async def _connection_marks(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Tells the connection's guard that a request is in progress: its head has arrived (the
+    header timer stops) and, until it ends, the connection is not idle."""
+    guard = request.app[LISTENER_KEY].guard_of(request.transport)
+    if guard is None:
+        return await handler(request)
+    guard.request_started()
+    try:
+        return await handler(request)
+    finally:
+        guard.request_ended()
+
+
 def build_app(
-    frontend: Frontend, metrics_: Metrics, ready: list[bool], options: HttpOptions | None = None
+    frontend: Frontend,
+    metrics_: Metrics,
+    ready: list[bool],
+    options: HttpOptions | None = None,
+    *,
+    listener: GuardedListener | None = None,
+    readiness: Readiness | None = None,
 ) -> web.Application:
     options = options or HttpOptions()
-    app = web.Application(client_max_size=options.max_body_bytes, middlewares=[_errors])
+    middlewares = [_errors] if listener is None else [_connection_marks, _errors]
+    app = web.Application(client_max_size=options.max_body_bytes, middlewares=middlewares)
     app[FRONTEND_KEY] = frontend
     app[METRICS_KEY] = metrics_
     app[READY_KEY] = ready
     app[OPTIONS_KEY] = options
+    if listener is not None:
+        app[LISTENER_KEY] = listener
+    if readiness is not None:
+        app[READINESS_KEY] = readiness
+    # /health (and /live) keep their meaning: this frontend is up and taking requests.
     app.router.add_get("/health", health)
     app.router.add_get("/live", health)
+    app.router.add_get("/health/live", health_live)
+    app.router.add_get("/health/ready", health_ready)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/models", list_models)
     app.router.add_post("/v1/completions", _generate_handler(Endpoint.COMPLETIONS, parse_completion))

@@ -17,13 +17,24 @@ from typing import Any
 
 from tokenyard.api.kserve.v2 import grpc_service_pb2 as pb
 from tokenyard.api.kserve.v2 import model_config_pb2 as mc
-from tokenyard.common.errors import InvalidArgument
+from tokenyard.common.errors import InvalidArgument, NotFound
 from tokenyard.frontend.generation import Endpoint, GenerationRequest, Sampling, StopConditions
 from tokenyard.frontend.openai_api import reject_lone_surrogates
 
 # The KServe default for text models when the client names no max_tokens, as Triton's vLLM
 # backend does (vLLM's own default).
 DEFAULT_MAX_TOKENS = 16
+# The one version every model has; "" (or no version) means it.
+MODEL_VERSION = "1"
+
+
+def check_model_version(model: str, version: str) -> None:
+    """NotFound for a version the model does not have (Triton's answer), rather than serving
+    version 1 to a client that asked for another."""
+    if version not in ("", MODEL_VERSION):
+        raise NotFound(
+            f"the model {model!r} has no version {version[:40]!r} (its only version is {MODEL_VERSION})"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +155,7 @@ def _first_value(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | Non
 
 
 def parse_infer_request(request: pb.ModelInferRequest) -> TextInferRequest:
+    check_model_version(request.model_name, request.model_version)
     raw_contents = request.raw_input_contents
     if raw_contents and len(raw_contents) != len(request.inputs):
         raise InvalidArgument(
@@ -203,6 +215,9 @@ _SAMPLING_KEYS = {
     "ignore_eos",
     "stop",
     "stop_token_ids",
+    # Routing hints (as the OpenAI surface's ``nvext``).
+    "session_id",
+    "expected_output_tokens",
 }
 
 
@@ -255,6 +270,14 @@ def _number(options: Mapping[str, Any], key: str, kind: type, lo: float, hi: flo
     return float(value)
 
 
+def _flag(options: Mapping[str, Any], key: str) -> bool:
+    """A boolean option; anything but a boolean (1, "yes") is refused, not read as truthy."""
+    value = options.get(key, False)
+    if not isinstance(value, bool):
+        raise InvalidArgument(f"{key}: must be a boolean (true or false), got {_shorten(value)}")
+    return value
+
+
 def _shorten(value: object) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + ".."
@@ -299,10 +322,19 @@ def build_request(req: TextInferRequest, endpoint: Endpoint) -> GenerationReques
             max_tokens=max_tokens if max_tokens is not None else DEFAULT_MAX_TOKENS,
             min_tokens=_number(o, "min_tokens", int, 0, 2**32 - 1) or 0,
             stop_token_ids=tuple(stop_ids),
-            ignore_eos=bool(o.get("ignore_eos", False)),
+            ignore_eos=_flag(o, "ignore_eos"),
             stop_strings=stop_strings,
         ),
+        session_id=_session_id(o),
+        expected_output_tokens=_number(o, "expected_output_tokens", int, 1, 2**32 - 1),
     )
+
+
+def _session_id(options: Mapping[str, Any]) -> str:
+    value = options.get("session_id", "")
+    if not isinstance(value, str) or len(value) > 256:
+        raise InvalidArgument("session_id: must be a string of at most 256 characters")
+    return value
 
 
 def _bytes_tensor(value: str) -> bytes:
@@ -319,7 +351,7 @@ def infer_response(
     """
     response = pb.ModelInferResponse(
         model_name=model,
-        model_version="1",
+        model_version=MODEL_VERSION,
         id=request_id,
         outputs=[
             pb.ModelInferResponse.InferOutputTensor(name="text_output", datatype="BYTES", shape=[1]),

@@ -25,19 +25,31 @@ class Limits:
     max_inflight_requests: int = 0
     # Seconds from arrival to the last token.
     request_timeout: float = 0.0
+    # What a request that names no max_tokens gets (under max_output_tokens when both are set).
+    default_max_tokens: int = 0
 
     def output_tokens(self, requested: int | None) -> int | None:
         """The max_tokens a request runs with; InvalidArgument when it asks for more than allowed."""
         limit = self.max_output_tokens
+        if requested is None:
+            # With a default, the limit is set once the prompt's length is known (default_output).
+            return None if self.default_max_tokens else (limit or None)
         if not limit:
             return requested
-        if requested is None:
-            return limit
         if requested > limit:
             raise InvalidArgument(
                 f"max_tokens: {requested} is more than this server allows ({limit}, {_setting('max-output-tokens')})"
             )
         return requested
+
+    def default_output(self, requested: int | None, prompt_tokens: int, context_length: int) -> int | None:
+        """The max_tokens of a request that named none: the default cap (under max_output_tokens),
+        within what the context leaves after the prompt, so that a default never makes a request
+        too long for the model."""
+        if requested is not None or not self.default_max_tokens:
+            return requested
+        cap = min(self.default_max_tokens, self.max_output_tokens or self.default_max_tokens)
+        return max(1, min(cap, context_length - prompt_tokens))
 
     def check_prompt(self, prompt_tokens: int) -> None:
         limit = self.max_prompt_tokens

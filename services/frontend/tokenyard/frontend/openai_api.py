@@ -38,7 +38,9 @@ _U64 = 2**64 - 1
 
 class _Body(BaseModel):
     # JSON from Python clients may carry NaN and Infinity; no sampling option means either.
-    model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
+    # Strict: a value of the wrong JSON type is an error, not coerced ("stream": "yes" or 1 is
+    # not a boolean, "max_tokens": true is not a count); integers still fill float fields.
+    model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False, strict=True)
 
 
 class StreamOptions(_Body):
@@ -82,8 +84,16 @@ class SamplingOptions(_Body):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
 
+class NvExt(_Body):
+    """Routing hints in the ``nvext`` extension object (the reference's name for it)."""
+
+    session_id: str = Field(default="", max_length=256)
+    expected_output_tokens: int | None = Field(default=None, ge=1, le=_U32)
+
+
 class _SamplingBody(SamplingOptions):
     model: str = Field(min_length=1)
+    nvext: NvExt | None = None
     max_tokens: int | None = Field(default=None, ge=1, le=_U32)
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
@@ -179,6 +189,8 @@ def _common(body: _SamplingBody, max_tokens: int | None) -> dict[str, Any]:
         ),
         "priority": body.priority,
         "cache_salt": body.cache_salt or "",
+        "session_id": body.nvext.session_id if body.nvext else "",
+        "expected_output_tokens": body.nvext.expected_output_tokens if body.nvext else None,
     }
 
 
@@ -213,10 +225,41 @@ def parse_completion(raw: object) -> tuple[GenerationRequest, bool]:
     return request, bool(body.stream_options and body.stream_options.include_usage)
 
 
+class UnsupportedMediaType(InvalidArgument):
+    """A body that is not labelled JSON: HTTP 415, INVALID_ARGUMENT elsewhere."""
+
+
+# The chat roles OpenAI defines ("function" is its deprecated name for tool results).
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+
+# Media types of a JSON body. A request without one is taken as JSON (many clients send bytes
+# unlabelled), and so is application/octet-stream, which HTTP libraries put on bytes whose
+# caller named no type; anything else (a form, text, multipart) is not what these endpoints read.
+_JSON_TYPES = ("application/json", "application/octet-stream")
+
+
+def check_content_type(header: str | None) -> None:
+    """Refuse (415) a body labelled as something other than JSON, or as JSON in another charset."""
+    if not header:
+        return
+    mime, _, params = header.partition(";")
+    mime = mime.strip().lower()
+    if mime not in _JSON_TYPES and not (mime.startswith("application/") and mime.endswith("+json")):
+        raise UnsupportedMediaType(f"Content-Type {mime!r} is not JSON: send the body as application/json")
+    for param in params.split(";"):
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset" and value.strip().strip('"').lower() not in ("utf-8", "utf8"):
+            raise UnsupportedMediaType(f"charset {value.strip()!r}: JSON bodies must be UTF-8")
+
+
 def _message_text(message: Mapping[str, Any], index: int) -> dict[str, Any]:
     role = message.get("role")
     if not isinstance(role, str) or not role:
         raise InvalidArgument(f"messages.{index}.role: must be a non-empty string")
+    if role not in CHAT_ROLES:
+        raise InvalidArgument(
+            f"messages.{index}.role: unknown role {role[:40]!r}; expected one of {', '.join(CHAT_ROLES)}"
+        )
     content = message.get("content")
     if content is None and role != "assistant":
         # Only an assistant turn (one that made tool calls) may come without content.

@@ -3,13 +3,23 @@
 Tokenizers are named by the model card (``ModelCard.tokenizer``) and loaded once per reference,
 off the event loop (a GGUF vocabulary takes a moment to convert the first time). Requests that
 arrive while it loads wait for the same load.
+
+A large prompt is prepared off the event loop too (:meth:`Preprocessor.prepare_async`), in a small
+thread pool: its tokenizing releases the GIL (a long text is encoded in pieces, see
+:mod:`tokenyard.frontend.tokenizer.large`) and its Python parts (templating, id checks, block
+hashes) yield it every switch interval, so other requests keep streaming meanwhile. Small prompts
+are prepared in place: a thread hop would cost more than their tokenizing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import threading
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,10 +41,56 @@ class Prepared:
     block_hashes: list[int]
 
 
+# A prompt of at least this many characters (or token ids) is prepared in the pool.
+OFF_LOOP_PROMPT_SIZE = 32 * 1024
+_POOL_THREADS = 2
+_POOL_NICE = 10
+
+
+def prompt_size(request: GenerationRequest) -> int:
+    """Characters (or token ids) of a request's prompt, for choosing where to prepare it."""
+    if request.prompt is not None:
+        return len(request.prompt)
+    if request.prompt_token_ids is not None:
+        return len(request.prompt_token_ids)
+    size = 0
+    for message in request.messages or ():
+        content = message.get("content")
+        if isinstance(content, str):
+            size += len(content)
+    return size
+
+
+def _lower_priority() -> None:
+    """A pool thread yields the CPU to the event loop's thread (Linux nices threads one by one):
+    a long prompt may take seconds, the requests streaming meanwhile should not."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _POOL_NICE)
+
+
 class Preprocessor:
     def __init__(self, loader: Callable[[str], Tokenizer] = load_tokenizer) -> None:
         self._loader = loader
         self._loads: dict[str, asyncio.Future[Tokenizer]] = {}
+        self._pool: ThreadPoolExecutor | None = None
+
+    async def prepare_async(
+        self, tokenizer: Tokenizer, request: GenerationRequest, card: ModelCard
+    ) -> Prepared:
+        """:meth:`prepare`, in the pool for a large prompt."""
+        if prompt_size(request) < OFF_LOOP_PROMPT_SIZE:
+            return self.prepare(tokenizer, request, card)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(
+                _POOL_THREADS, thread_name_prefix="tokenize", initializer=_lower_priority
+            )
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self.prepare, tokenizer, request, card)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
     def prefetch(self, ref: str) -> None:
         """Start loading ``ref`` in the background (a model appeared in discovery)."""

@@ -17,17 +17,21 @@ from types import TracebackType
 from aiohttp import web
 
 from tokenyard.api.kserve.v2 import grpc_service_pb2_grpc
+from tokenyard.common.api_keys import ApiKeyError, ApiKeys
 from tokenyard.common.discovery import Discovery, DiscoveryError, Instance, WatchEventKind
 from tokenyard.common.metrics import Metrics
 from tokenyard.common.service import ServiceRuntime, StartupError
+from tokenyard.frontend.auth import ApiKeyInterceptor, http_middleware
 from tokenyard.frontend.clients import RouterClient, WorkerClients
-from tokenyard.frontend.config import FrontendSettings
+from tokenyard.frontend.config import FrontendSettings, WorkerTransport
+from tokenyard.frontend.connections import ConnectionOptions, GuardedListener, GuardedSite, connection_limit
 from tokenyard.frontend.core import Frontend
 from tokenyard.frontend.http_app import HttpOptions, build_app
 from tokenyard.frontend.limits import Limits
 from tokenyard.frontend.metrics import FrontendMetrics
 from tokenyard.frontend.models import ModelRegistry
 from tokenyard.frontend.preprocess import Preprocessor
+from tokenyard.frontend.readiness import Readiness
 from tokenyard.frontend.servicer import SERVICE_NAME, KServeServicer
 
 log = logging.getLogger(__name__)
@@ -84,6 +88,9 @@ def bind_http(settings: FrontendSettings) -> socket.socket:
     # Rebinding right after a restart (sockets in TIME_WAIT) is fine; a live listener still
     # makes bind() fail, as SO_REUSEADDR does not imply SO_REUSEPORT on Linux.
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if settings.http_reuse_port:
+        # Several frontend processes on one port: the kernel spreads the connections over them.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
         sock.listen(1024)
@@ -107,12 +114,21 @@ class FrontendServer:
         self.http_port: int = self._http_sock.getsockname()[1]
         metrics = Metrics("frontend")
         try:
+            self.api_keys = ApiKeys.load(settings.api_keys, settings.api_keys_file)
+        except ApiKeyError as exc:
+            self._http_sock.close()
+            raise StartupError(f"{exc} (--api-keys-file / --api-keys)") from None
+        auth = [ApiKeyInterceptor(self.api_keys, settings.auth_probes)] if self.api_keys.enabled else []
+        try:
             self.runtime = ServiceRuntime(
                 settings,
                 service="frontend",
                 metrics=metrics,
                 metrics_port=None,
                 metrics_address=f"{settings.advertised_host()}:{self.http_port}",
+                # Its gRPC port serves clients (KServe, API keys), not other services.
+                peer_auth=False,
+                interceptors=auth,
                 server_options=[
                     # HTTP/2 streams one client connection may have open at once.
                     ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
@@ -124,8 +140,8 @@ class FrontendServer:
             raise
         self.models = ModelRegistry()
         self.preprocessor = Preprocessor()
-        self.router = RouterClient(settings.router_addresses())
-        self.workers = WorkerClients()
+        self.router = RouterClient(settings.router_addresses(), tls=self.runtime.tls)
+        self.workers = WorkerClients(self.runtime.tls, mux=settings.worker_transport is WorkerTransport.MUX)
         self.frontend = Frontend(
             self.models,
             self.preprocessor,
@@ -139,26 +155,57 @@ class FrontendServer:
                 max_output_tokens=settings.max_output_tokens,
                 max_inflight_requests=settings.max_inflight_requests,
                 request_timeout=settings.request_timeout,
+                default_max_tokens=settings.default_max_tokens,
             ),
             disagg=settings.disagg(),
         )
         self._ready = [False]
+        self.listener = GuardedListener(
+            self._http_sock,
+            ConnectionOptions(
+                max_connections=connection_limit(settings.http_max_connections),
+                header_timeout=settings.http_header_timeout,
+                idle_timeout=settings.http_idle_timeout,
+            ),
+        )
+        self.readiness = Readiness(
+            lambda: self.router.addresses,
+            self._worker_addresses,
+            lambda address, service: self.runtime.tls.channel(address, service),
+        )
         self._runner = web.AppRunner(
             build_app(
                 self.frontend,
                 metrics,
                 self._ready,
-                HttpOptions(overload_status=settings.overload_status, max_body_bytes=settings.max_body_bytes),
+                HttpOptions(
+                    overload_status=settings.overload_status,
+                    max_body_bytes=settings.max_body_bytes,
+                    body_timeout=settings.http_body_timeout,
+                ),
+                listener=self.listener,
+                readiness=self.readiness,
             ),
             # A client that closes its connection cancels its handler, and so its worker call.
             handler_cancellation=True,
             shutdown_timeout=settings.grace_period,
+            # aiohttp's own idle timer, behind the listener's (which also covers a first request).
+            keepalive_timeout=settings.http_idle_timeout,
             access_log=None,
         )
         self._feed = DiscoveryFeed(
             self.runtime.discovery, self.models, None if settings.router else self.router
         )
         self._http_closing: asyncio.Task[None] | None = None
+
+    def _worker_addresses(self) -> list[str]:
+        """Workers that serve clients (not prefill-only ones), of every model."""
+        out: list[str] = []
+        for name in self.models.models():
+            served = self.models.get(name)
+            if served is not None:
+                out.extend(i.address for i in served.instances.values())
+        return out
 
     @property
     def address(self) -> str:
@@ -183,10 +230,14 @@ class FrontendServer:
             KServeServicer(self.frontend, max_requests_per_stream=self.settings.max_streams_per_connection),
             SERVICE_NAME,
         )
+        if self.api_keys.enabled:
+            # Outermost: a request without a valid key is answered before anything reads its body.
+            self._runner.app.middlewares.insert(0, http_middleware(self.api_keys, self.settings.auth_probes))
+            log.info("client authentication on: %d API key(s)", len(self.api_keys))
         await self._runner.setup()
         self.runtime.on_close(self._close)
         await self.runtime.start()
-        site = web.SockSite(self._runner, self._http_sock)
+        site = GuardedSite(self._runner, self.listener)
         await site.start()
         self._feed.start()
         self._ready[0] = True
@@ -211,6 +262,8 @@ class FrontendServer:
         await self._feed.close()
         await self.router.close()
         await self.workers.close()
+        self.preprocessor.close()
+        await self.readiness.close()
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

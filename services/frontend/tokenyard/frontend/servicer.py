@@ -28,6 +28,7 @@ from tokenyard.frontend.kserve_tensors import (
     INPUTS,
     OUTPUTS,
     build_request,
+    check_model_version,
     infer_response,
     parse_infer_request,
 )
@@ -85,16 +86,18 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
-        return pb.ModelReadyResponse(ready=self._frontend.models.get(request.name) is not None)
+        served = self._frontend.models.get(request.name) is not None
+        return pb.ModelReadyResponse(ready=served and request.version in ("", MODEL_VERSION))
 
-    def _known(self, name: str) -> None:
+    def _known(self, name: str, version: str = "") -> None:
         if not self._frontend.models.is_known(name):
             raise NotFound(f"the model {name!r} does not exist")
+        check_model_version(name, version)
 
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: Context
     ) -> pb.ModelMetadataResponse:
-        self._known(request.name)
+        self._known(request.name, request.version)
         tensor = pb.ModelMetadataResponse.TensorMetadata
         # max_batch_size is 0, so shapes carry no batch dimension (ModelConfig says the same).
         return pb.ModelMetadataResponse(
@@ -106,7 +109,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
-        self._known(request.name)
+        self._known(request.name, request.version)
         config = mc.ModelConfig(
             name=request.name,
             platform=PLATFORM,

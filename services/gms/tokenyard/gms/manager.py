@@ -101,8 +101,20 @@ class MemoryManager:
     def end(self, session: Session, detail: str) -> tuple[LockState, bool]:
         """End a session for any reason (idempotent)."""
         self.sessions.pop(session.session_id, None)
-        state, aborted = self.domains[session.tag].release(session, detail)
-        if aborted:
+        domain = self.domains[session.tag]
+        building = domain.building if session is domain.writer else None
+        empty = building is not None and not building.allocations and not building.metadata
+        state, aborted = domain.release(session, detail)
+        if aborted and empty:
+            # A writer that built nothing (e.g. a CPU worker handing the build to its publisher
+            # process) lost nothing: not worth a warning.
+            log.info(
+                "%r released the %s lock without building (%s)",
+                session.client_name,
+                session.tag.value,
+                detail,
+            )
+        elif aborted:
             log.warning(
                 "%r left its %s build without committing (%s): discarded",
                 session.client_name,

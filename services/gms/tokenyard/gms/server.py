@@ -59,6 +59,8 @@ async def serve(settings: GmsSettings) -> None:
         service="gms",
         metrics_port=settings.metrics_port,
         listen_address=f"unix://{path}",
+        # A Unix socket, guarded by its file mode; memfds cannot cross a network anyway.
+        peer_auth=False,
         metadata={"device": settings.device, "tags": settings.tags},
     ) as runtime:
         metrics = GmsMetrics(runtime.metrics, tags)

@@ -15,6 +15,7 @@ import grpc
 
 from tokenyard.api.worker.v1 import worker_pb2, worker_pb2_grpc
 from tokenyard.common.discovery import Discovery, DiscoveryError, Instance, WatchEventKind
+from tokenyard.common.tls import PLAINTEXT, Tls
 from tokenyard.planner.connectors.base import pool_of
 from tokenyard.planner.load import StepSample
 from tokenyard.planner.observe import (
@@ -120,7 +121,9 @@ class StepSubscriber:
         on_limits: Callable[[Pool, WorkerLimits], None] | None = None,
         *,
         retry_s: float = 1.0,
+        tls: Tls = PLAINTEXT,
     ) -> None:
+        self._tls = tls
         self._discovery = discovery
         self._on_sample = on_sample
         self._on_leave = on_leave
@@ -163,7 +166,8 @@ class StepSubscriber:
     async def _stream(self, pool: Pool, instance: Instance) -> None:
         while True:
             try:
-                async with grpc.aio.insecure_channel(instance.address) as channel:
+                # With mTLS, a record that is not a worker's fails the handshake.
+                async with self._tls.channel(instance.address, "worker") as channel:
                     stub = worker_pb2_grpc.WorkerServiceStub(channel)
                     if self._on_limits is not None:
                         described = await stub.Describe(worker_pb2.DescribeRequest(), timeout=10)

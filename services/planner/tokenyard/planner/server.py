@@ -11,6 +11,7 @@ from pathlib import Path
 from tokenyard.api.planner.v1 import planner_pb2_grpc
 from tokenyard.common.discovery import Discovery
 from tokenyard.common.service import ServiceRuntime, StartupError
+from tokenyard.common.tls import Tls
 from tokenyard.planner.budget import Budget
 from tokenyard.planner.clients import FrontendScraper, StepSubscriber, WorkerLimits
 from tokenyard.planner.config import ConnectorKind, PlannerSettings
@@ -88,6 +89,7 @@ def connector_of(s: PlannerSettings, discovery: Discovery, address: Callable[[],
                 max_workers=lo.max_workers,
                 drain_grace_s=lo.drain_grace,
                 ready_timeout_s=lo.ready_timeout,
+                tls=Tls.from_paths(s.tls_ca, s.tls_cert, s.tls_key),
             )
             return LocalConnector(options, discovery)
         if s.connector is ConnectorKind.KUBERNETES:
@@ -160,7 +162,9 @@ async def serve(settings: PlannerSettings) -> None:
         def on_limits(pool: Pool, limits: WorkerLimits) -> None:
             planner.set_limits(pool, limits.max_num_seqs, limits.max_num_batched_tokens, limits.max_kv_tokens)
 
-        steps = StepSubscriber(runtime.discovery, planner.observe_step, planner.forget_worker, on_limits)
+        steps = StepSubscriber(
+            runtime.discovery, planner.observe_step, planner.forget_worker, on_limits, tls=runtime.tls
+        )
         steps.start()
         runtime.on_close(steps.close)
         loop_task = asyncio.create_task(planner.run(), name="planner-loops")

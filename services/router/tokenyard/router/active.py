@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from tokenyard.router.index import WorkerRank
-from tokenyard.router.prefix import SlotTable, longest_prefixes
+from tokenyard.router.index.prefix import SlotTable, longest_prefixes
 
 # Per pool (RouteQuery.pool): whether a request routed there counts (prefill tokens, decode blocks).
 POOL_TRACKING: dict[str, tuple[bool, bool]] = {
@@ -110,6 +110,8 @@ class WorkerLoad:
     active_requests: int = 0
     active_prefill_tokens: int = 0
     active_blocks: int = 0
+    # Output tokens the active requests said they expect (those that said; future decode load).
+    expected_output_tokens: int = 0
 
 
 class _Rank:
@@ -148,6 +150,7 @@ class ActiveRequests:
             state = self._ranks[rank] = _Rank(self._slots.acquire(rank))
         state.load.active_requests += 1
         state.load.active_prefill_tokens += request.prefill_tokens
+        state.load.expected_output_tokens += request.expected_output_tokens or 0
         refs, mask, bit = state.refs, self._mask, 1 << state.slot
         for h in request.block_hashes:
             n = refs.get(h)
@@ -179,6 +182,7 @@ class ActiveRequests:
         state = self._ranks[rank]
         state.load.active_prefill_tokens -= req.prefill_tokens
         state.load.active_requests -= 1
+        state.load.expected_output_tokens -= req.expected_output_tokens or 0
         refs, mask, keep = state.refs, self._mask, ~(1 << state.slot)
         for h in req.block_hashes:
             n = refs.get(h)

@@ -9,17 +9,9 @@ from pydantic import Field
 
 from tokenyard.common.settings import MetricsPortSettings, ServiceSettings, settings_config
 from tokenyard.router.busy import BusyThresholds
-from tokenyard.router.cost import CostKnobs
-from tokenyard.router.kv_stream import StreamLimits
-
-
-class RouterMode(StrEnum):
-    KV = "kv"
-    ROUND_ROBIN = "round-robin"
-    RANDOM = "random"
-    POWER_OF_TWO = "power-of-two"
-    LEAST_LOADED = "least-loaded"
-    DIRECT = "direct"
+from tokenyard.router.kv_ingest.stream import StreamLimits
+from tokenyard.router.policies.cost import CostKnobs
+from tokenyard.router.policies.modes import RoutingMode
 
 
 class IndexKind(StrEnum):
@@ -35,10 +27,11 @@ class RouterSettings(MetricsPortSettings, ServiceSettings):
     metrics_port: int = Field(
         default=8101, ge=0, le=65535, description="Port of the Prometheus /metrics endpoint."
     )
-    mode: RouterMode = Field(
-        default=RouterMode.KV,
-        description="How a worker is chosen when the request does not say: kv (cache overlap and load), "
-        "round-robin, random, power-of-two, least-loaded, direct (the request pins the worker).",
+    mode: RoutingMode = Field(
+        default=RoutingMode.KV,
+        description="How a worker is chosen when the request does not say: kv (cache overlap, load and "
+        "cache pressure), kv-classic (overlap and load only), round-robin, random, power-of-two, "
+        "least-loaded, direct (the request pins the worker).",
     )
     # -- KV index ----------------------------------------------------------------------------------
     kv_events: bool = Field(
@@ -115,6 +108,22 @@ class RouterSettings(MetricsPortSettings, ServiceSettings):
         ge=0,
         description="Selection temperature: 0 picks the lowest cost, higher spreads choices.",
     )
+    decode_load_scale: float = Field(
+        default=0.5,
+        ge=0,
+        description="kv mode: weight of the decode term (active, expected output and new blocks) in the cost.",
+    )
+    eviction_weight: float = Field(
+        default=1.0,
+        ge=0,
+        description="kv mode: cost per reused cached block a placement is forecast to evict.",
+    )
+    overflow_weight: float = Field(
+        default=8.0,
+        ge=0,
+        description="kv mode: cost per block a placement needs beyond the rank's KV capacity "
+        "(with its running requests), where the engine would preempt.",
+    )
     track_active_blocks: bool = Field(
         default=True, description="Count active requests' blocks as decode load (off for prefill-only pools)."
     )
@@ -139,11 +148,40 @@ class RouterSettings(MetricsPortSettings, ServiceSettings):
         ge=0,
         description="A rank is busy above this fraction of its max_num_batched_tokens in prefill; unset: off.",
     )
+    # -- queue and sessions --------------------------------------------------------------------
+    queue_max_size: int = Field(
+        default=256,
+        ge=0,
+        description="Requests that may wait in the router queue when every eligible worker is busy; "
+        "0: refuse at once (RESOURCE_EXHAUSTED).",
+    )
+    queue_max_wait: float = Field(
+        default=5.0,
+        gt=0,
+        description="Seconds a request waits in the router queue at most before it is refused.",
+    )
+    session_affinity_ttl: float = Field(
+        default=600.0,
+        gt=0,
+        description="Seconds a session id stays bound to the worker that served its last turn.",
+    )
+    max_sessions: int = Field(
+        default=100_000, ge=1, description="Session bindings kept at most (least recently used go first)."
+    )
     # -- lifecycle and replicas ----------------------------------------------------------------
     active_request_expiry: float = Field(
         default=300.0,
         gt=0,
         description="Seconds after which a routed request whose end was never notified is forgotten.",
+    )
+    client_release_after: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description=(
+            "Seconds after a frontend's notification stream broke (it crashed or was killed) with no "
+            "sign of life from it, after which its requests no longer count as active load."
+        ),
     )
     replica_sync: bool = Field(
         default=False,
@@ -162,6 +200,9 @@ class RouterSettings(MetricsPortSettings, ServiceSettings):
             temperature=self.temperature,
             track_prefill_tokens=self.track_prefill_tokens,
             track_active_blocks=self.track_active_blocks,
+            decode_load_scale=self.decode_load_scale,
+            eviction_weight=self.eviction_weight,
+            overflow_weight=self.overflow_weight,
         )
 
     def busy_thresholds(self) -> BusyThresholds:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from tokenyard.router.active import ActiveRequests
-from tokenyard.router.tiers import Tier, TieredIndex
+from tokenyard.router.index.tiers import Tier, TieredIndex
 from tokenyard.router.workers import WorkerSet
 
 # Routing stages take microseconds to a millisecond or two.
@@ -34,8 +34,8 @@ class RouterMetrics:
         )
         self.rejections = Counter(
             "tokenyard_router_rejections_total",
-            "Route calls refused: overloaded (all eligible workers busy), unavailable (no eligible "
-            "worker), invalid.",
+            "Route calls refused: overloaded (all eligible workers busy, no queue), queue_full, "
+            "queue_timeout, queue_deadline (the router queue), unavailable (no eligible worker), invalid.",
             ["reason"],
             registry=r,
         )
@@ -69,6 +69,30 @@ class RouterMetrics:
             "tokenyard_router_input_sequence_tokens",
             "Prompt length of routed requests, in tokens.",
             buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "tokenyard_router_queue_pending_requests",
+            "Requests waiting in the router queue for a worker below its busy thresholds.",
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "tokenyard_router_queue_wait_seconds",
+            "How long routed requests waited in the router queue.",
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.session_routes = Counter(
+            "tokenyard_router_session_routes_total",
+            "Requests with a session id: followed (to the worker holding its history), placed "
+            "(a new session, or its worker busy or gone).",
+            ["outcome"],
+            registry=r,
+        )
+        self.evicted_hot_blocks = Histogram(
+            "tokenyard_router_evicted_hot_blocks",
+            "kv mode: reused blocks the chosen placement is forecast to evict.",
+            buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128),
             registry=r,
         )
         self.time_to_first_token = Histogram(

@@ -7,7 +7,12 @@ Errors (domain classes; the gRPC status in brackets, the frontend's HTTP status 
   model right now or the pool, allow-list, pin or rank leave none. Never NOT_FOUND: a router
   that has not yet seen (or no longer sees) a model's workers cannot tell an unknown model from
   a transient gap; the frontend, which owns the model list, answers 404;
-* eligible workers exist but every one is busy: :class:`Overloaded` [RESOURCE_EXHAUSTED, 529].
+* eligible workers exist but every one is busy: :class:`Overloaded` [RESOURCE_EXHAUSTED, 529]
+  (the router's queue, :mod:`tokenyard.router.route_queue`, waits for capacity first).
+
+Besides the index and the active requests, the decision consults what it learned from its own
+decisions: a forecast of what each rank's cache keeps (:mod:`tokenyard.router.index.recency`,
+for the kv mode's cache-pressure terms) and the session table (:mod:`tokenyard.router.sessions`).
 """
 
 from __future__ import annotations
@@ -20,14 +25,16 @@ from dataclasses import dataclass, field
 
 from tokenyard.common.errors import InvalidArgument, Overloaded, Unavailable
 from tokenyard.router.active import ActiveRequests, Outcome, routed_request
-from tokenyard.router.approx import ApproximateRecorder
 from tokenyard.router.busy import BusyThresholds, RankPressure, worker_busy
-from tokenyard.router.cost import CostKnobs, RankState
 from tokenyard.router.index import InvalidEvent, Prompt, WorkerRank
+from tokenyard.router.index.approx import ApproximateRecorder
+from tokenyard.router.index.recency import KeepForecast
+from tokenyard.router.index.tiers import Tier, TieredIndex
 from tokenyard.router.metrics import RouterMetrics
-from tokenyard.router.policies import Candidate, RoutingContext, RoutingPolicy, make_policy
-from tokenyard.router.replicas import FirstToken, Freed, LifecycleEvent, Routed
-from tokenyard.router.tiers import Tier, TieredIndex
+from tokenyard.router.policies import Candidate, RoutingContext, RoutingMode, RoutingPolicy, make_policy
+from tokenyard.router.policies.cost import CostKnobs, RankState
+from tokenyard.router.replication.replicas import FirstToken, Freed, LifecycleEvent, Routed
+from tokenyard.router.sessions import MAX_SESSION_ID, SessionTable
 from tokenyard.router.workers import LoadReport, WorkerSet, WorkerState
 
 log = logging.getLogger(__name__)
@@ -46,6 +53,8 @@ class RouteHints:
     dp_rank: int | None = None
     expected_output_tokens: int | None = None
     priority: int = 0
+    # A conversation's id ("" none): its turns follow the worker holding its history.
+    session_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +113,7 @@ class Scheduler:
         rng: random.Random | None = None,
         publish: Callable[[LifecycleEvent], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        sessions: SessionTable | None = None,
     ) -> None:
         self.workers = workers
         self.index = index
@@ -117,6 +127,11 @@ class Scheduler:
         self._clock = clock
         self._policies: dict[str, RoutingPolicy] = {}
         self.policy(self.config.default_mode)
+        self.forecast = KeepForecast(self._rank_capacity)
+        index.on_device_cleared.append(self.forecast.forget)
+        self.sessions = sessions if sessions is not None else SessionTable(clock=clock)
+        # Called when load is released (a first token, a request's end): the router queue retries.
+        self.on_release: list[Callable[[], None]] = []
 
     def policy(self, mode: str) -> RoutingPolicy:
         policy = self._policies.get(mode)
@@ -127,13 +142,19 @@ class Scheduler:
                 raise InvalidArgument(str(exc)) from None
         return policy
 
+    def _rank_capacity(self, rank: WorkerRank) -> int:
+        return self._capacity(self.workers.get(rank.worker_id), rank.dp_rank)[0]
+
     # -- routing --------------------------------------------------------------------------------
 
-    def route(self, query: RouteQuery) -> RouteDecision:
+    def route(self, query: RouteQuery, *, count_overloaded: bool = True) -> RouteDecision:
+        """Choose a worker rank and record the request (see the module's docstring for errors);
+        ``count_overloaded`` False leaves an :class:`Overloaded` out of the rejection metric (the
+        queue counts its own refusals)."""
         try:
             return self._route(query)
         except (Unavailable, Overloaded, InvalidArgument) as exc:
-            if self.metrics is not None:
+            if self.metrics is not None and (count_overloaded or not isinstance(exc, Overloaded)):
                 reason = {Unavailable: "unavailable", Overloaded: "overloaded"}.get(type(exc), "invalid")
                 self.metrics.rejections.labels(reason).inc()
             raise
@@ -144,7 +165,7 @@ class Scheduler:
         _validate(q)
         mode = hints.mode or self.config.default_mode
         policy = self.policy(mode)
-        if mode == "direct" and hints.pinned_worker_id is None:
+        if mode == RoutingMode.DIRECT and hints.pinned_worker_id is None:
             raise InvalidArgument("routing mode direct needs pinned_worker_id")
         knobs = self.config.knobs.with_overrides(
             hints.overlap_score_credit, hints.prefill_load_scale, hints.temperature
@@ -169,10 +190,19 @@ class Scheduler:
         active_overlap = self.active.overlap(chain) if len(prompt) else {}
         t2 = time.perf_counter()
 
-        candidates = self._candidates(workers, q.hints.dp_rank, overlaps, active_overlap)
+        dp_rank = hints.dp_rank
+        session = self._session_rank(q, workers, mode)
+        if session is not None:
+            workers = [w for w in workers if w.worker_id == session.worker_id]
+            dp_rank = session.dp_rank
+        candidates = self._candidates(workers, dp_rank, overlaps, active_overlap)
         block_size = workers[0].block_size or 1
         isl = q.isl_tokens or len(prompt) * block_size
-        ctx = RoutingContext(isl, block_size, -(-isl // block_size), knobs)
+        # This request's own output, when it says how long (future decode load, kv mode).
+        output_blocks = (hints.expected_output_tokens or 0) / block_size
+        ctx = RoutingContext(isl, block_size, -(-isl // block_size), knobs, output_blocks)
+        if getattr(policy, "uses_pressure", False):
+            self._forecast_pressure(candidates, chain, ctx)
         chosen = policy.select(candidates, ctx)
         t3 = time.perf_counter()
 
@@ -191,6 +221,10 @@ class Scheduler:
                     expected_output_tokens=hints.expected_output_tokens,
                 )
             )
+            chosen_rank = WorkerRank(chosen.worker_id, chosen.dp_rank)
+            self.forecast.touch(chosen_rank, chain)
+            if hints.session_id:
+                self.sessions.bind(hints.session_id, chosen_rank)
             for recorder in (self.approx, self.predicted):
                 if recorder is not None and len(prompt):
                     try:
@@ -215,6 +249,10 @@ class Scheduler:
             self._observe(policy.name(), candidates, overlap, len(prompt), isl, (t0, t1, t2, t3))
             if chosen_worker is not None:
                 self.metrics.pool_decision(chosen_worker.role)
+            if hints.session_id:
+                self.metrics.session_routes.labels("followed" if session is not None else "placed").inc()
+            if getattr(policy, "uses_pressure", False):
+                self.metrics.evicted_hot_blocks.observe(chosen.state.evicted_hot_blocks)
         total_blocks, max_batched = self._capacity(chosen_worker, chosen.dp_rank)
         return RouteDecision(
             worker_id=chosen.worker_id,
@@ -231,6 +269,62 @@ class Scheduler:
             max_num_batched_tokens=max_batched,
         )
 
+    def _session_rank(self, q: RouteQuery, workers: list[WorkerState], mode: str) -> WorkerRank | None:
+        """The rank holding the session's history, if it is still eligible (not busy: busy
+        workers are no longer among ``workers``) and the request does not pin another."""
+        sid = q.hints.session_id
+        if not sid or mode == RoutingMode.DIRECT:
+            return None
+        rank = self.sessions.get(sid)
+        if rank is None or (q.hints.dp_rank is not None and q.hints.dp_rank != rank.dp_rank):
+            return None
+        for w in workers:
+            if w.worker_id == rank.worker_id and rank.dp_rank < w.dp_size:
+                return rank
+        return None
+
+    def _forecast_pressure(
+        self, candidates: list[Candidate], chain: Sequence[int], ctx: RoutingContext
+    ) -> None:
+        """Fill the cache-pressure fields of each candidate's state (the kv mode). Runs for every
+        candidate of every decision, hence the local names."""
+        forecasts, bs = self.forecast.ranks, ctx.block_size
+        loads = self.active.loads()
+        own = ctx.request_blocks + ctx.output_blocks
+        for c in candidates:
+            s = c.state
+            rank = WorkerRank(c.worker_id, c.dp_rank)
+            load = loads.get(rank)
+            if load is not None:
+                # What the active requests said they will generate.
+                s.output_blocks = load.expected_output_tokens / bs
+            f = forecasts.get(rank)
+            if f is None:
+                continue
+            s.capacity_blocks = f.capacity
+            overlap = s.device_overlap
+            if overlap and f.gone:
+                s.doomed_overlap = doomed = f.doomed(chain[:overlap])
+                overlap -= doomed
+            s.evicted_hot_blocks = f.evicted_hot(own - overlap)
+
+    def check(self, q: RouteQuery) -> None:
+        """Raise what :meth:`route` would for ``q``, except that every worker is busy (a request
+        about to wait in the queue learns at once that it is malformed or has no worker)."""
+        try:
+            _validate(q)
+            mode = q.hints.mode or self.config.default_mode
+            self.policy(mode)
+            if mode == RoutingMode.DIRECT and q.hints.pinned_worker_id is None:
+                raise InvalidArgument("routing mode direct needs pinned_worker_id")
+            self._eligible_workers(q, skip_busy=False)
+        except (Unavailable, InvalidArgument) as exc:
+            if self.metrics is not None:
+                self.metrics.rejections.labels(
+                    "unavailable" if isinstance(exc, Unavailable) else "invalid"
+                ).inc()
+            raise
+
     def _capacity(self, w: WorkerState | None, rank: int) -> tuple[int, int]:
         """(device KV blocks, prompt tokens per step) of a worker rank; 0 where unknown."""
         if w is None:
@@ -239,7 +333,7 @@ class Scheduler:
         total = report.total_blocks if report is not None and report.total_blocks else w.total_kv_blocks
         return total, w.details.max_num_batched_tokens if w.details is not None else 0
 
-    def _eligible_workers(self, q: RouteQuery) -> list[WorkerState]:
+    def _eligible_workers(self, q: RouteQuery, *, skip_busy: bool = True) -> list[WorkerState]:
         hints = q.hints
         workers = self.workers.for_model(q.model, q.pool)
         if not workers:
@@ -255,7 +349,7 @@ class Scheduler:
         if not workers:
             raise Unavailable(f"no worker of model {q.model!r} is eligible (allowed, pinned or dp_rank)")
         busy = self.config.busy
-        if busy.enabled:
+        if busy.enabled and skip_busy:
             free = [w for w in workers if not worker_busy(self._pressures(w), busy)]
             if not free:
                 raise Overloaded(f"all {len(workers)} eligible workers of model {q.model!r} are busy")
@@ -362,22 +456,33 @@ class Scheduler:
             self.metrics.time_to_first_token.observe(max(0.0, self._clock() - req.started_at))
         if self._publish is not None:
             self._publish(FirstToken(request_id))
+        self._released()
         return True
+
+    def _released(self) -> None:
+        for listener in self.on_release:
+            listener()
 
     def finish(self, request_id: str, outcome: Outcome = Outcome.FINISHED) -> bool:
         return self._finish(request_id, publish=True, outcome=outcome)
 
     def _finish(self, request_id: str, *, publish: bool, outcome: Outcome = Outcome.FINISHED) -> bool:
-        if not self.active.finish(request_id, outcome):
+        req = self.active.get(request_id)
+        if req is None or not self.active.finish(request_id, outcome):
             return False
+        # The engine releases the request's blocks now: their place in its LRU order.
+        self.forecast.release(req.rank, req.block_hashes)
         if publish and self._publish is not None:
             self._publish(Freed(request_id))
+        self._released()
         return True
 
     def forget_worker(self, worker_id: int) -> None:
         """A worker left: its index entries, predicted load and approximate records go."""
         self.index.remove_worker(worker_id)
         self.active.drop_worker(worker_id)
+        self.forecast.forget_worker(worker_id)
+        self.sessions.forget_worker(worker_id)
         for recorder in (self.approx, self.predicted):
             if recorder is not None:
                 recorder.remove_worker(worker_id)
@@ -395,6 +500,8 @@ def _validate(q: RouteQuery) -> None:
             f"({len(q.sequence_hashes)} != {len(q.local_hashes)})"
         )
     h = q.hints
+    if len(h.session_id) > MAX_SESSION_ID:
+        raise InvalidArgument(f"hints.session_id is longer than {MAX_SESSION_ID} characters")
     for name in ("overlap_score_credit", "prefill_load_scale", "temperature"):
         value = getattr(h, name)
         if value is not None and not value >= 0.0:

@@ -11,16 +11,18 @@ from types import TracebackType
 from tokenyard.api.router.v1 import router_pb2_grpc
 from tokenyard.common.service import ServiceRuntime
 from tokenyard.router.active import ActiveRequests
-from tokenyard.router.approx import ApproximateRecorder
 from tokenyard.router.config import RouterSettings
-from tokenyard.router.feeds import WorkerFeeds
 from tokenyard.router.index import WorkerRank, make_index
+from tokenyard.router.index.approx import ApproximateRecorder
+from tokenyard.router.index.tiers import TieredIndex
+from tokenyard.router.kv_ingest.feeds import WorkerFeeds
 from tokenyard.router.metrics import RouterMetrics
-from tokenyard.router.peers import PeerSync
-from tokenyard.router.replicas import LifecycleEvent, ReplicaHub, kind
+from tokenyard.router.replication.peers import PeerSync
+from tokenyard.router.replication.replicas import LifecycleEvent, ReplicaHub, kind
+from tokenyard.router.route_queue import RouteQueue
 from tokenyard.router.scheduler import RouterConfig, Scheduler
 from tokenyard.router.servicer import SERVICE_NAME, RouterServicer
-from tokenyard.router.tiers import TieredIndex
+from tokenyard.router.sessions import SessionTable
 from tokenyard.router.workers import WorkerSet, WorkerWatch
 
 log = logging.getLogger(__name__)
@@ -45,7 +47,8 @@ class Router:
         self.runtime = runtime
         s = settings
         self.metrics = RouterMetrics(runtime.metrics.registry)
-        self.workers = WorkerSet()
+        # With mTLS, a worker's record counts once the worker proved it holds a worker certificate.
+        self.workers = WorkerSet(require_proof=runtime.tls.enabled)
         self.index = TieredIndex(lambda: make_index(s.index.value, jump=s.index_jump))
         self.active = ActiveRequests(s.active_request_expiry, jump=s.index_jump)
         self.approx = (
@@ -84,15 +87,30 @@ class Router:
             predicted=self.predicted,
             metrics=self.metrics,
             publish=self._publish,
+            sessions=SessionTable(s.session_affinity_ttl, s.max_sessions),
+        )
+        self.queue = RouteQueue(
+            self.scheduler, max_size=s.queue_max_size, max_wait=s.queue_max_wait, metrics=self.metrics
         )
         self.feeds = WorkerFeeds(
-            self.workers, self.scheduler, self.metrics, s.stream_limits(), apply_kv=s.kv_events
+            self.workers,
+            self.scheduler,
+            self.metrics,
+            s.stream_limits(),
+            apply_kv=s.kv_events,
+            tls=runtime.tls,
         )
         self.workers.on_change(self.feeds.on_change)
-        self.servicer = RouterServicer(self.scheduler, self.hub, self._next_event_id)
+        self.servicer = RouterServicer(
+            self.scheduler,
+            self.hub,
+            self._next_event_id,
+            queue=self.queue,
+            release_after=s.client_release_after,
+        )
         self.watch = WorkerWatch(runtime.discovery, self.workers)
         self.peers = (
-            PeerSync(runtime.discovery, str(runtime.instance_id), self.active, self.metrics)
+            PeerSync(runtime.discovery, str(runtime.instance_id), self.active, self.metrics, runtime.tls)
             if s.replica_sync
             else None
         )

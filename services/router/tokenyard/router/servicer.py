@@ -12,24 +12,25 @@ import grpc
 from tokenyard.api.router.v1 import router_pb2, router_pb2_grpc
 from tokenyard.common.errors import InvalidArgument
 from tokenyard.router.active import Outcome
+from tokenyard.router.client_leases import DEFAULT_RELEASE_AFTER, ClientLeases, client_of
 from tokenyard.router.index import Chain, Prompt, WorkerRank
-from tokenyard.router.replicas import FirstToken, ReplicaEvent, ReplicaHub, Routed
+from tokenyard.router.index.tiers import Tier
+from tokenyard.router.policies import RoutingMode
+from tokenyard.router.replication.replicas import FirstToken, ReplicaEvent, ReplicaHub, Routed
+from tokenyard.router.route_bounds import check_route_bounds
+from tokenyard.router.route_queue import RouteQueue
 from tokenyard.router.scheduler import RouteHints, RouteQuery, Scheduler
-from tokenyard.router.tiers import Tier
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name
 
-MODE_NAMES = {
-    router_pb2.ROUTING_MODE_KV: "kv",
-    router_pb2.ROUTING_MODE_ROUND_ROBIN: "round-robin",
-    router_pb2.ROUTING_MODE_RANDOM: "random",
-    router_pb2.ROUTING_MODE_POWER_OF_TWO: "power-of-two",
-    router_pb2.ROUTING_MODE_LEAST_LOADED: "least-loaded",
-    router_pb2.ROUTING_MODE_DIRECT: "direct",
+# Derived from RoutingMode by name (RoutingMode.X <-> ROUTING_MODE_X): a mode missing from the
+# proto fails here, at import, and tests/unit/test_router_modes.py checks the other direction.
+MODE_ENUMS: dict[str, router_pb2.RoutingMode.ValueType] = {
+    mode: router_pb2.RoutingMode.Value(f"ROUTING_MODE_{mode.name}") for mode in RoutingMode
 }
-MODE_ENUMS = {name: value for value, name in MODE_NAMES.items()}
+MODE_NAMES: dict[router_pb2.RoutingMode.ValueType, str] = {value: mode for mode, value in MODE_ENUMS.items()}
 POOL_NAMES = {
     router_pb2.WORKER_POOL_UNSPECIFIED: "",
     router_pb2.WORKER_POOL_AGGREGATED: "aggregated",
@@ -68,6 +69,7 @@ def hints_from_pb(h: router_pb2.RouteHints) -> RouteHints:
         dp_rank=h.dp_rank if h.HasField("dp_rank") else None,
         expected_output_tokens=h.expected_output_tokens if h.HasField("expected_output_tokens") else None,
         priority=h.priority,
+        session_id=h.session_id,
     )
 
 
@@ -111,9 +113,23 @@ def _chains_to_pb(chains: list[Chain]) -> list[router_pb2.KvChain]:
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     def __init__(
-        self, scheduler: Scheduler, hub: ReplicaHub, next_event_id: NextEventId | None = None
+        self,
+        scheduler: Scheduler,
+        hub: ReplicaHub,
+        next_event_id: NextEventId | None = None,
+        *,
+        queue: RouteQueue | None = None,
+        release_after: float = DEFAULT_RELEASE_AFTER,
     ) -> None:
         self._scheduler = scheduler
+        # Requests of a client whose notification stream broke for good stop counting as load.
+        self.leases = ClientLeases(
+            lambda rid: scheduler.finish(rid, Outcome.CANCELLED),
+            lambda rid: scheduler.active.get(rid) is not None,
+            release_after,
+        )
+        # Without a queue, a request finding every worker busy is refused at once.
+        self._queue = queue
         self._hub = hub
         self._next_event_id = next_event_id or (lambda rank: None)
         self._streams: set[_Progress] = set()
@@ -125,18 +141,26 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         pool = POOL_NAMES.get(request.pool)
         if pool is None:
             raise InvalidArgument(f"unknown worker pool {request.pool}")
-        decision = self._scheduler.route(
-            RouteQuery(
-                request_id=request.request_id,
-                model=request.model,
-                local_hashes=request.block_hashes,
-                isl_tokens=request.isl_tokens,
-                sequence_hashes=request.sequence_hashes or None,
-                pool=pool,
-                hints=hints_from_pb(request.hints),
-                dry_run=request.dry_run,
-            )
+        query = RouteQuery(
+            request_id=request.request_id,
+            model=request.model,
+            local_hashes=request.block_hashes,
+            isl_tokens=request.isl_tokens,
+            sequence_hashes=request.sequence_hashes or None,
+            pool=pool,
+            hints=hints_from_pb(request.hints),
+            dry_run=request.dry_run,
         )
+        # Before anything is recorded: a prompt longer than the model's context would otherwise
+        # skew the load and overlap every later request is scored against.
+        check_route_bounds(query, self._scheduler.workers)
+        client = client_of(context.invocation_metadata(), context.peer())
+        if self._queue is None:
+            decision = self._scheduler.route(query)
+        else:
+            decision = await self._queue.route(query, context.time_remaining())
+        if not query.dry_run:
+            self.leases.routed(client, query.request_id)
         return router_pb2.RouteResponse(
             worker_id=decision.worker_id,
             dp_rank=decision.dp_rank,
@@ -155,6 +179,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     async def NotifyFirstToken(
         self, request: router_pb2.NotifyFirstTokenRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> router_pb2.NotifyFirstTokenResponse:
+        self.leases.seen(client_of(context.invocation_metadata(), context.peer()))
         return router_pb2.NotifyFirstTokenResponse(applied=self._scheduler.first_token(request.request_id))
 
     async def NotifyFinished(
@@ -163,6 +188,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         outcome = _OUTCOMES.get(request.outcome)
         if outcome is None:
             raise InvalidArgument("outcome must be FINISHED, FAILED or CANCELLED")
+        self.leases.seen(client_of(context.invocation_metadata(), context.peer()))
+        self.leases.finished(request.request_id)
         return router_pb2.NotifyFinishedResponse(applied=self._scheduler.finish(request.request_id, outcome))
 
     async def StreamNotifications(
@@ -174,6 +201,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             return
         progress = _Progress()
         self._streams.add(progress)
+        client = client_of(context.invocation_metadata(), context.peer())
+        self.leases.stream_opened(client)
         reader = asyncio.create_task(self._apply_notifications(request_iterator, progress))
         sent = 0
         try:
@@ -196,12 +225,16 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         finally:
             self._streams.discard(progress)
             reader.cancel()
+            # However it ended (to the server a vanished client looks like a half-close), unless
+            # this router ended it: the client's remaining requests are released if it stays silent.
+            self.leases.stream_closed(client, broken=not self._closed)
 
     def close(self) -> None:
         """End every notification stream after a last acknowledgement (shutdown): they never end
         on their own, and would otherwise hold the grace period open. Callers resend elsewhere what
         was not acknowledged."""
         self._closed = True
+        self.leases.close()
         for progress in self._streams:
             progress.closing = True
             progress.changed.set()
@@ -222,6 +255,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                         if outcome is None:
                             raise InvalidArgument("outcome must be FINISHED, FAILED or CANCELLED")
                         scheduler.finish(finished.request_id, outcome)
+                        self.leases.finished(finished.request_id)
                     else:
                         raise InvalidArgument("a notification must be first_token or finished")
                     progress.handled += 1

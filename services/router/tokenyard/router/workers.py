@@ -51,6 +51,9 @@ class WorkerState:
     instance: Instance
     details: WorkerDetails | None = None
     loads: dict[int, LoadReport] = field(default_factory=dict)
+    # With mTLS, set once a call to the worker passed the handshake with a worker certificate:
+    # until then its discovery record is a claim, and it gets no requests.
+    proven: bool = False
 
     @property
     def worker_id(self) -> int:
@@ -85,7 +88,8 @@ class WorkerState:
 class WorkerSet:
     """``instance id -> WorkerState`` of every registered worker, in registration order."""
 
-    def __init__(self) -> None:
+    def __init__(self, require_proof: bool = False) -> None:
+        self._require_proof = require_proof
         self._workers: dict[int, WorkerState] = {}
         self._listeners: list[Callable[[WatchEventKind, Instance], None]] = []
 
@@ -103,6 +107,9 @@ class WorkerSet:
                 log.info("worker %d at %s joined", instance.instance_id, instance.address)
                 self._workers[instance.instance_id] = WorkerState(instance)
             else:
+                if state.instance.address != instance.address:
+                    # A new address has to prove itself again.
+                    state.proven = False
                 state.instance = instance
         for listener in self._listeners:
             listener(kind, instance)
@@ -118,15 +125,19 @@ class WorkerSet:
         roles = POOL_ROLES[pool]
         return [
             w
-            for w in self._workers.values()
+            for w in self._usable()
             if (card := w.instance.model_card) is not None and card.model == model and card.role in roles
         ]
 
     def serves(self, model: str) -> bool:
         return any(
-            (card := w.instance.model_card) is not None and card.model == model
-            for w in self._workers.values()
+            (card := w.instance.model_card) is not None and card.model == model for w in self._usable()
         )
+
+    def _usable(self) -> list[WorkerState]:
+        if not self._require_proof:
+            return list(self._workers.values())
+        return [w for w in self._workers.values() if w.proven]
 
     def __len__(self) -> int:
         return len(self._workers)

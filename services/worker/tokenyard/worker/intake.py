@@ -53,6 +53,7 @@ from tokenyard.worker.engines.base import (
 )
 from tokenyard.worker.kv_fetch import FetchFailed, KvFetcher
 from tokenyard.worker.metrics import WorkerMetrics
+from tokenyard.worker.request_bounds import check_request_bounds
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +188,7 @@ def validate(
             f"prompt of {n} tokens does not fit the context length of {info.context_length} tokens "
             "(prompt plus at least one output token)"
         )
+    check_request_bounds(request, info.context_length)
     if request.dp_rank is not None and not 0 <= request.dp_rank < info.dp_size:
         raise InvalidArgument(
             f"dp_rank {request.dp_rank} out of range: this worker has ranks 0..{info.dp_size - 1}"

@@ -24,6 +24,7 @@ from typing import Any
 import grpc
 
 from tokenyard.api.worker.v1 import worker_pb2, worker_pb2_grpc
+from tokenyard.common.tls import PLAINTEXT, Tls
 from tokenyard.worker.engines.base import KvBlockExport, KvBlockLayout, KvTransferParams
 
 FETCH_MESSAGE_BYTES = 8 * 1024 * 1024
@@ -76,10 +77,11 @@ class ChannelPool:
     """One channel per address, at most ``max_channels`` idle ones kept (least recently used
     closed first); a channel in use is never closed under its caller."""
 
-    def __init__(self, max_channels: int = 32) -> None:
+    def __init__(self, max_channels: int = 32, tls: Tls = PLAINTEXT) -> None:
         if max_channels < 1:
             raise ValueError("max_channels must be positive")
         self._max = max_channels
+        self._tls = tls
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._closed = False
 
@@ -93,7 +95,8 @@ class ChannelPool:
         entry = self._entries.get(address)
         if entry is None:
             try:
-                channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+                # With mTLS, only an instance holding a worker certificate gets through.
+                channel = self._tls.channel(address, "worker", CHANNEL_OPTIONS)
             except Exception as exc:  # a target gRPC cannot even parse
                 raise FetchFailed("unreachable", f"cannot open a channel to {address!r}: {exc}") from None
             entry = self._entries[address] = _Entry(channel)
@@ -126,9 +129,9 @@ class ChannelPool:
 class KvFetcher:
     """Fetches transfers over a :class:`ChannelPool`."""
 
-    def __init__(self, *, timeout_s: float, max_channels: int = 32) -> None:
+    def __init__(self, *, timeout_s: float, max_channels: int = 32, tls: Tls = PLAINTEXT) -> None:
         self.timeout_s = timeout_s
-        self.channels = ChannelPool(max_channels)
+        self.channels = ChannelPool(max_channels, tls)
 
     async def fetch(
         self,

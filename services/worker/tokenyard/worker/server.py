@@ -53,6 +53,7 @@ class WorkerServer:
         )
         self.forward_passes = ForwardPassHub(self.engine)
         self._intake: Intake | None = None
+        self._servicer: WorkerServicer | None = None
         self._ticker: asyncio.Task[None] | None = None
 
     @property
@@ -99,7 +100,7 @@ class WorkerServer:
         fetcher = None
         if isinstance(self.engine, KvBlockTransfer):
             # Decode requests pull their prompt's KV from prefill workers over these channels.
-            fetcher = KvFetcher(timeout_s=s.kv_fetch_timeout)
+            fetcher = KvFetcher(timeout_s=s.kv_fetch_timeout, tls=self.runtime.tls)
             self.runtime.on_close(fetcher.aclose)
         intake = self._intake = Intake(
             self.engine,
@@ -111,7 +112,7 @@ class WorkerServer:
         )
         intake.on_drain(self._leave)
         self.runtime.on_close(intake.aclose)
-        servicer = WorkerServicer(
+        servicer = self._servicer = WorkerServicer(
             engine=self.engine,
             intake=intake,
             kv_events=self.kv_events,
@@ -172,6 +173,8 @@ class WorkerServer:
     ) -> None:
         if self._intake is not None:
             self._intake.close()
+        if self._servicer is not None:
+            self._servicer.close()
         self.kv_events.close()
         self.forward_passes.close()
         await self.runtime.__aexit__(exc_type, exc, tb)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import math
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import aclosing
@@ -31,12 +33,16 @@ from tokenyard.worker.intake import Intake, Output
 from tokenyard.worker.kv_events import KvCleared, KvEvent, KvRemoved, KvStored
 from tokenyard.worker.kv_stream import KvEventBatch, KvEventHub, KvStreamItem
 from tokenyard.worker.metrics import WorkerMetrics
+from tokenyard.worker.mux import MuxSession
 
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
 
 # Keep each stream message far below the 64 MiB limit, whatever the prompt lengths.
 _EVENTS_PER_MESSAGE = 256
 _BLOCKS_PER_SNAPSHOT_PART = 8192
+KV_EVENTS_INTERVAL_S = 0.005
+"""The shortest time between two event messages of a KV event stream (loads and snapshots are not
+held back)."""
 KV_PART_BYTES = 1024 * 1024
 """FetchKvBlocks sends a block larger than this in parts of this size (read when a fetch begins)."""
 
@@ -76,6 +82,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self._forward_passes = forward_passes
         self._description = description
         self._metrics = metrics
+        self._mux_sessions: set[MuxSession] = set()
+        self._closing = False
+
+    def close(self) -> None:
+        """The worker shuts down: GenerateMux calls end once their streams did (they would
+        otherwise hold the grace period open)."""
+        self._closing = True
+        for session in self._mux_sessions:
+            session.close()
 
     async def Generate(
         self, request: worker_pb2.GenerateRequest, context: Context
@@ -84,13 +99,40 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             async for output in outputs:
                 yield _generate_response(output)
 
+    async def GenerateMux(
+        self, request_iterator: AsyncIterator[worker_pb2.GenerateMuxRequest], context: Context
+    ) -> AsyncIterator[worker_pb2.GenerateMuxResponse]:
+        session = MuxSession(self._intake, _engine_request, _generate_response)
+        if self._closing:
+            session.close()
+        self._mux_sessions.add(session)
+        try:
+            async with aclosing(session.run(request_iterator)) as batches:
+                async for batch in batches:
+                    yield batch
+        finally:
+            self._mux_sessions.discard(session)
+
     async def SubscribeKvEvents(
         self, request: worker_pb2.SubscribeKvEventsRequest, context: Context
     ) -> AsyncIterator[worker_pb2.SubscribeKvEventsResponse]:
         dp_rank = request.dp_rank if request.HasField("dp_rank") else None
         subscription = self._kv_events.subscribe(dp_rank, dict(request.resume_from_event_id))
+        loop = asyncio.get_running_loop()
+        sent_events_at = -math.inf
         async with aclosing(subscription.items()) as items:
-            async for item in items:
+            while True:
+                # Events of the steps that follow within the interval wait and leave together: an
+                # engine that steps every fraction of a millisecond (the mocker at speedup 0) would
+                # otherwise cost this worker and every router a message per step.
+                rest = sent_events_at + KV_EVENTS_INTERVAL_S - loop.time()
+                if rest > 0:
+                    await asyncio.sleep(rest)
+                item = await anext(items, None)
+                if item is None:
+                    return
+                if isinstance(item, KvEventBatch):
+                    sent_events_at = loop.time()
                 for message in _kv_stream_messages(item):
                     yield message
 

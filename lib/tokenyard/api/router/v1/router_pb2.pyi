@@ -51,6 +51,10 @@ class _RoutingModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RoutingMo
     """Fewest active requests."""
     ROUTING_MODE_DIRECT: _RoutingMode.ValueType  # 6
     """The caller's pinned_worker_id; no scoring."""
+    ROUTING_MODE_KV_CLASSIC: _RoutingMode.ValueType  # 7
+    """The reference's cost function alone: overlap credit against predicted load, without the
+    cache-pressure terms and session history of ROUTING_MODE_KV.
+    """
 
 class RoutingMode(_RoutingMode, metaclass=_RoutingModeEnumTypeWrapper):
     """How the router chooses among eligible workers."""
@@ -67,6 +71,10 @@ ROUTING_MODE_LEAST_LOADED: RoutingMode.ValueType  # 5
 """Fewest active requests."""
 ROUTING_MODE_DIRECT: RoutingMode.ValueType  # 6
 """The caller's pinned_worker_id; no scoring."""
+ROUTING_MODE_KV_CLASSIC: RoutingMode.ValueType  # 7
+"""The reference's cost function alone: overlap credit against predicted load, without the
+cache-pressure terms and session history of ROUTING_MODE_KV.
+"""
 Global___RoutingMode: _TypeAlias = RoutingMode  # noqa: Y015
 
 class _WorkerPool:
@@ -158,6 +166,7 @@ class RouteHints(_message.Message):
     DP_RANK_FIELD_NUMBER: _builtins.int
     EXPECTED_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
     mode: Global___RoutingMode.ValueType
     overlap_score_credit: _builtins.float
     """Weight of device-tier overlap as prefill credit, >= 0; 0 ignores the cache."""
@@ -173,6 +182,10 @@ class RouteHints(_message.Message):
     """Expected output tokens, if the caller knows; weights the request's blocks as it decodes."""
     priority: _builtins.int
     """Larger values are served first when the router queues; 0 is the default class."""
+    session_id: _builtins.str
+    """A conversation's id: its follow-up turns go to the worker that served the previous turn
+    (and holds its history) unless that worker is busy. Empty: no session.
+    """
     @_builtins.property
     def allowed_worker_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Only these workers are eligible; empty means all."""
@@ -189,10 +202,11 @@ class RouteHints(_message.Message):
         dp_rank: _builtins.int | None = ...,
         expected_output_tokens: _builtins.int | None = ...,
         priority: _builtins.int = ...,
+        session_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_dp_rank", b"_dp_rank", "_expected_output_tokens", b"_expected_output_tokens", "_overlap_score_credit", b"_overlap_score_credit", "_pinned_worker_id", b"_pinned_worker_id", "_prefill_load_scale", b"_prefill_load_scale", "_temperature", b"_temperature", "dp_rank", b"dp_rank", "expected_output_tokens", b"expected_output_tokens", "overlap_score_credit", b"overlap_score_credit", "pinned_worker_id", b"pinned_worker_id", "prefill_load_scale", b"prefill_load_scale", "temperature", b"temperature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dp_rank", b"_dp_rank", "_expected_output_tokens", b"_expected_output_tokens", "_overlap_score_credit", b"_overlap_score_credit", "_pinned_worker_id", b"_pinned_worker_id", "_prefill_load_scale", b"_prefill_load_scale", "_temperature", b"_temperature", "allowed_worker_ids", b"allowed_worker_ids", "dp_rank", b"dp_rank", "expected_output_tokens", b"expected_output_tokens", "mode", b"mode", "overlap_score_credit", b"overlap_score_credit", "pinned_worker_id", b"pinned_worker_id", "prefill_load_scale", b"prefill_load_scale", "priority", b"priority", "temperature", b"temperature"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dp_rank", b"_dp_rank", "_expected_output_tokens", b"_expected_output_tokens", "_overlap_score_credit", b"_overlap_score_credit", "_pinned_worker_id", b"_pinned_worker_id", "_prefill_load_scale", b"_prefill_load_scale", "_temperature", b"_temperature", "allowed_worker_ids", b"allowed_worker_ids", "dp_rank", b"dp_rank", "expected_output_tokens", b"expected_output_tokens", "mode", b"mode", "overlap_score_credit", b"overlap_score_credit", "pinned_worker_id", b"pinned_worker_id", "prefill_load_scale", b"prefill_load_scale", "priority", b"priority", "session_id", b"session_id", "temperature", b"temperature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__dp_rank: _TypeAlias = _typing.Literal["dp_rank"]  # noqa: Y015
     _WhichOneofArgType__dp_rank: _TypeAlias = _typing.Literal["_dp_rank", b"_dp_rank"]  # noqa: Y015

@@ -576,6 +576,115 @@ class GenerateResponse(_message.Message):
 Global___GenerateResponse: _TypeAlias = GenerateResponse  # noqa: Y015
 
 @_typing.final
+class GenerateMuxOpen(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STREAM_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_FIELD_NUMBER: _builtins.int
+    TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    stream_id: _builtins.int
+    timeout_ms: _builtins.float
+    """The request's deadline as the time left when it was sent; 0: none. Past it the stream ends
+    with DEADLINE_EXCEEDED, as a Generate call's deadline would end it.
+    """
+    @_builtins.property
+    def request(self) -> Global___GenerateRequest: ...
+    def __init__(
+        self,
+        *,
+        stream_id: _builtins.int = ...,
+        request: Global___GenerateRequest | None = ...,
+        timeout_ms: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request", b"request", "stream_id", b"stream_id", "timeout_ms", b"timeout_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerateMuxOpen: _TypeAlias = GenerateMuxOpen  # noqa: Y015
+
+@_typing.final
+class GenerateMuxRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPEN_FIELD_NUMBER: _builtins.int
+    CANCEL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def open(self) -> _containers.RepeatedCompositeFieldContainer[Global___GenerateMuxOpen]: ...
+    @_builtins.property
+    def cancel(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Streams whose requests are to be aborted; a stream unknown to the worker is ignored."""
+
+    def __init__(
+        self,
+        *,
+        open: _abc.Iterable[Global___GenerateMuxOpen] | None = ...,
+        cancel: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "open", b"open"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerateMuxRequest: _TypeAlias = GenerateMuxRequest  # noqa: Y015
+
+@_typing.final
+class GenerateMuxChunk(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STREAM_ID_FIELD_NUMBER: _builtins.int
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    ERROR_CODE_FIELD_NUMBER: _builtins.int
+    ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
+    stream_id: _builtins.int
+    error_code: _builtins.int
+    """A gRPC status code (google.rpc.Code), not OK, when the stream ended with an error."""
+    error_message: _builtins.str
+    @_builtins.property
+    def response(self) -> Global___GenerateResponse:
+        """Set unless the stream ended with an error."""
+
+    def __init__(
+        self,
+        *,
+        stream_id: _builtins.int = ...,
+        response: Global___GenerateResponse | None = ...,
+        error_code: _builtins.int = ...,
+        error_message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_code", b"error_code", "error_message", b"error_message", "response", b"response", "stream_id", b"stream_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerateMuxChunk: _TypeAlias = GenerateMuxChunk  # noqa: Y015
+
+@_typing.final
+class GenerateMuxResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHUNKS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def chunks(self) -> _containers.RepeatedCompositeFieldContainer[Global___GenerateMuxChunk]:
+        """Chunks of any streams, in order per stream; one stream's consecutive chunks may be merged."""
+
+    def __init__(
+        self,
+        *,
+        chunks: _abc.Iterable[Global___GenerateMuxChunk] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerateMuxResponse: _TypeAlias = GenerateMuxResponse  # noqa: Y015
+
+@_typing.final
 class SubscribeKvEventsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -39,6 +39,11 @@ class WorkerServiceStub:
                 request_serializer=tokenyard_dot_api_dot_worker_dot_v1_dot_worker__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=tokenyard_dot_api_dot_worker_dot_v1_dot_worker__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.GenerateMux = channel.stream_stream(
+                '/tokenyard.api.worker.v1.WorkerService/GenerateMux',
+                request_serializer=tokenyard_dot_api_dot_worker_dot_v1_dot_worker__pb2.GenerateMuxRequest.SerializeToString,
+                response_deserializer=tokenyard_dot_api_dot_worker_dot_v1_dot_worker__pb2.GenerateMuxResponse.FromString,
+                _registered_method=True)
         self.SubscribeKvEvents = channel.unary_stream(
                 '/tokenyard.api.worker.v1.WorkerService/SubscribeKvEvents',
                 request_serializer=tokenyard_dot_api_dot_worker_dot_v1_dot_worker__pb2.SubscribeKvEventsRequest.SerializeToString,
@@ -81,6 +86,19 @@ class WorkerServiceServicer:
         RESOURCE_EXHAUSTED when the worker is at its admission limit, INVALID_ARGUMENT for a
         request the engine cannot take (e.g. prompt longer than the context), NOT_FOUND for a
         model this worker does not serve.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateMux(self, request_iterator, context):
+        """Many Generate calls over one long-lived call, for a frontend that sends a worker many
+        requests: one call per frontend-worker pair instead of one per request. The client opens
+        streams (its own stream ids, unique on the call) and cancels them; the worker answers with
+        batches of chunks, each the same GenerateResponse a Generate call would stream, or the status
+        a Generate call would have ended with. A stream ends with its finishing chunk or its error;
+        cancelling a stream (or ending the call) aborts its request in the engine. The worker ends
+        the call OK once it shuts down and no stream is left on it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -143,6 +161,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     request_deserializer=tokenyard_dot_api_dot_worker_dot_v1_dot_worker__pb2.GenerateRequest.FromString,
                     response_serializer=tokenyard_dot_api_dot_worker_dot_v1_dot_worker__pb2.GenerateResponse.SerializeToString,
             ),
+            'GenerateMux': grpc.stream_stream_rpc_method_handler(
+                    servicer.GenerateMux,
+                    request_deserializer=tokenyard_dot_api_dot_worker_dot_v1_dot_worker__pb2.GenerateMuxRequest.FromString,
+                    response_serializer=tokenyard_dot_api_dot_worker_dot_v1_dot_worker__pb2.GenerateMuxResponse.SerializeToString,
+            ),
             'SubscribeKvEvents': grpc.unary_stream_rpc_method_handler(
                     servicer.SubscribeKvEvents,
                     request_deserializer=tokenyard_dot_api_dot_worker_dot_v1_dot_worker__pb2.SubscribeKvEventsRequest.FromString,
@@ -201,6 +224,33 @@ class WorkerService:
             '/tokenyard.api.worker.v1.WorkerService/Generate',
             tokenyard_dot_api_dot_worker_dot_v1_dot_worker__pb2.GenerateRequest.SerializeToString,
             tokenyard_dot_api_dot_worker_dot_v1_dot_worker__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateMux(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/tokenyard.api.worker.v1.WorkerService/GenerateMux',
+            tokenyard_dot_api_dot_worker_dot_v1_dot_worker__pb2.GenerateMuxRequest.SerializeToString,
+            tokenyard_dot_api_dot_worker_dot_v1_dot_worker__pb2.GenerateMuxResponse.FromString,
             options,
             channel_credentials,
             insecure,

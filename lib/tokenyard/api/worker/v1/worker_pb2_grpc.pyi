@@ -50,6 +50,15 @@ class WorkerServiceStub:
     request the engine cannot take (e.g. prompt longer than the context), NOT_FOUND for a
     model this worker does not serve.
     """
+    GenerateMux: _grpc.StreamStreamMultiCallable[_worker_pb2.GenerateMuxRequest, _worker_pb2.GenerateMuxResponse]
+    """Many Generate calls over one long-lived call, for a frontend that sends a worker many
+    requests: one call per frontend-worker pair instead of one per request. The client opens
+    streams (its own stream ids, unique on the call) and cancels them; the worker answers with
+    batches of chunks, each the same GenerateResponse a Generate call would stream, or the status
+    a Generate call would have ended with. A stream ends with its finishing chunk or its error;
+    cancelling a stream (or ending the call) aborts its request in the engine. The worker ends
+    the call OK once it shuts down and no stream is left on it.
+    """
     SubscribeKvEvents: _grpc.UnaryStreamMultiCallable[_worker_pb2.SubscribeKvEventsRequest, _worker_pb2.SubscribeKvEventsResponse]
     """The worker's KV cache state as an ordered event stream, plus load snapshots. The stream
     begins, per dp_rank, with either a snapshot or the events after the subscriber's resume
@@ -83,6 +92,15 @@ class WorkerServiceAsyncStub(WorkerServiceStub):
     RESOURCE_EXHAUSTED when the worker is at its admission limit, INVALID_ARGUMENT for a
     request the engine cannot take (e.g. prompt longer than the context), NOT_FOUND for a
     model this worker does not serve.
+    """
+    GenerateMux: _aio.StreamStreamMultiCallable[_worker_pb2.GenerateMuxRequest, _worker_pb2.GenerateMuxResponse]  # type: ignore[assignment]
+    """Many Generate calls over one long-lived call, for a frontend that sends a worker many
+    requests: one call per frontend-worker pair instead of one per request. The client opens
+    streams (its own stream ids, unique on the call) and cancels them; the worker answers with
+    batches of chunks, each the same GenerateResponse a Generate call would stream, or the status
+    a Generate call would have ended with. A stream ends with its finishing chunk or its error;
+    cancelling a stream (or ending the call) aborts its request in the engine. The worker ends
+    the call OK once it shuts down and no stream is left on it.
     """
     SubscribeKvEvents: _aio.UnaryStreamMultiCallable[_worker_pb2.SubscribeKvEventsRequest, _worker_pb2.SubscribeKvEventsResponse]  # type: ignore[assignment]
     """The worker's KV cache state as an ordered event stream, plus load snapshots. The stream
@@ -120,6 +138,21 @@ class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
         RESOURCE_EXHAUSTED when the worker is at its admission limit, INVALID_ARGUMENT for a
         request the engine cannot take (e.g. prompt longer than the context), NOT_FOUND for a
         model this worker does not serve.
+        """
+
+    @_abc_1.abstractmethod
+    def GenerateMux(
+        self,
+        request_iterator: _MaybeAsyncIterator[_worker_pb2.GenerateMuxRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_worker_pb2.GenerateMuxResponse], _abc.AsyncIterator[_worker_pb2.GenerateMuxResponse]]:
+        """Many Generate calls over one long-lived call, for a frontend that sends a worker many
+        requests: one call per frontend-worker pair instead of one per request. The client opens
+        streams (its own stream ids, unique on the call) and cancels them; the worker answers with
+        batches of chunks, each the same GenerateResponse a Generate call would stream, or the status
+        a Generate call would have ended with. A stream ends with its finishing chunk or its error;
+        cancelling a stream (or ending the call) aborts its request in the engine. The worker ends
+        the call OK once it shuts down and no stream is left on it.
         """
 
     @_abc_1.abstractmethod

@@ -52,7 +52,7 @@ class Tokenizer(Protocol):
     @property
     def has_chat_template(self) -> bool: ...
 
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = False) -> Sequence[int]:
         """Token ids of ``text``. Special tokens written in the text (``<|im_start|>``) always become
         their single id; ``add_special_tokens`` adds what the model wants around a sequence (a BOS)."""
         ...

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tokenyard.common.discovery import Discovery
+from tokenyard.common.tls import PLAINTEXT, Tls
 from tokenyard.deploy.workers import WorkerLaunch, WorkerProcess, WorkerStartError, free_port, reap_leftovers
 from tokenyard.planner.connectors.base import ConnectorError, count_workers
 from tokenyard.planner.pools import Pool
@@ -41,6 +42,8 @@ class LocalOptions:
     max_workers: int = 16
     drain_grace_s: float = 30.0
     ready_timeout_s: float = 120.0
+    tls: Tls = PLAINTEXT
+    """The planner's certificate, for the health checks and Drain of the workers it starts."""
 
 
 class LocalConnector:
@@ -81,7 +84,9 @@ class LocalConnector:
         self._serial += 1
         port, metrics_port = self._ports()
         launch = WorkerLaunch(o.engine, o.model, pool.value, o.host, o.discovery, o.log_level, o.extra_args)
-        return WorkerProcess(f"planner-{pool.value}-{self._serial}", launch, port, metrics_port, o.state_dir)
+        return WorkerProcess(
+            f"planner-{pool.value}-{self._serial}", launch, port, metrics_port, o.state_dir, o.tls
+        )
 
     async def _start(self, pool: Pool) -> WorkerProcess:
         worker = self._new_worker(pool)

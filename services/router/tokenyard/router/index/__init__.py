@@ -2,9 +2,9 @@
 
 Two implementations answer the same questions with the same results:
 
-* :class:`tokenyard.router.radix.RadixIndex`, a radix tree over local block hashes: the reference
+* :class:`tokenyard.router.index.radix.RadixIndex`, a radix tree over local block hashes: the reference
   semantics, simple enough to trust, used as the oracle in property tests;
-* :class:`tokenyard.router.positional.PositionalIndex`, flat integer-keyed maps and bitmasks with a
+* :class:`tokenyard.router.index.positional.PositionalIndex`, flat integer-keyed maps and bitmasks with a
   jump search: the fast one the service runs by default.
 
 Semantics shared by both (see the worker contract, ``KvStored``/``KvRemoved``/``KvCleared``):
@@ -151,8 +151,8 @@ INDEX_KINDS = ("positional", "radix")
 
 def make_index(kind: str, *, jump: int = 32) -> KvIndex:
     # Imported here: each implementation imports this module for the shared types.
-    from tokenyard.router.positional import PositionalIndex
-    from tokenyard.router.radix import RadixIndex
+    from tokenyard.router.index.positional import PositionalIndex
+    from tokenyard.router.index.radix import RadixIndex
 
     if kind == "positional":
         return PositionalIndex(jump=jump)

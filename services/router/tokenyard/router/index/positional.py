@@ -33,7 +33,7 @@ import xxhash
 
 from tokenyard.common.hashing import XXH3_SEED
 from tokenyard.router.index import Chain, InvalidEvent, Prompt, WorkerRank, check_store_args
-from tokenyard.router.prefix import SlotTable, longest_prefixes
+from tokenyard.router.index.prefix import SlotTable, longest_prefixes
 
 _xxh3 = xxhash.xxh3_64_intdigest
 _pack = struct.Struct("<QQ").pack

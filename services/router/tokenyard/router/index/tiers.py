@@ -23,6 +23,9 @@ class TieredIndex:
     def __init__(self, factory: Callable[[], KvIndex]) -> None:
         self._factory = factory
         self.tiers: dict[Tier, KvIndex] = {Tier.DEVICE: factory()}
+        # Called with a rank whose device-tier entries were dropped whole (a cleared event, a
+        # snapshot replacing them): what was learned about that cache beside the index is stale.
+        self.on_device_cleared: list[Callable[[WorkerRank], None]] = []
 
     @property
     def device(self) -> KvIndex:
@@ -39,8 +42,16 @@ class TieredIndex:
         return {tier: index.find_matches(prompt) for tier, index in self.tiers.items()}
 
     def clear(self, rank: WorkerRank) -> None:
-        for index in self.tiers.values():
+        for tier in list(self.tiers):
+            self.clear_tier(tier, rank)
+
+    def clear_tier(self, tier: Tier, rank: WorkerRank) -> None:
+        index = self.tiers.get(tier)
+        if index is not None:
             index.clear(rank)
+        if tier == Tier.DEVICE:
+            for listener in self.on_device_cleared:
+                listener(rank)
 
     def remove_worker(self, worker_id: int) -> None:
         for index in self.tiers.values():

@@ -1,5 +1,5 @@
 """Outbound KV streams: one task per worker subscribes to its ``SubscribeKvEvents`` and feeds the
-worker's :class:`~tokenyard.router.kv_stream.WorkerKvTracker`.
+worker's :class:`~tokenyard.router.kv_ingest.stream.WorkerKvTracker`.
 
 This is the edge where the worker contract's messages become the router's domain events. Each
 worker has its own task, channel and backoff, so a slow, broken or hostile worker never delays
@@ -25,7 +25,9 @@ import grpc
 
 from tokenyard.api.worker.v1 import worker_pb2, worker_pb2_grpc
 from tokenyard.common.discovery import Instance, WatchEventKind
-from tokenyard.router.kv_stream import (
+from tokenyard.common.tls import PLAINTEXT, Tls
+from tokenyard.router.index.tiers import Tier
+from tokenyard.router.kv_ingest.stream import (
     Cleared,
     KvEvent,
     Removed,
@@ -37,7 +39,6 @@ from tokenyard.router.kv_stream import (
 )
 from tokenyard.router.metrics import RouterMetrics
 from tokenyard.router.scheduler import Scheduler
-from tokenyard.router.tiers import Tier
 from tokenyard.router.workers import LoadReport, WorkerDetails, WorkerSet, WorkerState
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,9 @@ class WorkerFeed:
         metrics: RouterMetrics | None,
         *,
         max_backoff: float = 10.0,
+        tls: Tls = PLAINTEXT,
     ) -> None:
+        self._tls = tls
         self.state = state
         self.tracker = tracker
         self._metrics = metrics
@@ -178,9 +181,14 @@ class WorkerFeed:
         """One subscription; returns whether it delivered anything, raises to restart."""
         self.sessions += 1
         delivered = False
-        async with grpc.aio.insecure_channel(self.state.instance.address, options=CHANNEL_OPTIONS) as channel:
+        # With mTLS, the handshake fails unless the instance holds a worker certificate.
+        async with self._tls.channel(self.state.instance.address, "worker", CHANNEL_OPTIONS) as channel:
             stub = worker_pb2_grpc.WorkerServiceStub(channel)
             await self._describe(stub)
+            if not self.state.proven:
+                self.state.proven = True
+                if self._tls.enabled:
+                    log.info("worker %d proved its identity; routing to it", self.state.worker_id)
             self.tracker.stream_restarted()
             call = stub.SubscribeKvEvents(
                 worker_pb2.SubscribeKvEventsRequest(resume_from_event_id=self.tracker.resume_from())
@@ -269,7 +277,9 @@ class WorkerFeeds:
         limits: StreamLimits,
         *,
         apply_kv: bool = True,
+        tls: Tls = PLAINTEXT,
     ) -> None:
+        self._tls = tls
         self._workers = workers
         self._scheduler = scheduler
         self._metrics = metrics
@@ -298,7 +308,7 @@ class WorkerFeeds:
         tracker = WorkerKvTracker(
             worker_id, self._scheduler.index, self._limits, count=self._count, apply_kv=self._apply_kv
         )
-        feed = self._feeds[worker_id] = WorkerFeed(state, tracker, self._metrics)
+        feed = self._feeds[worker_id] = WorkerFeed(state, tracker, self._metrics, tls=self._tls)
         feed.start()
 
     def _count(self, event_type: str, status: str) -> None:

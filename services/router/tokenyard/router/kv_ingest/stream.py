@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from tokenyard.router.index import InvalidEvent, WorkerRank
-from tokenyard.router.tiers import Tier, TieredIndex
+from tokenyard.router.index.tiers import Tier, TieredIndex
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,7 +205,7 @@ class WorkerKvTracker:
             if len(data.block_hashes) > self._limits.max_event_blocks:
                 return "too_large"
             return "ok" if index.remove(rank, data.block_hashes) == 0 else "unknown_block"
-        index.clear(rank)
+        self._index.clear_tier(event.tier, rank)
         return "ok"
 
     # -- snapshots ----------------------------------------------------------------------------

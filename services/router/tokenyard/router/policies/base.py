@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from tokenyard.router.cost import CostKnobs, RankState
+from tokenyard.router.policies.cost import CostKnobs, RankState
 
 
 @dataclass(slots=True)
@@ -29,6 +29,8 @@ class RoutingContext:
     block_size: int
     request_blocks: int
     knobs: CostKnobs
+    # Blocks the request is expected to generate (its expected output length; 0 when unknown).
+    output_blocks: float = 0.0
 
 
 class RoutingPolicy(Protocol):

@@ -20,6 +20,27 @@ conditional disaggregation.
 Lower cost wins. Lower tiers are credited only for the blocks beyond what a faster tier already
 holds: a block cached on the device and also offloaded to host memory saves its prefill once.
 
+Cache pressure (the ``kv`` mode; ``kv-classic`` is the formula above alone). Three more terms
+come from :class:`tokenyard.router.index.recency.KeepForecast`, the router's forecast of what
+each rank's cache will keep, and from the requests' expected output lengths::
+
+    credit      uses device_overlap - doomed_overlap    (cached blocks evicted before this
+                                                         request runs save nothing)
+    decode      = decode_load_scale * (active_blocks + active output blocks
+                                       + prompt blocks not active there + this request's output blocks)
+    cost        += eviction_weight * evicted_hot_blocks (reused blocks this placement evicts)
+                 + overflow_weight * max(0, blocks the rank's running requests and this one need
+                                            - its KV capacity)
+
+The last term keeps affinity from piling more running requests on a rank than its KV cache holds:
+past that, a new request waits in the engine until a running one ends (or preempts one, which
+computes its prompt again). Each request, active or new, also holds two blocks its chain does not
+name: its prompt's partial last block and the one its output is written into.
+
+So a prefix stays where its copy will survive, a new prefix goes where it evicts least, and a
+hot prefix is copied to a second rank only when its home's load outweighs a full prefill there
+plus what the copy evicts: replication on purpose, at the break-even point, not by drift.
+
 Selection: at temperature 0 the minimum, ties broken uniformly at random (never by order, or the
 first worker would take every tie); above 0, a softmax over min-max normalised costs.
 """
@@ -30,6 +51,10 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+
+# Blocks a request holds beyond its prompt's complete ones: the partial last one and the block
+# its output goes into (the capacity check; more when it says how long its output is).
+_PRIVATE_BLOCKS = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +71,11 @@ class CostKnobs:
     track_active_blocks: bool = True
     # Credit cached blocks against the decode term (the decode pool, whose prefill is elsewhere).
     decode_credit: bool = False
+    # Cache-pressure terms (the kv mode): weight of the decode term, and cost per reused block a
+    # placement evicts.
+    decode_load_scale: float = 1.0
+    eviction_weight: float = 1.0
+    overflow_weight: float = 8.0
 
     def for_pool(self, pool: str) -> CostKnobs:
         """These knobs for a request routed in ``pool`` (see the module's docstring)."""
@@ -87,10 +117,27 @@ class RankState:
     external_overlap: int = 0
     # Leading prompt blocks already referenced by requests active there (they add no decode blocks).
     active_overlap: int = 0
+    # Cache-pressure forecast (the kv mode; 0 elsewhere): blocks active requests are expected to
+    # generate there, device_overlap blocks predicted evicted before this request runs, and reused
+    # blocks this request's new blocks would evict.
+    output_blocks: float = 0.0
+    doomed_overlap: int = 0
+    evicted_hot_blocks: float = 0.0
+    # Device KV blocks of the rank (the kv mode; 0: unknown).
+    capacity_blocks: int = 0
 
 
-def costs(states: Sequence[RankState], isl_tokens: int, block_size: int, knobs: CostKnobs) -> list[float]:
-    """The cost of each candidate for a prompt of ``isl_tokens`` tokens (``block_size`` per block)."""
+def costs(
+    states: Sequence[RankState],
+    isl_tokens: int,
+    block_size: int,
+    knobs: CostKnobs,
+    *,
+    pressure: bool = False,
+    output_blocks: float = 0.0,
+) -> list[float]:
+    """The cost of each candidate for a prompt of ``isl_tokens`` tokens (``block_size`` per block);
+    ``pressure`` adds the cache-pressure terms, ``output_blocks`` this request's expected output."""
     if block_size <= 0:
         raise ValueError("block_size must be positive")
     request_blocks = -(-isl_tokens // block_size)
@@ -104,7 +151,7 @@ def costs(states: Sequence[RankState], isl_tokens: int, block_size: int, knobs: 
         if decay_on:
             excess_blocks = (s.active_prefill_tokens - min_prefill) / block_size
             decay = 1.0 / (1.0 + knobs.credit_decay * excess_blocks / request_blocks)
-        device = s.device_overlap
+        device = s.device_overlap - s.doomed_overlap if pressure else s.device_overlap
         host_extra = max(0, s.host_overlap - device)
         disk_extra = max(0, s.disk_overlap - max(device, s.host_overlap))
         shared_extra = max(0, s.external_overlap - device)
@@ -117,10 +164,23 @@ def costs(states: Sequence[RankState], isl_tokens: int, block_size: int, knobs: 
         decode = 0.0
         if knobs.track_active_blocks:
             decode = s.active_blocks + max(0, request_blocks - s.active_overlap)
+            if pressure:
+                decode = knobs.decode_load_scale * (decode + s.output_blocks + output_blocks)
         if knobs.decode_credit and not track_prefill:
             load = max(0.0, decode - credit)
         else:
             load = knobs.prefill_load_scale * max(0.0, raw_prefill - credit) + decode
+        if pressure:
+            load += knobs.eviction_weight * s.evicted_hot_blocks
+            if s.capacity_blocks:
+                needed = (
+                    s.active_blocks
+                    + s.output_blocks
+                    + _PRIVATE_BLOCKS * (s.active_requests + 1)
+                    + max(0, request_blocks - s.active_overlap)
+                    + output_blocks
+                )
+                load += knobs.overflow_weight * max(0.0, needed - s.capacity_blocks)
         out.append(load + knobs.active_request_weight * s.active_requests)
     return out
 

@@ -3,8 +3,9 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from tokenyard.router.cost import select_min
 from tokenyard.router.policies.base import Candidate, RoutingContext
+from tokenyard.router.policies.cost import select_min
+from tokenyard.router.policies.modes import RoutingMode
 
 
 class Direct:
@@ -15,7 +16,7 @@ class Direct:
         self._rng = rng
 
     def name(self) -> str:
-        return "direct"
+        return RoutingMode.DIRECT
 
     def select(self, candidates: Sequence[Candidate], ctx: RoutingContext) -> Candidate:
         return candidates[select_min([c.state.active_requests for c in candidates], self._rng)]

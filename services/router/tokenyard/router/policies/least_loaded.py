@@ -3,8 +3,9 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from tokenyard.router.cost import select_min
 from tokenyard.router.policies.base import Candidate, RoutingContext
+from tokenyard.router.policies.cost import select_min
+from tokenyard.router.policies.modes import RoutingMode
 
 
 class LeastLoaded:
@@ -14,7 +15,7 @@ class LeastLoaded:
         self._rng = rng
 
     def name(self) -> str:
-        return "least-loaded"
+        return RoutingMode.LEAST_LOADED
 
     def select(self, candidates: Sequence[Candidate], ctx: RoutingContext) -> Candidate:
         return candidates[select_min([c.state.active_requests for c in candidates], self._rng)]

@@ -4,6 +4,7 @@ import random
 from collections.abc import Sequence
 
 from tokenyard.router.policies.base import Candidate, RoutingContext
+from tokenyard.router.policies.modes import RoutingMode
 
 
 class PowerOfTwo:
@@ -13,7 +14,7 @@ class PowerOfTwo:
         self._rng = rng
 
     def name(self) -> str:
-        return "power-of-two"
+        return RoutingMode.POWER_OF_TWO
 
     def select(self, candidates: Sequence[Candidate], ctx: RoutingContext) -> Candidate:
         if len(candidates) == 1:

@@ -4,6 +4,7 @@ import random
 from collections.abc import Sequence
 
 from tokenyard.router.policies.base import Candidate, RoutingContext
+from tokenyard.router.policies.modes import RoutingMode
 
 
 class RandomChoice:
@@ -11,7 +12,7 @@ class RandomChoice:
         self._rng = rng
 
     def name(self) -> str:
-        return "random"
+        return RoutingMode.RANDOM
 
     def select(self, candidates: Sequence[Candidate], ctx: RoutingContext) -> Candidate:
         return self._rng.choice(candidates)

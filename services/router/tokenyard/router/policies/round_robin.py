@@ -5,6 +5,7 @@ import random
 from collections.abc import Sequence
 
 from tokenyard.router.policies.base import Candidate, RoutingContext
+from tokenyard.router.policies.modes import RoutingMode
 
 
 class RoundRobin:
@@ -12,7 +13,7 @@ class RoundRobin:
         self._counter = itertools.count()
 
     def name(self) -> str:
-        return "round-robin"
+        return RoutingMode.ROUND_ROBIN
 
     def select(self, candidates: Sequence[Candidate], ctx: RoutingContext) -> Candidate:
         # Candidates come in registration order, so a shared counter spreads requests evenly

@@ -16,9 +16,17 @@ import grpc
 
 from tokenyard.api.router.v1 import router_pb2, router_pb2_grpc
 from tokenyard.common.discovery import Discovery, DiscoveryError, Instance, WatchEventKind
+from tokenyard.common.tls import PLAINTEXT, Tls
 from tokenyard.router.active import ActiveRequests
 from tokenyard.router.metrics import RouterMetrics
-from tokenyard.router.replicas import FirstToken, Freed, LifecycleEvent, Routed, apply_peer_event, kind
+from tokenyard.router.replication.replicas import (
+    FirstToken,
+    Freed,
+    LifecycleEvent,
+    Routed,
+    apply_peer_event,
+    kind,
+)
 from tokenyard.router.servicer import POOL_NAMES
 
 log = logging.getLogger(__name__)
@@ -47,8 +55,14 @@ def replica_event_from_pb(msg: router_pb2.SubscribeReplicaEventsResponse) -> Lif
 
 class PeerSync:
     def __init__(
-        self, discovery: Discovery, router_id: str, active: ActiveRequests, metrics: RouterMetrics | None
+        self,
+        discovery: Discovery,
+        router_id: str,
+        active: ActiveRequests,
+        metrics: RouterMetrics | None,
+        tls: Tls = PLAINTEXT,
     ) -> None:
+        self._tls = tls
         self._discovery = discovery
         self._router_id = router_id
         self._active = active
@@ -106,7 +120,7 @@ class PeerSync:
             await asyncio.sleep(min(5.0, 0.05 * 2 ** min(failures, 10)) * random.uniform(0.5, 1.0))
 
     async def _session(self, peer: Instance) -> None:
-        async with grpc.aio.insecure_channel(peer.address) as channel:
+        async with self._tls.channel(peer.address, "router") as channel:
             stub = router_pb2_grpc.RouterServiceStub(channel)
             call = stub.SubscribeReplicaEvents(
                 router_pb2.SubscribeReplicaEventsRequest(router_id=self._router_id)

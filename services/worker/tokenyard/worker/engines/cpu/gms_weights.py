@@ -1,11 +1,15 @@
 """The CPU engine's weights through the memory service (``--cpu-gms``).
 
-The first worker to take the lock (RW) loads the model from disk, copies every parameter and
-buffer into one gms allocation, records where each lies (and the model's configuration), and
-commits. Then it does what every later worker, and every restart, does: take the lock read-only,
-build the model's skeleton on the meta device (no memory, no disk) and point each parameter at
-its place in the mapped memory. Every worker on the device then reads one copy of the weights,
-which outlives them all.
+The first worker to take the lock (RW) has a child process (``python -m`` this module) load the
+model from disk, copy every parameter and buffer into one gms allocation in the dtype the model
+computes in, record where each lies (and the model's configuration), and commit; the child then
+exits, and with it the memory that loading took. Then the worker does what every later worker,
+and every restart, does: take the lock read-only, build the model's skeleton on the meta device
+(no memory, no disk) and point each parameter at its place in the mapped memory, so that the
+model computes on the shared pages themselves. For Llama-family models the skeleton is the
+engine's own (:mod:`.llama`) and transformers is never imported; other architectures use
+transformers' model. Every worker on the device then reads one copy of the weights, which
+outlives them all.
 
 The RO session is held for the model's life: while any worker maps the weights, no writer can
 replace them (a RW connect waits for the last reader).
@@ -16,6 +20,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +37,7 @@ from tokenyard.worker.engines.cpu.model import (
     geometry_of,
     load_model_from_disk,
     resolve_weights,
+    use_attention,
 )
 
 log = logging.getLogger(__name__)
@@ -85,10 +92,13 @@ def _session(config: CpuEngineConfig, socket: str, weights_dir: Path) -> GmsClie
     )
     if client.mode is LockMode.RO:
         return client
-    try:
-        layout_hash = _publish(client, config, weights_dir)
-    finally:
-        client.close()  # a writer that failed aborts: nothing half-published stays
+    # This worker is to publish. The loading runs in a child process that takes the lock itself:
+    # a serving process that imported transformers and built the model from disk keeps that
+    # memory (well over a hundred MiB) for its whole life, where a child's is gone once it has
+    # published. Nothing was allocated yet, so letting go of the lock aborts nothing; a worker
+    # that takes it meanwhile publishes instead, and the child then finds its weights (RW_OR_RO).
+    client.close()
+    layout_hash = _publish_in_child(config)
     client = GmsClient.connect(socket, LockMode.RO, timeout_s=config.gms_timeout_s, client_name=name)
     if client.layout_hash != layout_hash:
         client.close()
@@ -96,6 +106,51 @@ def _session(config: CpuEngineConfig, socket: str, weights_dir: Path) -> GmsClie
             f"the weights in the gms at {socket} were replaced right after this worker published them"
         )
     return client
+
+
+def _publish_in_child(config: CpuEngineConfig) -> int:
+    """Run :func:`publish_main` in a child process; the layout hash it published (or found)."""
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", __name__],
+        input=config.model_dump_json(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    for line in done.stderr.splitlines():
+        log.info("weights publisher: %s", line)
+    if done.returncode != 0:
+        last = done.stderr.strip().splitlines()[-1:] or [f"exit code {done.returncode}"]
+        raise ModelLoadError(f"publishing the weights to the gms failed: {last[0]}")
+    try:
+        layout_hash = int(json.loads(done.stdout)["layout_hash"])
+    except (ValueError, KeyError, TypeError):
+        raise ModelLoadError(f"the weights publisher answered {done.stdout[:200]!r}") from None
+    log.info("the weights publisher finished in %.2fs", time.perf_counter() - started)
+    return layout_hash
+
+
+def publish_main() -> None:
+    """The publisher process: the engine's configuration (JSON) on stdin; takes the lock (RW, or RO
+    when another worker published first), loads from disk and publishes; prints the layout hash
+    (JSON) on stdout, errors on stderr."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s", stream=sys.stderr)
+    config = CpuEngineConfig.model_validate_json(sys.stdin.read())
+    socket = gms_socket(config)
+    name = f"cpu weights publisher pid {os.getpid()} (worker pid {os.getppid()})"
+    try:
+        weights_dir, _ = resolve_weights(config)
+        mode = LockMode.RW if config.gms_lock_mode == "rw" else LockMode.RW_OR_RO
+        with GmsClient.connect(socket, mode, timeout_s=config.gms_timeout_s, client_name=name) as client:
+            if client.mode is LockMode.RO:
+                layout_hash = client.layout_hash or 0
+            else:
+                layout_hash = _publish(client, config, weights_dir)
+    except (ModelLoadError, TokenyardError) as exc:
+        print(f"ERROR {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(json.dumps({"layout_hash": layout_hash}))
 
 
 def _publish(client: GmsClient, config: CpuEngineConfig, weights_dir: Path) -> int:
@@ -129,9 +184,6 @@ def _publish(client: GmsClient, config: CpuEngineConfig, weights_dir: Path) -> i
 
 
 def _map(client: GmsClient, weights_dir: Path, socket: str, attn_implementation: str | None) -> LoadedModel:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
-
     layout = client.import_layout()
     try:
         description = json.loads(layout.entry(MODEL_KEY).value)
@@ -145,18 +197,13 @@ def _map(client: GmsClient, weights_dir: Path, socket: str, attn_implementation:
             f"the gms at {socket} holds the weights of {description.get('identity')!r}, not "
             f"{_identity(weights_dir)!r}: serve that model, or give this one its own gms"
         )
-    model_config = AutoConfig.for_model(**description["config"])
-    # The meta device allocates nothing: every tensor is replaced by its mapped one below.
-    with torch.device("meta"):
-        model: Any = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)  # type: ignore[no-untyped-call]  # transformers leaves it unannotated
-    if description.get("generation_config"):
-        model.generation_config = GenerationConfig.from_dict(description["generation_config"])
+    model = _skeleton(description["config"], description.get("generation_config"))
     tensors = mapped_tensors(client, layout, prefix=TENSOR_PREFIX)
     _attach(model, tensors)
     model.eval()
     model.requires_grad_(False)
     if attn_implementation is not None:
-        model.set_attn_implementation(attn_implementation)
+        use_attention(model, attn_implementation)
     return LoadedModel(
         model=model,
         weights_dir=weights_dir,
@@ -166,6 +213,24 @@ def _map(client: GmsClient, weights_dir: Path, socket: str, attn_implementation:
         load_seconds=0.0,
         gms_session=client,
     )
+
+
+def _skeleton(config: dict[str, Any], generation_config: dict[str, Any] | None) -> Any:
+    """The model on the meta device (no memory: every tensor is replaced by its mapped one): our
+    own Llama when it computes what transformers would (no transformers import, which is most of
+    a restart and a large share of a worker's private memory), else transformers' model."""
+    from tokenyard.worker.engines.cpu import llama
+
+    if llama.supports(config):
+        return llama.build(config, generation_config)
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    with torch.device("meta"):
+        model: Any = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=torch.float32)  # type: ignore[no-untyped-call]  # transformers leaves it unannotated
+    if generation_config:
+        model.generation_config = GenerationConfig.from_dict(generation_config)
+    return model
 
 
 def _attach(model: Any, tensors: dict[str, Any]) -> None:
@@ -189,3 +254,7 @@ def _attach(model: Any, tensors: dict[str, Any]) -> None:
     missing = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if missing:
         raise ModelLoadError(f"the gms lacks {len(missing)} tensors of this model, e.g. {missing[0]!r}")
+
+
+if __name__ == "__main__":
+    publish_main()

@@ -24,14 +24,19 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import llguidance
 import numpy as np
 import numpy.typing as npt
 import torch
 
 from tokenyard.worker.engines.base import GuidedDecoding, GuidedKind
 from tokenyard.worker.engines.cpu.sampling import Sampler, sample
+
+if TYPE_CHECKING:
+    # Imported where used: a worker loads the vocabulary at its first guided request (the
+    # executor's choice), and imports llguidance then, not on its way to SERVING.
+    import llguidance
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +67,8 @@ class GuideVocabulary:
     def from_tokenizer_file(cls, path: Path, vocab_size: int) -> GuideVocabulary:
         """llguidance's tokenizer of a ``tokenizer.json`` (about 0.3 s for a 49k vocabulary);
         ValueError when llguidance cannot use it."""
+        import llguidance
+
         tokenizer = llguidance.LLTokenizer(path.read_text(encoding="utf-8"), n_vocab=vocab_size)
         whitespace = [
             token
@@ -200,6 +207,8 @@ class GuideFactory:
         if not terminators:
             raise ValueError("guided decoding needs an end-of-sequence or stop token to end the output on")
         grammar = _grammar(guided)
+        import llguidance
+
         matcher = llguidance.LLMatcher(self.vocabulary.tokenizer, grammar, log_level=0)
         if matcher.is_error():
             raise ValueError(f"guided_decoding.json_schema: cannot be compiled: {matcher.get_error()}")
@@ -229,6 +238,8 @@ def _grammar(guided: GuidedDecoding) -> str:
     else:
         raise ValueError(f"guided_decoding: kind {guided.kind.value} is not supported")
     try:
+        import llguidance
+
         return llguidance.LLMatcher.grammar_from_json_schema(schema)
     except ValueError as exc:
         raise ValueError(f"guided_decoding.json_schema: cannot be compiled: {exc}") from None

@@ -8,6 +8,8 @@ sequence uses is its :class:`~tokenyard.worker.engines.core.block_pool.BlockTabl
 
 from __future__ import annotations
 
+import math
+import mmap
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,8 +42,8 @@ class KvStorage:
             geometry.num_kv_heads,
             geometry.head_dim,
         )
-        self.k = torch.zeros(shape, dtype=torch.float32)
-        self.v = torch.zeros(shape, dtype=torch.float32)
+        self.k = _zeros(shape)
+        self.v = _zeros(shape)
 
     def slots(self, table: BlockTable, start: int, end: int) -> torch.Tensor:
         """Pool slots of the table's tokens ``[start, end)``, as a 1-D int64 tensor."""
@@ -73,3 +75,17 @@ class KvStorage:
         hi = lo + self.block_size
         self.k.numpy()[:, lo:hi] = values[0]
         self.v.numpy()[:, lo:hi] = values[1]
+
+
+def _zeros(shape: tuple[int, ...]) -> torch.Tensor:
+    """A float32 tensor of zeros in fresh anonymous memory: the kernel hands out zero pages on
+    first touch, so a pool costs neither time to clear at start (about a second for the default
+    GiB) nor memory for the blocks never used. Zeros matter: decode padding reads slot 0, masked,
+    and a masked NaN would still poison the softmax."""
+    count = math.prod(shape)
+    if count == 0:
+        return torch.zeros(shape, dtype=torch.float32)
+    # Private and anonymous (mmap adds MAP_ANONYMOUS for fd -1): never shared, never written back.
+    memory = mmap.mmap(-1, count * 4, flags=mmap.MAP_PRIVATE)
+    # The tensor keeps the mapping alive (it holds the buffer) for as long as any view of it lives.
+    return torch.frombuffer(memory, dtype=torch.float32, count=count).view(shape)

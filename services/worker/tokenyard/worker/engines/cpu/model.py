@@ -10,6 +10,7 @@ Hugging Face directory given directly is loaded as it is.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import importlib.util
 import logging
 import os
@@ -58,7 +59,8 @@ class ModelGeometry:
 @dataclass(slots=True)
 class LoadedModel:
     model: Any
-    """The transformers causal LM, in eval mode, float32, on the CPU."""
+    """The causal LM, in eval mode, float32, on the CPU: transformers' model, or for weights mapped
+    from the gms possibly our own Llama (:mod:`.llama`), which is called the same way."""
     weights_dir: Path
     """The Hugging Face directory the weights were loaded from (the converted copy for a GGUF)."""
     geometry: ModelGeometry
@@ -96,12 +98,13 @@ def models_cache_root(explicit: Path | None = None) -> Path:
 
 
 def gguf_cache_key(path: Path) -> str:
-    import transformers
-
     digest = hashlib.sha256()
     digest.update(f"tokenyard-gguf-model-v{CONVERTER_VERSION}\n".encode())
     # A new transformers major version may write a layout older ones cannot read, and vice versa.
-    digest.update(f"transformers-{transformers.__version__.split('.')[0]}\n".encode())
+    # Its installed version, not `transformers.__version__`: a worker that maps its weights from
+    # the gms never imports transformers (seconds), yet names the weights by this key.
+    version = importlib.metadata.version("transformers")
+    digest.update(f"transformers-{version.split('.')[0]}\n".encode())
     digest.update(str(path.stat().st_size).encode())
     with path.open("rb") as f:
         digest.update(f.read(_KEY_HEAD_BYTES))
@@ -194,6 +197,17 @@ def eos_ids(model: Any) -> tuple[int, ...]:
     return tuple(found)
 
 
+def use_attention(model: Any, name: str) -> None:
+    """Switch ``model`` to the attention implementation ``name``; the engine's paged attention is
+    registered with transformers first when the model is transformers' (our own Llama has it built
+    in, and its workers never import transformers)."""
+    from tokenyard.worker.engines.cpu import attention
+
+    if name == attention.ATTN_IMPLEMENTATION and not getattr(model, "paged_attention_built_in", False):
+        attention.register()
+    model.set_attn_implementation(name)
+
+
 def load_model(config: CpuEngineConfig, *, attn_implementation: str | None = None) -> LoadedModel:
     """Load the configured weights: from the gms with ``--cpu-gms`` (mapped, or loaded from disk
     and published by the first worker), else from disk (converting a GGUF file on first use);
@@ -229,7 +243,7 @@ def load_model_from_disk(config: CpuEngineConfig, *, attn_implementation: str | 
     model.eval()
     model.requires_grad_(False)
     if attn_implementation is not None:
-        model.set_attn_implementation(attn_implementation)
+        use_attention(model, attn_implementation)
     seconds = time.perf_counter() - started
     log.info("loaded %s in %.1fs%s", weights_dir.name, seconds, " (converted)" if converted else "")
     return LoadedModel(

@@ -14,7 +14,10 @@ prefill side, before its one token is released (:meth:`MockerExecutor.finish_del
 reference does.
 Step deadlines are chained (the next step starts when the previous one was due, not when the sleep
 happened to return), so the timer's overshoot does not accumulate into the inter-token latency.
-With ``speedup_ratio == 0`` nothing sleeps, but the step still yields to the event loop.
+With ``speedup_ratio == 0`` nothing sleeps, and steps follow each other without yielding to the
+event loop for up to ``ZERO_TIME_SLICE_S``: a yield per step would wake every request's stream per
+step, which costs the worker far more than the step itself; a slice of steps wakes each stream once
+with the slice's tokens. New requests and cancellations are seen at the next yield.
 
 Tokens: the token at absolute sequence position ``p`` (0 = the first prompt token) of a request
 with seed ``s`` is ``XXH3-64(le_u64(s) || le_u64(p), seed=0) mod vocab_size``. It depends on
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -44,6 +48,8 @@ _U64 = (1 << 64) - 1
 # A rank that falls further behind its chained deadlines than this restarts its clock from now
 # instead of rushing steps out to catch up (the event loop was blocked, not the model slow).
 _MAX_LAG_S = 0.05
+ZERO_TIME_SLICE_S = 0.001
+"""At speedup 0, how long steps run back to back before the engine yields to the event loop."""
 
 
 def request_seed(request_id: str, seed: int | None = None) -> int:
@@ -84,6 +90,8 @@ class MockerExecutor:
         self.perf_model = perf_model or load_perf_model(config.perf_model_path)
         self._pools: dict[int, BlockPool] = {}
         self._due: dict[int, float | None] = {}
+        # When each rank last yielded to the event loop (speedup 0).
+        self._yielded: dict[int, float] = {}
 
     async def load(self) -> ExecutorSpec:
         cfg = self.config
@@ -140,7 +148,10 @@ class MockerExecutor:
         seconds = self.step_seconds(step)
         if seconds <= 0:
             self._due[dp_rank] = None
-            await asyncio.sleep(0)
+            now = time.perf_counter()
+            if now - self._yielded.get(dp_rank, 0.0) >= ZERO_TIME_SLICE_S:
+                await asyncio.sleep(0)
+                self._yielded[dp_rank] = time.perf_counter()
             return step.tokens
         loop = asyncio.get_running_loop()
         now = loop.time()

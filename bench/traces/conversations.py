@@ -1,0 +1,123 @@
+"""A multi-turn conversation trace in Mooncake's format, for KV routing benchmarks.
+
+What a chat service sees: conversations start at random (Poisson arrivals); each opens with one
+of a few shared system prompts (long, reused by every conversation of that assistant), and each
+turn's prompt is the whole history so far (system prompt, every earlier user message and reply)
+plus the new user message. Users think between turns. The blocks a turn shares with the previous
+turn of its conversation, and with every conversation of the same system prompt, are what a KV
+router can reuse; the history of a conversation lives on one worker unless the router moves it.
+
+One JSON row per turn, in time order::
+
+    {"timestamp": 1834, "input_length": 2413, "output_length": 96,
+     "hash_ids": [0, 1, ..., 23, 5012, 5013, ...], "session_id": "c17", "turn": 2}
+
+``hash_ids`` name the prompt's blocks of ``--block-size`` tokens (64: the mocker's); ids below
+``SYSTEM_ID_SPAN * system prompts`` are system-prompt blocks, the rest belong to one conversation.
+A reply's blocks enter the next turn's prompt, as a chat client resends the assistant's answer
+(the engine generated different tokens for it, so they are new to its cache: like a real reply
+that is re-tokenized). ``input_length`` cuts the last block short, as real prompts are.
+
+    .venv/bin/python -m bench.traces.conversations                # writes bench/traces/conversations.jsonl
+    .venv/bin/python -m bench.traces.conversations --conversations 400 --seed 2 --output /tmp/c.jsonl
+
+Replay it with the load generator (``--trace``; the session ids go out as routing hints), or
+through ``python -m bench.router_kv_vs_rr --workload conversations``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+OUTPUT = Path(__file__).parent / "conversations.jsonl"
+# Hash ids reserved per system prompt (its blocks are numbered from i * SYSTEM_ID_SPAN).
+SYSTEM_ID_SPAN = 1000
+
+
+@dataclass(frozen=True)
+class Shape:
+    conversations: int = 200
+    system_prompts: int = 6
+    system_tokens: tuple[int, int] = (1000, 2500)
+    turns: tuple[int, int] = (2, 8)
+    user_tokens: tuple[int, int] = (40, 400)
+    output_tokens: tuple[int, int] = (30, 200)
+    # Mean seconds between conversation starts, and a user's think time between turns.
+    arrival_gap_s: float = 0.25
+    think_s: tuple[float, float] = (1.0, 8.0)
+    block_size: int = 64
+
+
+def generate(shape: Shape, seed: int = 0) -> list[dict[str, object]]:
+    rng = random.Random(seed)
+    bs = shape.block_size
+    system_blocks = [
+        list(range(i * SYSTEM_ID_SPAN, i * SYSTEM_ID_SPAN + rng.randint(*shape.system_tokens) // bs))
+        for i in range(shape.system_prompts)
+    ]
+    next_id = shape.system_prompts * SYSTEM_ID_SPAN
+    rows: list[dict[str, object]] = []
+    start = 0.0
+    for c in range(shape.conversations):
+        start += rng.expovariate(1.0 / shape.arrival_gap_s)
+        # A few assistants are far more popular than the rest (Zipf-like).
+        system = min(int(rng.paretovariate(1.2)) - 1, shape.system_prompts - 1)
+        history = list(system_blocks[system])
+        t = start
+        for turn in range(rng.randint(*shape.turns)):
+            user = -(-rng.randint(*shape.user_tokens) // bs)
+            history += range(next_id, next_id + user)
+            next_id += user
+            output = rng.randint(*shape.output_tokens)
+            rows.append(
+                {
+                    "timestamp": round(t * 1000),
+                    # The last block is partial: a prompt rarely ends on a block boundary.
+                    "input_length": len(history) * bs - rng.randrange(bs),
+                    "output_length": output,
+                    "hash_ids": list(history),
+                    "session_id": f"c{c}",
+                    "turn": turn,
+                }
+            )
+            # The reply joins the history; the user reads it and thinks before the next turn.
+            reply = -(-output // bs)
+            history += range(next_id, next_id + reply)
+            next_id += reply
+            t += rng.uniform(*shape.think_s)
+    rows.sort(key=lambda r: (int(r["timestamp"]), str(r["session_id"])))  # type: ignore[call-overload]
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--conversations", type=int, default=Shape.conversations)
+    parser.add_argument("--system-prompts", type=int, default=Shape.system_prompts)
+    parser.add_argument("--block-size", type=int, default=Shape.block_size)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", type=Path, default=OUTPUT)
+    args = parser.parse_args()
+    if args.conversations < 1 or args.system_prompts < 1 or args.block_size < 1:
+        parser.error("--conversations, --system-prompts and --block-size must be at least 1")
+    shape = Shape(
+        conversations=args.conversations, system_prompts=args.system_prompts, block_size=args.block_size
+    )
+    rows = generate(shape, args.seed)
+    with args.output.open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row, separators=(",", ":")) + "\n")
+    turns = len(rows)
+    tokens = sum(int(r["input_length"]) for r in rows)  # type: ignore[call-overload]
+    print(
+        f"{args.output}: {args.conversations} conversations, {turns} turns, {tokens / turns:.0f} prompt tokens per turn"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""KV ingestion: each worker's Describe and KV event stream, applied to the index."""

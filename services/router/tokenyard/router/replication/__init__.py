@@ -1,0 +1,1 @@
+"""Replication: this router's decisions shared with its peer routers, and theirs applied here."""

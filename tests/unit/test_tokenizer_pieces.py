@@ -1,0 +1,67 @@
+"""A long text encoded in pieces gives exactly the ids of the whole text, specials included."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from tokenyard.frontend.tokenizer import Tokenizer, load_tokenizer
+from tokenyard.frontend.tokenizer.hf import HFTokenizer
+from tokenyard.frontend.tokenizer.large import LARGE_TEXT_CHARS, PIECE_CHARS, cuts_safely, pieces
+
+pytestmark = pytest.mark.unit
+
+_PARTS = [
+    "the", "quick", "brown", "fox", "Über", "naïve", "日本語", "🙂", "12", "3.14", "e-mail", "don't",
+    "<|im_end|>", "<|im_start|>", "(", ")", ",", ".", "!", "\t", "\n", "\n\n", "  ", "   ", " ",
+]  # fmt: skip
+
+
+def _text(chars: int, seed: int) -> str:
+    rng = random.Random(seed)
+    out: list[str] = []
+    size = 0
+    while size < chars:
+        word = rng.choice(_PARTS)
+        sep = rng.choice([" ", " ", " ", "", "\n", "  "])
+        out.append(word + sep)
+        size += len(word) + len(sep)
+    return "".join(out)
+
+
+@pytest.fixture(scope="module")
+def smol(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
+    return load_tokenizer("smollm2", cache_root=tmp_path_factory.mktemp("tok-cache"))
+
+
+def test_pieces_cover_the_text_and_cut_only_before_a_single_space() -> None:
+    text = _text(3 * PIECE_CHARS, 1)
+    parts = pieces(text)
+    assert "".join(parts) == text and len(parts) > 1
+    for part in parts[1:]:
+        assert part[0] == " " and not part[1].isspace()
+    for part in parts[:-1]:
+        assert not part[-1].isspace()
+
+
+@pytest.mark.parametrize("special", [False, True])
+@pytest.mark.parametrize("seed", [2, 3])
+def test_a_long_text_encodes_to_the_ids_of_the_whole(smol: Tokenizer, special: bool, seed: int) -> None:
+    assert isinstance(smol, HFTokenizer)
+    assert cuts_safely(smol.backend)
+    text = _text(LARGE_TEXT_CHARS + 3 * PIECE_CHARS, seed)
+    whole = smol.backend.encode(text, add_special_tokens=special).ids
+    assert list(smol.encode(text, add_special_tokens=special)) == whole
+
+
+def test_a_tokenizer_whose_tokens_span_spaces_is_not_cut() -> None:
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models, trainers
+
+    from tokenyard.frontend.tokenizer.large import _PROBE
+
+    # BPE without a pre-tokenizer learns merges across spaces: cutting before one changes the ids.
+    backend = Backend(models.BPE())
+    backend.train_from_iterator([_PROBE] * 50, trainers.BpeTrainer(vocab_size=400, show_progress=False))
+    assert not cuts_safely(backend)
