@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import grpc
 from aiohttp import web
@@ -166,12 +167,13 @@ def _generate_handler(
                     return opened
                 first, response = opened
                 parser = output_parser(card, gen_request) if card is not None else None
-                if parser is None:
-                    await _stream(response, generation, writer, first, request.app[OPTIONS_KEY])
-                else:
-                    await _stream_parsed(
-                        response, generation, writer, first, parser, request.app[OPTIONS_KEY]
-                    )
+                options = request.app[OPTIONS_KEY]
+                events: _Events = (
+                    _ChunkEvents(writer, options)
+                    if parser is None
+                    else _ParsedChatEvents(writer, parser, options)
+                )
+                await _sse(response, generation, first, events)
             except ConnectionResetError:
                 # The client left mid-stream; leaving the block cancels the worker call.
                 frontend.client_disconnected()
@@ -200,30 +202,110 @@ class _EventStream(web.StreamResponse):
     _send_headers_immediately = False
 
 
-async def _stream(
-    response: web.StreamResponse,
-    generation: Generation,
-    writer: ResponseWriter,
-    first: Delta,
-    options: HttpOptions,
-) -> None:
+class _Events(Protocol):
+    """How one surface writes a generation as events: the one SSE loop (:func:`_sse`) asks it for
+    the bytes of each delta, of the last one, or of a failure after the status line left."""
+
+    # Written after the last delta's or the failure's bytes, in the same write.
+    end: bytes
+
+    def event(self, delta: Delta) -> bytes: ...
+
+    def last(self, delta: Delta) -> bytes: ...
+
+    def failure(self, exc: TokenyardError) -> bytes: ...
+
+
+async def _sse(response: web.StreamResponse, generation: Generation, first: Delta, events: _Events) -> None:
+    """Write a generation's deltas as they come, then its end: the one streaming loop of every
+    HTTP surface (chat and completions chunks, parsed chat chunks, Responses events)."""
     delta = first
-    next_delta = generation.next_delta
     write = response.write
-    chunk = writer.chunk
+    event = events.event
+    next_delta = generation.next_delta
     try:
         while delta.finish_reason is None:
-            await write(chunk(delta))
+            out = event(delta)
+            if out:
+                await write(out)
             delta = await next_delta()
-        tail = chunk(delta)
-        if writer.include_usage and delta.usage is not None:
-            tail += writer.usage_chunk(delta.usage)
+        tail = events.last(delta)
     except TokenyardError as exc:
         # The status line is long gone: the error becomes an event, then the stream ends.
-        status, kind, message = http_status(exc, options.overload_status)
-        tail = sse(error_body(status, message, kind))
-    # The last events, [DONE] and the end of the chunked body leave in one write.
-    await response.write_eof(tail + SSE_DONE)
+        tail = events.failure(exc)
+    # The last events, the trailer and the end of the chunked body leave in one write.
+    await response.write_eof(tail + events.end)
+
+
+class _ChunkEvents:
+    """Chat and completions chunks, one per delta, then ``data: [DONE]``."""
+
+    end = SSE_DONE
+
+    def __init__(self, writer: ResponseWriter, options: HttpOptions) -> None:
+        self._writer = writer
+        self._options = options
+        self.event = writer.chunk
+
+    def last(self, delta: Delta) -> bytes:
+        tail = self._writer.chunk(delta)
+        if self._writer.include_usage and delta.usage is not None:
+            tail += self._writer.usage_chunk(delta.usage)
+        return tail
+
+    def failure(self, exc: TokenyardError) -> bytes:
+        status, kind, message = http_status(exc, self._options.overload_status)
+        return sse(error_body(status, message, kind))
+
+
+class _ParsedChatEvents(_ChunkEvents):
+    """Chat chunks of an output split into content, reasoning and tool calls."""
+
+    def __init__(self, writer: ResponseWriter, parser: ChatOutputParser, options: HttpOptions) -> None:
+        super().__init__(writer, options)
+        self._parser = parser
+        self.event = self._event
+
+    def _event(self, delta: Delta) -> bytes:
+        part = self._parser.feed(delta.text)
+        return self._writer.chunk_parts(part, None, False) if part else b""
+
+    def last(self, delta: Delta) -> bytes:
+        part = merge(self._parser.feed(delta.text), self._parser.flush())
+        tail = self._writer.chunk_parts(part, delta.finish_reason, self._parser.tool_call_count > 0)
+        if self._writer.include_usage and delta.usage is not None:
+            tail += self._writer.usage_chunk(delta.usage)
+        return tail
+
+
+class _ResponsesEvents:
+    """Responses API events: text (or parsed reasoning and function calls), then the final
+    ``response.completed`` (or ``response.failed``); this surface has no ``[DONE]``."""
+
+    end = b""
+
+    def __init__(
+        self, writer: ResponsesWriter, parser: ChatOutputParser | None, options: HttpOptions
+    ) -> None:
+        self._writer = writer
+        self._parser = parser
+        self._options = options
+
+    def event(self, delta: Delta) -> bytes:
+        if self._parser is None:
+            return self._writer.text(delta.text)
+        return _response_events(self._writer, self._parser.feed(delta.text))
+
+    def last(self, delta: Delta) -> bytes:
+        if self._parser is None:
+            out = self._writer.text(delta.text)
+        else:
+            out = _response_events(self._writer, merge(self._parser.feed(delta.text), self._parser.flush()))
+        return out + self._writer.finish(delta.finish_reason, delta.usage)
+
+    def failure(self, exc: TokenyardError) -> bytes:
+        _, kind, message = http_status(exc, self._options.overload_status)
+        return self._writer.fail(kind, message)
 
 
 def _response_events(writer: ResponsesWriter, part: ChatDelta) -> bytes:
@@ -269,55 +351,10 @@ async def responses(request: web.Request) -> web.StreamResponse:
             first, response = opened
             await response.write(writer.start())
             parser = output_parser(card, parsed.generation) if card is not None else None
-            delta = first
-            try:
-                while True:
-                    if parser is None:
-                        out = writer.text(delta.text)
-                    else:
-                        part = parser.feed(delta.text)
-                        if delta.finish_reason is not None:
-                            part = merge(part, parser.flush())
-                        out = _response_events(writer, part)
-                    if delta.finish_reason is not None:
-                        tail = out + writer.finish(delta.finish_reason, delta.usage)
-                        break
-                    if out:
-                        await response.write(out)
-                    delta = await generation.next_delta()
-            except TokenyardError as exc:
-                _, kind, message = http_status(exc, options.overload_status)
-                tail = writer.fail(kind, message)
-            await response.write_eof(tail)
+            await _sse(response, generation, first, _ResponsesEvents(writer, parser, options))
         except ConnectionResetError:
             frontend.client_disconnected()
         return response
-
-
-async def _stream_parsed(
-    response: web.StreamResponse,
-    generation: Generation,
-    writer: ResponseWriter,
-    first: Delta,
-    parser: ChatOutputParser,
-    options: HttpOptions,
-) -> None:
-    """Chat chunks of an output split into content, reasoning and tool calls."""
-    delta = first
-    try:
-        while delta.finish_reason is None:
-            part = parser.feed(delta.text)
-            if part:
-                await response.write(writer.chunk_parts(part, None, False))
-            delta = await generation.next_delta()
-        part = merge(parser.feed(delta.text), parser.flush())
-        tail = writer.chunk_parts(part, delta.finish_reason, parser.tool_call_count > 0)
-        if writer.include_usage and delta.usage is not None:
-            tail += writer.usage_chunk(delta.usage)
-    except TokenyardError as exc:
-        status, kind, message = http_status(exc, options.overload_status)
-        tail = sse(error_body(status, message, kind))
-    await response.write_eof(tail + SSE_DONE)
 
 
 def _dumps(doc: object) -> str:
