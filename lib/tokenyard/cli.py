@@ -54,6 +54,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"tokenyard: error: unknown command {name!r} (see tokenyard --help)", file=sys.stderr)
         return 2
+    # Started by `tokenyard up`: stop when it dies, however it dies.
+    from tokenyard.deploy.parent_watch import stop_with_supervisor
+
+    stop_with_supervisor()
     module = importlib.import_module(COMMANDS[name][0])
     entry: Callable[[Sequence[str]], int] = getattr(module, _ENTRY.get(name, "main"))
     return entry(rest)

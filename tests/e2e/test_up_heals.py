@@ -193,6 +193,25 @@ def test_a_killed_child_comes_back_and_down_works_from_any_folder(tmp_path: Path
         assert again.returncode == 0 and "nothing to stop" in again.stdout
 
 
+def _alive(pid: int) -> bool:
+    """Running, not merely a zombie waiting for its parent to read its status."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_children_stop_by_themselves_when_up_is_killed_outright(tmp_path: Path) -> None:
+    with tokenyard_up(tmp_path) as up:
+        children = _children(up.proc.pid)
+        assert len(children) >= 5, children  # router, planner, gms, workers, frontend
+        up.proc.kill()
+        up.proc.wait(30)
+        # Each child got SIGTERM from the kernel and shut down as on any SIGTERM.
+        _until(lambda: not any(_alive(pid) for pid in children), "every child of the killed up stopped", 60)
+
+
 def test_a_child_that_keeps_dying_is_given_up_on_with_a_reason(tmp_path: Path) -> None:
     with tokenyard_up(tmp_path, "--max-restarts", "1", "--restart-window", "300") as up:
         up.kill(f"--port {up.base + 8}")

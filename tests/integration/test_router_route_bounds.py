@@ -139,8 +139,9 @@ async def test_a_live_client_whose_stream_broke_keeps_its_requests() -> None:
         broken.cancel()
         leases = s.server.router.servicer.leases
         await eventually(lambda: leases.open_streams() == 0, "the router saw the stream end")
-        # Still there: it goes on with a unary notification, which calls the release off.
+        # Still there: a unary notification puts the release off, and a new stream calls it off.
         await stub.NotifyFirstToken(router_pb2.NotifyFirstTokenRequest(request_id=live[1]), timeout=10)
+        await _open_stream(stub, live[2])
         await asyncio.sleep(RELEASE_AFTER * 4)
         assert s.active == 3 and leases.released == 0
         for rid in live:
@@ -167,12 +168,12 @@ async def test_a_client_is_known_by_its_identity_across_connections() -> None:
         await first.close(None)
         leases = s.server.router.servicer.leases
         await eventually(lambda: leases.open_streams() == 0, "the router saw the stream end")
-        # The same client on a new connection (a reconnect) is the same client: still alive.
+        # The same client on a new connection (a reconnect) is the same client: its new stream
+        # calls the release off.
         async with s.channel() as second:
             again = router_pb2_grpc.RouterServiceStub(second)
-            finished = router_pb2.NotifyFinishedRequest(
-                request_id="other", outcome=router_pb2.REQUEST_OUTCOME_FINISHED
-            )
-            await again.NotifyFinished(finished, timeout=10, metadata=identity)
+            reopened: Any = again.StreamNotifications(metadata=identity)  # type: ignore[call-arg]
+            await eventually(lambda: leases.open_streams() == 1, "the router saw the new stream")
             await asyncio.sleep(RELEASE_AFTER * 4)
             assert s.active == 1 and leases.released == 0
+            reopened.cancel()

@@ -6,16 +6,25 @@ streams in flight as a lost worker (UNAVAILABLE, which the pipeline migrates).""
 from __future__ import annotations
 
 import asyncio
+import io
+import json
+import logging
+from collections.abc import AsyncIterator
 
+import grpc
 import pytest
 
 from tests.fixtures.worker import eventually, generate_request, running_worker
-from tokenyard.api.worker.v1 import worker_pb2_grpc
+from tokenyard.api.worker.v1 import worker_pb2, worker_pb2_grpc
 from tokenyard.common.errors import DeadlineExceeded, InvalidArgument, TokenyardError, Unavailable
+from tokenyard.common.logs import _ContextFilter, _JsonFormatter, request_id_var
+from tokenyard.frontend.clients import CHANNEL_OPTIONS
 from tokenyard.frontend.generation import FinishReason, TokenChunk
 from tokenyard.frontend.worker_mux import MuxStream, WorkerMux
+from tokenyard.worker.engines.base import EngineRequest
 from tokenyard.worker.engines.mocker.config import MockerConfig
 from tokenyard.worker.engines.mocker.executor import pseudo_token, request_seed
+from tokenyard.worker.intake import Output
 
 pytestmark = pytest.mark.integration
 
@@ -72,6 +81,13 @@ async def test_cancelling_a_stream_aborts_its_request_on_the_worker() -> None:
             stream = mux.open(generate_request("long", range(100), 5000), 60.0)
             first = await stream.__anext__()
             assert first.token_ids and await w.active_blocks() > 0
+
+            # Tokens that arrived before the cancel and were not read yet are not handed out
+            # after it: wait for some, so that this does not depend on timing.
+            async def more_arrived() -> bool:
+                return bool(stream._tokens)
+
+            await eventually(more_arrived, "more tokens arrived before the cancel")
             stream.cancel()
 
             async def freed() -> bool:
@@ -121,3 +137,114 @@ async def test_a_worker_that_goes_away_fails_the_streams_in_flight_as_unavailabl
     await mux.close()
     assert isinstance(error, Unavailable), error
     assert chunks and all(c.finish_reason is None for c in chunks)
+
+
+async def test_many_large_opens_queued_together_go_in_messages_under_the_limit() -> None:
+    # Opens that gather behind one write pass together the 64 MiB both ends accept. Their size is
+    # what matters here, not what makes it: a long LoRA name costs neither end the work of as long
+    # a prompt (the worker refuses the name, but each request alone, as it would a Generate call).
+    name = "x" * (7 * 1024 * 1024)
+    async with (
+        running_worker(FAST) as w,
+        grpc.aio.insecure_channel(w.server.address, options=CHANNEL_OPTIONS) as channel,
+    ):
+        mux = WorkerMux(w.server.address, worker_pb2_grpc.WorkerServiceStub(channel))
+        try:
+            large = [generate_request(f"big{i}", range(8), 4) for i in range(10)]
+            for request in large:
+                request.lora_name = name
+            # One open larger than a message may be fails alone.
+            huge = generate_request("huge", range(8), 4)
+            huge.lora_name = "x" * (65 * 1024 * 1024)
+            streams = [mux.open(request, 60.0) for request in large]
+            too_large = mux.open(huge, 60.0)
+            good = mux.open(generate_request("good", range(8), 4), 60.0)
+            for stream in streams:
+                with pytest.raises(InvalidArgument, match="lora_name: at most"):
+                    await drain(stream)
+            with pytest.raises(InvalidArgument, match="more than"):
+                await drain(too_large)
+            chunks = await drain(good)
+            # The call goes on serving.
+            after = await drain(mux.open(generate_request("after", range(8), 3), 60.0))
+        finally:
+            await mux.close()
+    assert [t for c in chunks for t in c.token_ids] == expected_tokens("good", 8, 4)
+    assert [t for c in after for t in c.token_ids] == expected_tokens("after", 8, 3)
+
+
+async def test_an_unexpected_error_ends_its_stream_generic_and_logged_under_its_request_id(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    buffer = io.StringIO()
+    handler = logging.StreamHandler(buffer)
+    handler.addFilter(_ContextFilter())
+    handler.setFormatter(_JsonFormatter())
+    root = logging.getLogger()
+    root.addHandler(handler)
+    async with running_worker(FAST) as w:
+        generate = w.server.intake.generate
+
+        async def broken(model: str, request: EngineRequest) -> AsyncIterator[Output]:
+            if request.request_id == "fine":
+                async for output in generate(model, request):
+                    yield output
+            else:
+                raise RuntimeError("secret at /srv/engine")
+
+        monkeypatch.setattr(w.server.intake, "generate", broken)
+        mux = WorkerMux(w.server.address, worker_pb2_grpc.WorkerServiceStub(w.channel))
+        try:
+            good = mux.open(generate_request("fine", range(8), 4), 30.0)
+            # The frontend opens a request's stream in that request's log context.
+            token = request_id_var.set("req-7f3a")
+            try:
+                bad = mux.open(generate_request("worker-id-of-req-7f3a", range(8), 4), 30.0)
+            finally:
+                request_id_var.reset(token)
+            with pytest.raises(TokenyardError) as raised:
+                await drain(bad)
+            chunks = await drain(good)
+        finally:
+            await mux.close()
+            root.removeHandler(handler)
+    # What a Generate call's interceptor would answer: no exception text leaves the worker.
+    assert raised.value.code is grpc.StatusCode.INTERNAL
+    assert str(raised.value) == "internal error (request id req-7f3a)"
+    assert [t for c in chunks for t in c.token_ids] == expected_tokens("fine", 8, 4)
+    lines = [json.loads(line) for line in buffer.getvalue().splitlines()]
+    failed = [line for line in lines if line["msg"].startswith("GenerateMux stream")]
+    assert failed, lines
+    assert all(line["request_id"] == "req-7f3a" and "secret" in line["exc"] for line in failed), failed
+
+
+async def test_a_duplicate_open_leaves_the_open_stream_alone() -> None:
+    async with running_worker(REAL_TIME) as w:
+        call = w.stub.GenerateMux()  # type: ignore[call-arg]
+        try:
+            original = worker_pb2.GenerateMuxOpen(
+                stream_id=1, request=generate_request("orig", range(20), 40)
+            )
+            await call.write(worker_pb2.GenerateMuxRequest(open=[original]))
+            chunks: list[worker_pb2.GenerateMuxChunk] = []
+            first = await call.read()
+            assert isinstance(first, worker_pb2.GenerateMuxResponse)
+            chunks.extend(first.chunks)
+            duplicate = worker_pb2.GenerateMuxOpen(
+                stream_id=1, request=generate_request("dup", range(20), 40)
+            )
+            await call.write(worker_pb2.GenerateMuxRequest(open=[duplicate]))
+            while not chunks or not (chunks[-1].error_code or chunks[-1].response.finish_reason):
+                message = await asyncio.wait_for(call.read(), 30)
+                assert isinstance(message, worker_pb2.GenerateMuxResponse)
+                chunks.extend(message.chunks)
+            await call.done_writing()
+            # Nothing else comes: the duplicate was never started.
+            end = await asyncio.wait_for(call.read(), 30)
+            assert not isinstance(end, worker_pb2.GenerateMuxResponse), end
+        finally:
+            call.cancel()
+    assert {c.stream_id for c in chunks} == {1}
+    assert not any(c.error_code for c in chunks), chunks[-1]
+    assert chunks[-1].response.finish_reason == worker_pb2.FINISH_REASON_LENGTH
+    assert [t for c in chunks for t in c.response.token_ids] == expected_tokens("orig", 20, 40)

@@ -30,6 +30,8 @@ import jsonschema
 import pytest
 import yaml
 
+from tokenyard.common.tls import TlsFiles
+
 pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -541,3 +543,84 @@ def test_images_install_third_party_packages_from_the_locks_only() -> None:
                 assert "--require-hashes" in command or "/wheels/" in command, (
                     f"stage {stage.name} installs outside the locks: pip install {command}"
                 )
+
+
+# --- compose.yaml: who can read which key -------------------------------------------------------
+
+TLS_VOLUME = "tls"
+# What only the `certs` job may see: the CA's key mints identities, admin's key may do anything.
+ISSUER_ONLY = {"ca.key", "admin.key", "admin.crt"}
+
+
+def tls_mounts(service: dict[str, Any]) -> list[dict[str, Any]]:
+    """The service's mounts of the `tls` volume, in long syntax (short syntax as source:target)."""
+    found = []
+    for mount in service.get("volumes", []):
+        if isinstance(mount, str):
+            source, _, rest = mount.partition(":")
+            target, _, mode = rest.partition(":")
+            long = {"type": "volume", "source": source, "target": target, "read_only": mode == "ro"}
+        else:
+            long = mount
+        if long.get("type") == "volume" and long.get("source") == TLS_VOLUME:
+            found.append(long)
+    return found
+
+
+def run_certs_job(volume: Path) -> None:
+    """Runs the `certs` service's command as compose would, with ``volume`` in place of the
+    `tls` volume: `tokenyard certs` from this virtualenv, the shell of this machine."""
+    certs = compose_services()["certs"]
+    (mount,) = tls_mounts(certs)
+    entrypoint, command = certs["entrypoint"], certs["command"]
+    assert entrypoint[:1] == ["sh"] and len(command) == 1
+    # Compose turns $$ into a literal $ before the shell sees it.
+    script = command[0].replace("$$", "$").replace(mount["target"], str(volume))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    subprocess.run([*entrypoint, script], env=env, check=True, capture_output=True, timeout=120)
+    # A second start keeps the CA and refreshes the copies: nothing fails on what exists.
+    subprocess.run([*entrypoint, script], env=env, check=True, capture_output=True, timeout=120)
+
+
+def test_each_service_sees_only_its_own_key_and_never_the_ca_or_admin_key(tmp_path: Path) -> None:
+    volume = tmp_path / "tls-volume"
+    volume.mkdir()
+    run_certs_job(volume)
+    assert {p.name for p in volume.rglob("*")} >= ISSUER_ONLY, "the job made no CA or admin key"
+    checked: set[str] = set()
+    for name, service in compose_services().items():
+        mounts = tls_mounts(service)
+        if name == "certs" or not mounts:
+            continue
+        identity = service_of_target(target_of(service))
+        (mount,) = mounts
+        # Never the whole volume: only the service's own folder of it, read-only.
+        assert mount.get("volume", {}).get("subpath") == identity, f"{name} mounts {mount}"
+        assert mount.get("read_only") is True, f"{name} can write its certificates"
+        visible = {p.name for p in (volume / identity).rglob("*")}
+        assert visible == {"ca.crt", f"{identity}.crt", f"{identity}.key"}, f"{name} sees {visible}"
+        # What the service (and its healthcheck probe) is told to load is what it can see.
+        env = environment(service)
+        paths = {k: env[f"TOKENYARD_{identity.upper()}_TLS_{k.upper()}"] for k in ("ca", "cert", "key")}
+        for path in paths.values():
+            assert Path(path).parent == Path(mount["target"]), f"{name}: {path} outside its mount"
+        local = {k: str(volume / identity / Path(v).name) for k, v in paths.items()}
+        files = TlsFiles.load(local["ca"], local["cert"], local["key"])
+        assert files.identity == identity, f"{name} would present {files.identity}'s certificate"
+        checked.add(identity)
+    assert checked == {"frontend", "router", "planner", "worker"}
+
+
+def test_no_service_but_certs_mounts_the_whole_tls_volume_or_the_issuer_folder() -> None:
+    for name, service in compose_services().items():
+        for mount in tls_mounts(service):
+            subpath = mount.get("volume", {}).get("subpath")
+            if name == "certs":
+                continue
+            assert subpath, f"{name} mounts the whole `tls` volume, CA and admin keys included"
+            assert Path(subpath).parts[0] not in ("issuer", "..", "/"), f"{name} mounts {subpath}"
+    # And no bind mount of a certificate folder slips the bundle in another way.
+    for name, service in compose_services().items():
+        for mount in service.get("volumes", []):
+            text = json.dumps(mount)
+            assert not any(f in text for f in ISSUER_ONLY) or name == "certs", f"{name}: {mount}"

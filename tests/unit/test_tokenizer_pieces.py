@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import random
+from collections.abc import Sequence
 
 import pytest
 
+from tokenyard.frontend import main as frontend_main
 from tokenyard.frontend.tokenizer import Tokenizer, load_tokenizer
 from tokenyard.frontend.tokenizer.hf import HFTokenizer
 from tokenyard.frontend.tokenizer.large import LARGE_TEXT_CHARS, PIECE_CHARS, cuts_safely, pieces
@@ -65,3 +68,26 @@ def test_a_tokenizer_whose_tokens_span_spaces_is_not_cut() -> None:
     backend = Backend(models.BPE())
     backend.train_from_iterator([_PROBE] * 50, trainers.BpeTrainer(vocab_size=400, show_progress=False))
     assert not cuts_safely(backend)
+
+
+def test_encoding_a_long_text_leaves_the_environment_alone(
+    smol: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It runs on a pool thread: setting the environment there races every other thread's reads.
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    smol.encode(_text(LARGE_TEXT_CHARS + PIECE_CHARS, 4), add_special_tokens=False)
+    assert "TOKENIZERS_PARALLELISM" not in os.environ
+
+
+def test_the_frontend_encodes_on_one_core_from_before_it_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    seen: list[str | None] = []
+
+    def run_service(*args: object, **kwargs: object) -> int:
+        seen.append(os.environ.get("TOKENIZERS_PARALLELISM"))
+        return 0
+
+    monkeypatch.setattr(frontend_main, "run_service", run_service)
+    argv: Sequence[str] = []
+    assert frontend_main.main(argv) == 0
+    assert seen == ["false"]

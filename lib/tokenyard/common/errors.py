@@ -1,13 +1,16 @@
 """Domain errors and their gRPC status codes.
 
-Services raise these; one server interceptor turns them into statuses; clients turn an
-``RpcError`` back into the matching class with :func:`from_rpc_error`. Errors never travel as
-fields in responses.
+Services raise these; :func:`status_of` turns them into statuses (for the server interceptor, and
+for the per-stream errors of a multiplexed call); clients turn an ``RpcError`` back into the
+matching class with :func:`from_rpc_error` (or :func:`from_status`). Errors never travel as fields
+in responses, except for a multiplexed stream's status, which has no call of its own.
 """
 
 from __future__ import annotations
 
 import grpc
+
+from tokenyard.common.logs import request_id_var
 
 
 class TokenyardError(Exception):
@@ -82,3 +85,15 @@ def from_rpc_error(err: grpc.RpcError) -> TokenyardError:
 def from_status(code: grpc.StatusCode, details: str | None) -> TokenyardError:
     """The domain error of a status carried in a message rather than as a call's status."""
     return _BY_CODE.get(code, TokenyardError)(details or code.name)
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status a request that raised ``exc`` ends with.
+
+    A domain error keeps its code and message. Anything else is a bug whose text may hold internals
+    (paths, addresses, data): the client gets INTERNAL with a generic message naming the request id
+    (the current log context), under which the caller logs the traceback.
+    """
+    if isinstance(exc, TokenyardError):
+        return exc.code, str(exc) or exc.code.name
+    return grpc.StatusCode.INTERNAL, f"internal error (request id {request_id_var.get()})"

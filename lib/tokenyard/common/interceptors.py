@@ -26,7 +26,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from tokenyard.common import tracing
-from tokenyard.common.errors import TokenyardError
+from tokenyard.common.errors import TokenyardError, status_of
 from tokenyard.common.logs import request_id_var
 from tokenyard.common.metrics import Metrics
 
@@ -37,12 +37,16 @@ REQUEST_ID_KEY = "x-request-id"
 _QUIET_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 
 
+def loggable_id(text: str) -> str:
+    """A request id from a peer as logs may carry it: short and printable ("" if nothing is left)."""
+    return "".join(c for c in text[:64] if c.isprintable())
+
+
 def _request_id(metadata: Any) -> str:
     for key, value in metadata or ():
         if key == REQUEST_ID_KEY:
             text = value if isinstance(value, str) else value.decode(errors="replace")
-            # Ids travel into logs: keep them short and printable.
-            return "".join(c for c in text[:64] if c.isprintable()) or uuid.uuid4().hex[:16]
+            return loggable_id(text) or uuid.uuid4().hex[:16]
     return uuid.uuid4().hex[:16]
 
 
@@ -68,12 +72,11 @@ class _Call:
             metrics.rpc_in_flight.labels(service).inc()
 
     async def fail(self, exc: BaseException, context: ServicerContext[Any, Any]) -> None:
-        if isinstance(exc, TokenyardError):
-            self.code = exc.code
-            await context.abort(exc.code, str(exc) or exc.code.name)
-        log.exception("unhandled error in %s", self.method)
-        self.code = grpc.StatusCode.INTERNAL
-        await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id_var.get()})")
+        code, message = status_of(exc)
+        if not isinstance(exc, TokenyardError):
+            log.exception("unhandled error in %s", self.method)
+        self.code = code
+        await context.abort(code, message)
 
     def finish(self, context: ServicerContext[Any, Any] | None = None) -> None:
         if context is not None and self.code == grpc.StatusCode.OK:

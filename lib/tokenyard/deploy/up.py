@@ -25,7 +25,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -36,7 +36,7 @@ from pydantic_settings import BaseSettings
 from tokenyard.common.cli_settings import parse_settings
 from tokenyard.common.settings import default_discovery_url, settings_config
 from tokenyard.common.tls import PLAINTEXT
-from tokenyard.deploy import state
+from tokenyard.deploy import parent_watch, state
 from tokenyard.deploy.certs import throwaway_tls
 from tokenyard.deploy.status import service_health
 from tokenyard.deploy.supervisor import RestartPolicy, RestartTracker, describe_exit
@@ -153,23 +153,23 @@ tokenyard is up: {workers} {engine} worker(s) serving {model!r}
   discovery     {discovery}
 
 try it:
-  curl -s http://{host}:{http}/v1/chat/completions -H 'content-type: application/json' \\
+{key_setup}  curl -s http://{host}:{http}/v1/chat/completions -H 'content-type: application/json' \\{curl_auth}
     -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}'
 
 {python} - <<'EOF'
-import openai
-client = openai.OpenAI(base_url="http://{host}:{http}/v1", api_key="unused")
+import {py_os}openai
+client = openai.OpenAI(base_url="http://{host}:{http}/v1", api_key={openai_key})
 reply = client.chat.completions.create(
     model="{model}", messages=[{{"role": "user", "content": "What is the capital of France?"}}])
 print(reply.choices[0].message.content)
 EOF
 
 {python} - <<'EOF'
-import numpy as np, tritonclient.grpc as triton
+import {py_os}numpy as np, tritonclient.grpc as triton
 client = triton.InferenceServerClient("{host}:{grpc}")
 prompt = triton.InferInput("text_input", [1], "BYTES")
 prompt.set_data_from_numpy(np.array([b"The capital of France is"], dtype=object))
-print(client.infer("{model}", [prompt]).as_numpy("text_output"))
+print(client.infer("{model}", [prompt]{triton_auth}).as_numpy("text_output"))
 EOF
 
   {tokenyard} status
@@ -177,6 +177,47 @@ EOF
 
 A child that dies is restarted. Ctrl-C stops everything.
 """
+
+
+# Where the frontend (which inherits this process's environment) finds its API keys, most
+# specific first, as its settings read them.
+_KEY_FILE_ENV = "TOKENYARD_FRONTEND_API_KEYS_FILE"
+_KEYS_ENVS = ("TOKENYARD_FRONTEND_API_KEYS", "TOKENYARD_API_KEYS")
+
+
+def key_examples(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The parts of the call examples that send an API key, when the frontend has one.
+
+    The examples name where the key comes from (a variable, the keys file) and never print the
+    key itself: the announcement ends up in terminals and logs.
+    """
+    env = os.environ if environ is None else environ
+    setup = ""
+    key_file = env.get(_KEY_FILE_ENV, "")
+    if key_file:
+        # The file's first key; the file format skips blank lines and # comments.
+        setup = (
+            f"  # API keys are on (${_KEY_FILE_ENV}): the examples send the file's first key\n"
+            f"  export KEY=\"$(grep -v -e '^[[:space:]]*#' -e '^[[:space:]]*$' "
+            f"{shlex.quote(key_file)} | head -n 1 | tr -d '[:space:]')\"\n\n"
+        )
+    else:
+        for name in _KEYS_ENVS:
+            if env.get(name, "").strip():
+                setup = (
+                    f"  # API keys are on (${name}): the examples send its first key\n"
+                    f'  export KEY="$(printf %s "${name}" | cut -d, -f1 | tr -d \'[:space:]\')"\n\n'
+                )
+                break
+    if not setup:
+        return {"key_setup": "", "curl_auth": "", "py_os": "", "openai_key": '"unused"', "triton_auth": ""}
+    return {
+        "key_setup": setup,
+        "py_os": "os, ",
+        "curl_auth": '\n    -H "Authorization: Bearer $KEY" \\',
+        "openai_key": 'os.environ["KEY"]',
+        "triton_auth": ', headers={"authorization": "Bearer " + os.environ["KEY"]}',
+    }
 
 
 @dataclass
@@ -189,6 +230,11 @@ class Child:
     tail: list[str] = field(default_factory=list)
     restarts: RestartTracker = field(default_factory=lambda: RestartTracker(RestartPolicy()))
 
+
+# Seconds the output of a child that exited gets to drain before its pump is cancelled.
+PUMP_DRAIN_S = 2.0
+# How often a child's exit is checked while its output pipe may still be held open.
+EXIT_POLL_S = 0.2
 
 # Seconds an engine needs to stop beyond the grace period: vLLM's engine core waits 5 s for its
 # model-runner process, then tears down for several more (13 s measured on two idle cores).
@@ -348,6 +394,8 @@ class Deployment:
             stderr=asyncio.subprocess.STDOUT,
             # Own session: Ctrl-C reaches only this supervisor, which stops children in order.
             start_new_session=True,
+            # ... and should the supervisor be killed outright, each child stops by itself.
+            env=parent_watch.child_env(),
         )
         child.pump = asyncio.create_task(self._pump(child))
 
@@ -376,17 +424,52 @@ class Deployment:
         sys.stdout.write(f"{'up':<{self.width}} | {text}\n")
         sys.stdout.flush()
 
+    async def _exited(self, child: Child) -> None:
+        """Until ``child``'s process has exited.
+
+        Not ``proc.wait()`` alone: it also waits for the child's pipes to close, and a process the
+        child started can hold its stdout open long after the child died (see :meth:`_reap`).
+        """
+        proc = child.proc
+        assert proc is not None
+        waiter = asyncio.ensure_future(proc.wait())
+        try:
+            while proc.returncode is None and not waiter.done():
+                await asyncio.wait({waiter}, timeout=EXIT_POLL_S)
+        finally:
+            waiter.cancel()
+
+    async def _reap(self, child: Child) -> None:
+        """After ``child`` exited: stop what it left running and collect its last lines.
+
+        A grandchild (an engine's helper process) can outlive it, holding its ports and the write
+        end of its stdout: the pump would never see EOF and the child would never be restarted.
+        The child has its own session, hence its own process group: what is left in that group is
+        killed, and the pump gets a short while for the lines still buffered, then is cancelled.
+        """
+        assert child.proc is not None
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child.proc.pid, signal.SIGKILL)
+        pump = child.pump
+        if pump is None:
+            return
+        # asyncio.wait neither raises the pump's outcome nor cancels it on timeout.
+        await asyncio.wait({pump}, timeout=PUMP_DRAIN_S)
+        if not pump.done():
+            # Something outside the group still holds the pipe: give up on its last lines.
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
+
     async def keep(self, child: Child) -> None:
         """Restart ``child`` each time it exits on its own, until stopping or giving up."""
         while not self.stopping.is_set():
             assert child.proc is not None
-            await child.proc.wait()
+            await self._exited(child)
             if self.stopping.is_set():
                 return
-            if child.pump is not None:
-                # Its last lines, for the message below.
-                with contextlib.suppress(asyncio.CancelledError):
-                    await child.pump
+            # Its last lines, for the message below.
+            await self._reap(child)
             how = describe_exit(child.proc.returncode)
             delay = child.restarts.next_delay()
             if delay is None:
@@ -437,15 +520,14 @@ class Deployment:
             if child.proc is None:
                 continue
             try:
-                await asyncio.wait_for(child.proc.wait(), max(0.1, deadline - time.monotonic()))
+                await asyncio.wait_for(self._exited(child), max(0.1, deadline - time.monotonic()))
             except TimeoutError:
                 print(f"{child.name} did not stop in time; killing it", file=sys.stderr)
-                with contextlib.suppress(ProcessLookupError):
-                    child.proc.kill()
-                await child.proc.wait()
-            if child.pump is not None:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await child.pump
+                # Its whole process group (its own session): helpers it started go with it.
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(child.proc.pid, signal.SIGKILL)
+                await self._exited(child)
+            await self._reap(child)
 
     async def run(self) -> int:
         other = state.running_pid(self.state_dir)
@@ -519,6 +601,7 @@ class Deployment:
             router=s.router_port,
             planner=s.planner_port,
             discovery=s.discovery,
+            **key_examples(),
         )
         print(text, flush=True)
 

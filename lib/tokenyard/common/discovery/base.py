@@ -74,6 +74,8 @@ def default_discovery_dir() -> Path:
 
     ``$TOKENYARD_HOME/discovery`` when set; else under ``$XDG_RUNTIME_DIR`` (per user, cleared at logout);
     else a per-uid folder in the temp directory, so that two users on one host do not see each other.
+    That name is predictable: the directory backend creates it 0700 and refuses it when another user
+    got there first (see ``discovery/directory.py``).
     """
     home = os.environ.get("TOKENYARD_HOME")
     if home:

@@ -86,7 +86,10 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
 
 def _refusal(handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
-    """A handler of the same shape that only refuses (the request is never deserialized twice)."""
+    """A handler of the same shape that only refuses, without parsing the request.
+
+    No request deserializer: gRPC hands the handler the raw bytes, so an unauthenticated client
+    cannot make the frontend parse a message (up to the body limit) only to be refused."""
 
     async def deny(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, _MESSAGE)
@@ -95,10 +98,7 @@ def _refusal(handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, _MESSAGE)
         yield  # pragma: no cover - abort raises
 
-    serde = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
+    serde = {"request_deserializer": None, "response_serializer": handler.response_serializer}
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(deny, **serde)
     if handler.unary_stream:

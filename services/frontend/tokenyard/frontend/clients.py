@@ -27,17 +27,14 @@ from tokenyard.common.errors import Unavailable, from_rpc_error
 from tokenyard.common.interceptors import outgoing_metadata
 from tokenyard.common.tls import PLAINTEXT, Tls
 from tokenyard.frontend.generation import (
-    FinishReason,
     KvTransfer,
     Outcome,
     RouteDecision,
     TokenChunk,
-    Usage,
     WorkerRequest,
 )
 from tokenyard.frontend.response_format import GuidedDecoding
-from tokenyard.frontend.worker_mux import MuxStream, WorkerMux
-from tokenyard.frontend.worker_mux import kv_transfer_of as _kv_transfer
+from tokenyard.frontend.worker_mux import MuxStream, WorkerMux, token_chunk
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +54,12 @@ CLIENT_METADATA_KEY = "tokenyard-client"
 
 # How long a notification stream gathers notifications before it writes them.
 NOTIFY_BATCH_SECONDS = 0.005
+# After a break, the notification stream is reopened after this long, doubled after each call that
+# broke soon after opening, up to the most: well within the router's release delay (10 s by
+# default), after which it takes a client without a call for dead and releases its requests.
+REOPEN_FIRST_SECONDS = 0.05
+REOPEN_MAX_SECONDS = 2.0
 
-_FINISH = {
-    worker_pb2.FINISH_REASON_STOP: FinishReason.STOP,
-    worker_pb2.FINISH_REASON_LENGTH: FinishReason.LENGTH,
-    worker_pb2.FINISH_REASON_CANCELLED: FinishReason.CANCELLED,
-    worker_pb2.FINISH_REASON_ERROR: FinishReason.ERROR,
-}
 _OUTCOME = {
     Outcome.FINISHED: router_pb2.REQUEST_OUTCOME_FINISHED,
     Outcome.FAILED: router_pb2.REQUEST_OUTCOME_FAILED,
@@ -102,21 +98,28 @@ class _NotificationStream:
 
     A notification costs a few bytes on a call that is already open instead of a call of its own,
     and those that pile up while a write is in flight go out together in the next message. The
-    call opens on the first notification and stays open. Until the router acknowledges a
-    notification it is kept; when the call breaks (the router died, restarted or shut down), or
-    goes unacknowledged for ``notify_timeout``, every notification not acknowledged is sent again
-    as a unary call with the usual failover, and the router is spared new calls for ``down_for``.
-    The router applies each notification at most once per request, so one it had already applied
-    before the break costs nothing there.
+    call opens on the first route or notification and stays open: to the router an open call is
+    what tells a live client from a crashed one, whose requests it releases once the client has had
+    no call open for a while. So after a break the call is reopened at once (then with backoff)
+    while requests this router routed are still running, even with nothing to send. Until the
+    router acknowledges a notification it is kept; when the call breaks (the router died, restarted
+    or shut down), or goes unacknowledged for ``notify_timeout``, every notification not
+    acknowledged is sent again as a unary call with the usual failover, and so are new ones until
+    the call is open again (``down_for`` at most). The router applies each notification at most
+    once per request, so one it had already applied before the break costs nothing there.
     """
 
     __slots__ = (
         "_acked",
+        "_backoff",
         "_call",
         "_client",
+        "_closing",
         "_deadline",
         "_drained",
+        "_opened_at",
         "_queue",
+        "_reopen",
         "_task",
         "_unacked",
         "_wake",
@@ -141,14 +144,43 @@ class _NotificationStream:
         # Until when notifications go as unary calls instead (after a break; forever for a router
         # that does not know the streaming call).
         self.retry_at = 0.0
+        # The pending reopen after a break, the delay it was given, and when the current call opened.
+        self._reopen: asyncio.TimerHandle | None = None
+        self._backoff = REOPEN_FIRST_SECONDS
+        self._opened_at = 0.0
+        self._closing = False
 
     def push(self, note: _Note) -> None:
         self._queue.append(note)
         self._drained.clear()
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run())
+            self._open()
         else:
             self._wake.set()
+
+    def keep_open(self) -> None:
+        """This router routed a request: have the call open, so that the router sees this client
+        alive for as long as the request runs. After a break the pending reopen does it."""
+        if self._task is None and self._reopen is None and self.retry_at != math.inf and not self._closing:
+            self._open()
+
+    def _open(self) -> None:
+        if self._reopen is not None:
+            self._reopen.cancel()
+            self._reopen = None
+        if self.retry_at != math.inf:
+            # The call is up again: notifications go on it rather than as unary calls.
+            self.retry_at = 0.0
+        loop = asyncio.get_running_loop()
+        self._opened_at = loop.time()
+        self._task = loop.create_task(self._run())
+
+    def _reopen_due(self) -> None:
+        self._reopen = None
+        if self._task is not None or self.retry_at == math.inf or self._closing:
+            return
+        if self._client._routed_by(self.router.address):
+            self._open()
 
     async def drain(self, timeout: float) -> bool:
         """Wait until every notification pushed so far was acknowledged or handed to a unary call."""
@@ -158,6 +190,10 @@ class _NotificationStream:
 
     async def close(self, timeout: float) -> None:
         """End the call once everything was acknowledged; what was not is sent as unary calls."""
+        self._closing = True
+        if self._reopen is not None:
+            self._reopen.cancel()
+            self._reopen = None
         task = self._task
         if task is None:
             return
@@ -174,6 +210,9 @@ class _NotificationStream:
         """The router left: stop using the call; unacknowledged notifications fail over."""
         if self._task is not None:
             self._task.cancel()
+        if self._reopen is not None:
+            self._reopen.cancel()
+            self._reopen = None
         self.retry_at = math.inf
 
     async def _run(self) -> None:
@@ -262,6 +301,17 @@ class _NotificationStream:
                 )
         for note in notes:
             client._unary(note, self.router.address)
+        if self.retry_at != math.inf and not self._closing and self._reopen is None:
+            loop = asyncio.get_running_loop()
+            # A call that broke soon after it opened (the router is down or refusing it) waits
+            # longer before the next try; one that had been up starts over from the shortest wait.
+            lived = loop.time() - self._opened_at
+            self._backoff = (
+                REOPEN_FIRST_SECONDS
+                if lived >= REOPEN_MAX_SECONDS
+                else min(2 * self._backoff, REOPEN_MAX_SECONDS)
+            )
+            self._reopen = loop.call_later(self._backoff, self._reopen_due)
 
 
 def _notifications_pb(batch: list[_Note]) -> router_pb2.StreamNotificationsRequest:
@@ -428,6 +478,7 @@ class RouterClient:
                     timed_out.append(router)
                 continue
             self._owners[request_id] = router.address
+            router.notes.keep_open()
             return RouteDecision(
                 reply.worker_id,
                 reply.dp_rank,
@@ -443,6 +494,10 @@ class RouterClient:
             self._spawn(self._finished(request_id, Outcome.FAILED, 0, r.address))
         # No router could be reached: the same answer to the client as no worker.
         raise Unavailable("the router is unavailable")
+
+    def _routed_by(self, address: str) -> bool:
+        """Whether a request that router routed is still running here (its end not yet notified)."""
+        return address in self._owners.values()
 
     def notify_first_token(self, request_id: str) -> None:
         self._notify((request_id, None, 0), self._owners.get(request_id))
@@ -589,15 +644,7 @@ class WorkerStream:
         if not isinstance(reply, worker_pb2.GenerateResponse):
             # grpc.aio.EOF: the worker ended the stream.
             raise StopAsyncIteration
-        if reply.finish_reason == worker_pb2.FINISH_REASON_UNSPECIFIED:
-            return TokenChunk(reply.token_ids)
-        usage = reply.usage
-        return TokenChunk(
-            reply.token_ids,
-            _FINISH[reply.finish_reason],
-            Usage(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens),
-            _kv_transfer(reply.kv_transfer) if reply.HasField("kv_transfer") else None,
-        )
+        return token_chunk(reply)
 
     def cancel(self) -> None:
         self._call.cancel()

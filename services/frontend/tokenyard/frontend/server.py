@@ -231,8 +231,11 @@ class FrontendServer:
             SERVICE_NAME,
         )
         if self.api_keys.enabled:
-            # Outermost: a request without a valid key is answered before anything reads its body.
-            self._runner.app.middlewares.insert(0, http_middleware(self.api_keys, self.settings.auth_probes))
+            # Right inside the connection marks (index 0, present since the app has a listener):
+            # they must see every request, or the header timer keeps running after a 401 and
+            # later writes a 408 nobody asked for onto the kept-alive connection. Before anything
+            # else: a request without a valid key is answered before its body is read.
+            self._runner.app.middlewares.insert(1, http_middleware(self.api_keys, self.settings.auth_probes))
             log.info("client authentication on: %d API key(s)", len(self.api_keys))
         await self._runner.setup()
         self.runtime.on_close(self._close)

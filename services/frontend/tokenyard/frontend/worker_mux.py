@@ -3,9 +3,11 @@
 A Generate call per request costs the frontend a call setup and a message read per token step; one
 GenerateMux call per worker carries a step's tokens for all of this frontend's requests there in
 one message. :class:`WorkerMux` owns that call: a writer task sends opens and cancels (what
-gathered while the previous write was in flight goes in one message), a reader task hands each
-chunk to its :class:`MuxStream`. A stream's tokens that arrived before its consumer came back for
-them are handed out together, as one chunk.
+gathered while the previous write was in flight goes in one message, or in several of at most
+``BATCH_BYTES`` each: long prompts would otherwise pass the message size limit together), a
+reader task hands each chunk to its :class:`MuxStream`. A stream's tokens that arrived before its
+consumer came back for them are handed out together, as one chunk; once the stream is cancelled,
+nothing more is.
 
 A stream's own error (the status a Generate call would have ended with) ends that stream only. A
 broken call (the worker died, the connection dropped) ends every stream on it with UNAVAILABLE,
@@ -23,7 +25,15 @@ from typing import Any, Protocol
 import grpc
 
 from tokenyard.api.worker.v1 import worker_pb2, worker_pb2_grpc
-from tokenyard.common.errors import DeadlineExceeded, TokenyardError, Unavailable, from_status
+from tokenyard.common.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    TokenyardError,
+    Unavailable,
+    from_status,
+)
+from tokenyard.common.logs import request_id_var
+from tokenyard.common.service import MAX_MESSAGE_BYTES
 from tokenyard.frontend.generation import FinishReason, KvTransfer, TokenChunk, Usage
 
 log = logging.getLogger(__name__)
@@ -35,6 +45,13 @@ _FINISH = {
     worker_pb2.FINISH_REASON_CANCELLED: FinishReason.CANCELLED,
     worker_pb2.FINISH_REASON_ERROR: FinishReason.ERROR,
 }
+BATCH_BYTES = 8 * 1024 * 1024
+"""The size past which the opens gathered for one write go in more than one message: many long
+prompts in one message would pass the 64 MiB limit of both ends and fail the call, and with it
+every stream on it."""
+# An open this large cannot go in a message of its own either (the message's framing adds a few
+# bytes): it fails alone, as the same request's Generate call would.
+_MAX_OPEN_BYTES = MAX_MESSAGE_BYTES - 1024
 # A stream whose worker says nothing this long past the request's deadline is given up here too
 # (the worker enforces the deadline; this covers a worker that hangs).
 _DEADLINE_SLACK_S = 1.0
@@ -90,11 +107,17 @@ class MuxStream:
                 self._waiter = None
 
     def cancel(self) -> None:
+        """Abort the request; the stream ends here and then, whatever the worker had sent already
+        (tokens, its end) and whatever it still sends: the consumer gave the request up."""
         if self._fallback is not None:
             self._fallback.cancel()
-        elif self._error is None and self._end is None:
+        else:
+            if self._error is None and self._end is None:
+                self._mux.cancel(self._id)
+            self._tokens = []
+            self._end = None
             self._error = _DONE
-            self._mux.cancel(self._id)
+            self._wake()
         self._stop_timer()
 
     def _wake(self) -> None:
@@ -118,13 +141,7 @@ class MuxStream:
             self._tokens.extend(reply.token_ids)
             self._wake()
             return False
-        usage = reply.usage
-        self._end = TokenChunk(
-            tuple(reply.token_ids),
-            _FINISH[reply.finish_reason],
-            Usage(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens),
-            kv_transfer_of(reply.kv_transfer) if reply.HasField("kv_transfer") else None,
-        )
+        self._end = token_chunk(reply)
         self._stop_timer()
         self._wake()
         return True
@@ -200,8 +217,14 @@ class WorkerMux:
             self._start()
         self._next_id += 1
         stream_id = self._next_id
+        # The worker logs the stream under the id this request logs under here (a Generate call
+        # carries it as x-request-id metadata; this call's metadata is no one request's).
+        log_id = request_id_var.get()
         opened = worker_pb2.GenerateMuxOpen(
-            stream_id=stream_id, request=request, timeout_ms=timeout * 1000.0 if timeout else 0.0
+            stream_id=stream_id,
+            request=request,
+            timeout_ms=timeout * 1000.0 if timeout else 0.0,
+            log_request_id=log_id if log_id != "-" else "",
         )
         stream = MuxStream(self, stream_id, opened)
         self._streams[stream_id] = stream
@@ -233,12 +256,46 @@ class WorkerMux:
                     # a write costs more than many opens in it.
                     await asyncio.sleep(0)
                     continue
-                message = worker_pb2.GenerateMuxRequest(open=self._opens, cancel=self._cancels)
-                self._opens, self._cancels = [], []
-                await call.write(message)
+                for message in self._messages():
+                    await call.write(message)
         except (grpc.RpcError, asyncio.InvalidStateError) as exc:
             # The reader sees the call's end and fails the streams.
             log.debug("GenerateMux to %s: write failed: %s", self.address, exc)
+
+    def _messages(self) -> list[worker_pb2.GenerateMuxRequest]:
+        """What gathered for the next write, in messages of at most ``BATCH_BYTES`` (but for one
+        open that is larger alone)."""
+        opens, cancels = self._opens, self._cancels
+        self._opens, self._cancels = [], []
+        messages: list[worker_pb2.GenerateMuxRequest] = []
+        message = worker_pb2.GenerateMuxRequest()
+        size = 0
+        for opened in opens:
+            # The field's tag and length prefix: at most 6 bytes for an open under 2 GiB.
+            n = opened.ByteSize() + 6
+            if n > _MAX_OPEN_BYTES:
+                self._refuse(opened.stream_id, n)
+                continue
+            if message.open and size + n > BATCH_BYTES:
+                messages.append(message)
+                message = worker_pb2.GenerateMuxRequest()
+                size = 0
+            message.open.append(opened)
+            size += n
+        # Cancels go last: one may be of a stream opened in this very batch, and the worker
+        # ignores a cancel of a stream it has not seen opened.
+        message.cancel.extend(cancels)
+        messages.append(message)
+        return messages
+
+    def _refuse(self, stream_id: int, size: int) -> None:
+        stream = self._streams.pop(stream_id, None)
+        if stream is not None:
+            stream._fail(
+                InvalidArgument(
+                    f"the request is {size} bytes, more than the {MAX_MESSAGE_BYTES} a message may carry"
+                )
+            )
 
     async def _read(self, call: grpc.aio.StreamStreamCall[Any, Any]) -> None:
         streams = self._streams
@@ -294,6 +351,20 @@ class WorkerMux:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+def token_chunk(reply: worker_pb2.GenerateResponse) -> TokenChunk:
+    """A worker's reply (of a Generate call or a GenerateMux stream) as the pipeline reads it."""
+    if reply.finish_reason == worker_pb2.FINISH_REASON_UNSPECIFIED:
+        return TokenChunk(reply.token_ids)
+    usage = reply.usage
+    return TokenChunk(
+        # A copy: the ids would otherwise keep the whole message they came in alive.
+        tuple(reply.token_ids),
+        _FINISH[reply.finish_reason],
+        Usage(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens),
+        kv_transfer_of(reply.kv_transfer) if reply.HasField("kv_transfer") else None,
+    )
 
 
 def kv_transfer_of(t: worker_pb2.KvTransferParams) -> KvTransfer:

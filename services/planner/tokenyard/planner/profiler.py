@@ -22,16 +22,17 @@ import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import grpc
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings
 
 from tokenyard.api.worker.v1 import worker_pb2, worker_pb2_grpc
 from tokenyard.common.cli_settings import parse_settings
-from tokenyard.common.settings import settings_config
+from tokenyard.common.settings import settings_config, tls_field, with_shared_env
+from tokenyard.common.tls import Tls, TlsError
 from tokenyard.deploy.workers import WorkerLaunch, WorkerProcess, WorkerStartError, free_port
 from tokenyard.planner.profile import Profile
 
@@ -68,6 +69,15 @@ class ProfileSettings(BaseSettings):
     ready_timeout: float = Field(
         default=300.0, gt=0, description="Seconds the started worker gets to be ready."
     )
+    # A worker of an mTLS deployment answers only peers with a certificate of its CA.
+    tls_ca: str = tls_field("ca")
+    tls_cert: str = tls_field("cert")
+    tls_key: str = tls_field("key")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shared_tls_env(cls, data: Any) -> Any:
+        return with_shared_env(data)
 
 
 def _ints(text: str) -> list[int]:
@@ -121,7 +131,8 @@ class Sweeper:
 
 
 async def sweep(s: ProfileSettings, address: str, meta: dict[str, object]) -> Profile:
-    async with grpc.aio.insecure_channel(address) as channel:
+    tls = Tls.from_paths(s.tls_ca, s.tls_cert, s.tls_key)
+    async with tls.channel(address, "worker") as channel:
         stub = worker_pb2_grpc.WorkerServiceStub(channel)
         described = await stub.Describe(worker_pb2.DescribeRequest(), timeout=30)
         card = described.model_card
@@ -207,7 +218,7 @@ def main(argv: Sequence[str]) -> int:
     settings, _ = parse_settings(ProfileSettings, argv, prog, __doc__ or "")
     try:
         profile = asyncio.run(run(settings))
-    except (WorkerStartError, RuntimeError, OSError) as exc:
+    except (WorkerStartError, TlsError, RuntimeError, OSError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
     except grpc.aio.AioRpcError as exc:

@@ -1,15 +1,17 @@
 """Which client (frontend) routed each active request, so that a client that is gone for good
 stops counting as load.
 
-A frontend sends its lifecycle notifications on one long-lived ``StreamNotifications`` call. When
-that call ends (the frontend crashed or was killed: its connection closed or reset) and the
-client shows no sign of life for ``release_after`` seconds (no new stream, no Route, no unary
-notification), every request it routed and never finished is released, as if it had been
-cancelled; without this they would count as load until they expire (minutes). To the server, a
-vanished client's call ends like a half-close, so the two are treated alike: a frontend stopping in
-order has finished (or cancelled) its requests and sent their notifications first, so nothing of
-it is left to release, and a live frontend whose call broke goes on with unary notifications or a
-new call, which call the release off. A call this router ends (its own shutdown) releases nothing.
+A frontend sends its lifecycle notifications on one long-lived ``StreamNotifications`` call, and
+keeps that call open while it has requests here (it reopens it at once after a break). When the
+call ends (the frontend crashed or was killed: its connection closed or reset) and the client then
+has no call open for ``release_after`` seconds, every request it routed and never finished is
+released, as if it had been cancelled; without this they would count as load until they expire
+(minutes). Only a new call calls the release off. Other signs of life (a Route, a unary
+notification) put it off to ``release_after`` from then but do not cancel it: a frontend may send
+a few of those just before it dies, and a live one reopens its call well within the delay. To the
+server a vanished client's call ends like a half-close, so the two are treated alike: a frontend
+stopping in order has finished (or cancelled) its requests and sent their notifications first, so
+nothing of it is left to release. A call this router ends (its own shutdown) releases nothing.
 
 A client is named by the ``tokenyard-client`` call metadata when it sends one, else by its
 connection's peer address (Route and the notification stream of one frontend share a channel,
@@ -46,7 +48,10 @@ def client_of(metadata: Iterable[tuple[str, str | bytes]] | None, peer: str) -> 
 class _Client:
     requests: set[str] = field(default_factory=set)
     streams: int = 0
+    # Armed while no call of the client is open after one broke and requests of it are pending.
     release: asyncio.TimerHandle | None = None
+    # Loop time of the last sign of life while armed: the release is due release_after after it.
+    last_seen: float = 0.0
 
 
 class ClientLeases:
@@ -66,11 +71,17 @@ class ClientLeases:
         self.released = 0
 
     def routed(self, client: str, request_id: str) -> None:
-        state = self._touch(client)
+        state = self._clients.get(client)
+        if state is None:
+            state = self._clients[client] = _Client()
+        else:
+            self._alive(state)
         previous = self._owner.get(request_id)
         if previous is not None and previous != client and previous in self._clients:
             # A migration through another frontend: the request is that one's now.
-            self._clients[previous].requests.discard(request_id)
+            before = self._clients[previous]
+            before.requests.discard(request_id)
+            self._forget_if_empty(previous, before)
         self._owner[request_id] = client
         state.requests.add(request_id)
         self._until_sweep -= 1
@@ -92,14 +103,18 @@ class ClientLeases:
             self._forget_if_empty(client, state)
 
     def seen(self, client: str) -> None:
-        """A sign of life (a unary call): a pending release is called off."""
+        """A sign of life (a unary call): a pending release is put off, not called off."""
         state = self._clients.get(client)
-        if state is not None and state.release is not None:
-            state.release.cancel()
-            state.release = None
+        if state is not None:
+            self._alive(state)
 
     def stream_opened(self, client: str) -> None:
-        self._touch(client).streams += 1
+        state = self._clients.get(client)
+        if state is None:
+            state = self._clients[client] = _Client()
+        # An open call is the one proof of life that lasts: its end is what arms the release again.
+        self._disarm(state)
+        state.streams += 1
 
     def stream_closed(self, client: str, *, broken: bool) -> None:
         state = self._clients.get(client)
@@ -111,7 +126,8 @@ class ClientLeases:
             return
         if state.release is None:
             loop = asyncio.get_running_loop()
-            state.release = loop.call_later(self.release_after, self._release_client, client)
+            state.last_seen = loop.time()
+            state.release = loop.call_at(state.last_seen + self.release_after, self._due, client)
 
     def open_streams(self) -> int:
         return sum(state.streams for state in self._clients.values())
@@ -122,27 +138,36 @@ class ClientLeases:
 
     def close(self) -> None:
         for state in self._clients.values():
-            if state.release is not None:
-                state.release.cancel()
-                state.release = None
+            self._disarm(state)
 
-    def _touch(self, client: str) -> _Client:
-        state = self._clients.get(client)
-        if state is None:
-            state = self._clients[client] = _Client()
-        elif state.release is not None:
+    def _alive(self, state: _Client) -> None:
+        # A timestamp rather than a new timer: Routes are the hot path, and _due reads it.
+        if state.release is not None:
+            state.last_seen = asyncio.get_running_loop().time()
+
+    @staticmethod
+    def _disarm(state: _Client) -> None:
+        if state.release is not None:
             state.release.cancel()
             state.release = None
-        return state
 
     def _forget_if_empty(self, client: str, state: _Client) -> None:
-        if not state.requests and state.streams <= 0 and state.release is None:
+        if not state.requests and state.streams <= 0:
+            # Nothing left to release: a pending release would only log.
+            self._disarm(state)
             self._clients.pop(client, None)
 
-    def _release_client(self, client: str) -> None:
-        state = self._clients.pop(client, None)
-        if state is None:
+    def _due(self, client: str) -> None:
+        state = self._clients.get(client)
+        if state is None or state.release is None:
             return
+        loop = asyncio.get_running_loop()
+        due = state.last_seen + self.release_after
+        if due > loop.time():
+            # A sign of life since the timer was set: silent for release_after from then on.
+            state.release = loop.call_at(due, self._due, client)
+            return
+        del self._clients[client]
         count = 0
         for request_id in state.requests:
             if self._owner.get(request_id) == client:

@@ -226,7 +226,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             self._streams.discard(progress)
             reader.cancel()
             # However it ended (to the server a vanished client looks like a half-close), unless
-            # this router ended it: the client's remaining requests are released if it stays silent.
+            # this router ended it: the client's remaining requests are released unless it opens a
+            # new stream in time (a live client reopens one at once).
             self.leases.stream_closed(client, broken=not self._closed)
 
     def close(self) -> None:

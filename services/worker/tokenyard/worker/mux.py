@@ -10,7 +10,9 @@ its first output leave at once (a first token waits for nothing); meanwhile the 
 pile up per stream and leave together.
 
 A stream's error is its chunk's status code and message (what a Generate call would have ended
-with); only a broken call fails every stream, and the frontend takes that as a lost worker.
+with, mapped by the same :func:`~tokenyard.common.errors.status_of`); only a broken call fails
+every stream, and the frontend takes that as a lost worker. Each stream logs under its request's
+id (the open's ``log_request_id``), as a Generate call logs under its ``x-request-id``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from contextlib import aclosing
 import grpc
 
 from tokenyard.api.worker.v1 import worker_pb2
-from tokenyard.common.errors import TokenyardError
+from tokenyard.common.errors import TokenyardError, status_of
+from tokenyard.common.interceptors import loggable_id
+from tokenyard.common.logs import request_id_var
 from tokenyard.worker.engines.base import EngineRequest
 from tokenyard.worker.intake import Intake, Output
 
@@ -129,7 +133,15 @@ class MuxSession:
                 for opened in message.open:
                     stream_id = opened.stream_id
                     if stream_id in self._streams:
-                        self._end(stream_id, (grpc.StatusCode.ALREADY_EXISTS, f"stream {stream_id} is open"))
+                        # A client bug. Whatever this call carries under that id is read as the
+                        # live stream's, so an error for the duplicate would end the live stream,
+                        # and failing the call would end every stream on it: refuse the duplicate
+                        # with no answer at all (its sender's own deadline ends its wait).
+                        log.warning(
+                            "GenerateMux: refused an open of stream %d (request %r): that stream is open",
+                            stream_id,
+                            opened.request.request_id,
+                        )
                         continue
                     task = loop.create_task(self._serve(stream_id, opened))
                     self._streams[stream_id] = task
@@ -146,6 +158,10 @@ class MuxSession:
     async def _serve(self, stream_id: int, opened: worker_pb2.GenerateMuxOpen) -> None:
         end: Output | tuple[grpc.StatusCode, str] | None = None
         first = True
+        # This task runs in a copy of the call's context: what it logs carries its own request's id.
+        log_id = loggable_id(opened.log_request_id or opened.request.request_id)
+        if log_id:
+            request_id_var.set(log_id)
         try:
             request = self._engine_request(opened.request)
             timeout = opened.timeout_ms / 1000.0 if opened.timeout_ms > 0 else None
@@ -167,8 +183,6 @@ class MuxSession:
                             first = False
                             self._urgent = True
                             self._wake.set()
-        except TokenyardError as exc:
-            end = (exc.code, str(exc))
         except TimeoutError:
             end = (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
         except asyncio.CancelledError:
@@ -176,8 +190,9 @@ class MuxSession:
             self._tokens.pop(stream_id, None)
             raise
         except Exception as exc:
-            log.exception("GenerateMux stream %d failed", stream_id)
-            end = (grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            if not isinstance(exc, TokenyardError):
+                log.exception("GenerateMux stream %d failed", stream_id)
+            end = status_of(exc)
         finally:
             self._streams.pop(stream_id, None)
         if end is None:

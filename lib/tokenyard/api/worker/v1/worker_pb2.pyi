@@ -582,10 +582,16 @@ class GenerateMuxOpen(_message.Message):
     STREAM_ID_FIELD_NUMBER: _builtins.int
     REQUEST_FIELD_NUMBER: _builtins.int
     TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    LOG_REQUEST_ID_FIELD_NUMBER: _builtins.int
     stream_id: _builtins.int
     timeout_ms: _builtins.float
     """The request's deadline as the time left when it was sent; 0: none. Past it the stream ends
     with DEADLINE_EXCEEDED, as a Generate call's deadline would end it.
+    """
+    log_request_id: _builtins.str
+    """The id the frontend logs this request under (what a Generate call carries as x-request-id
+    metadata; not always request.request_id, e.g. a prefill request's); the worker logs the
+    stream under it. Empty: request.request_id.
     """
     @_builtins.property
     def request(self) -> Global___GenerateRequest: ...
@@ -595,10 +601,11 @@ class GenerateMuxOpen(_message.Message):
         stream_id: _builtins.int = ...,
         request: Global___GenerateRequest | None = ...,
         timeout_ms: _builtins.float = ...,
+        log_request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["request", b"request", "stream_id", b"stream_id", "timeout_ms", b"timeout_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["log_request_id", b"log_request_id", "request", b"request", "stream_id", b"stream_id", "timeout_ms", b"timeout_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -72,10 +72,17 @@ def _specials(backend: Backend) -> tuple[list[int], list[int]]:
     return [], []
 
 
-def encode_in_pieces(backend: Backend, text: str, add_special_tokens: bool) -> Sequence[int]:
-    # One core for a long prompt: encode_batch would otherwise spread it over every core, which
-    # the requests streaming meanwhile need (the pieces go one after the other on this thread).
+def one_core_per_encode() -> None:
+    """One core for a long prompt: ``encode_batch`` would otherwise spread it over every core,
+    which the requests streaming meanwhile need (the pieces go one after the other on their
+    thread). ``tokenizers`` reads the setting from the environment; call this at startup, before
+    any thread runs, as setting the environment while another thread reads it is undefined
+    behaviour in C."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+def encode_in_pieces(backend: Backend, text: str, add_special_tokens: bool) -> Sequence[int]:
+    # Single-threaded under the frontend: main() calls one_core_per_encode() at startup.
     parts = pieces(text)
     ids = array.array("I")
     before, after = _specials(backend) if add_special_tokens else ([], [])
