@@ -34,7 +34,7 @@ from tokenyard.common.cli_settings import parse_settings
 from tokenyard.common.settings import settings_config, tls_field, with_shared_env
 from tokenyard.common.tls import Tls, TlsError
 from tokenyard.deploy.workers import WorkerLaunch, WorkerProcess, WorkerStartError, free_port
-from tokenyard.planner.profile import Profile
+from tokenyard.planner.profile import Profile, ProfileError
 
 
 class ProfileSettings(BaseSettings):
@@ -218,7 +218,9 @@ def main(argv: Sequence[str]) -> int:
     settings, _ = parse_settings(ProfileSettings, argv, prog, __doc__ or "")
     try:
         profile = asyncio.run(run(settings))
-    except (WorkerStartError, TlsError, RuntimeError, OSError) as exc:
+    except (WorkerStartError, TlsError, ProfileError, RuntimeError, OSError) as exc:
+        # ProfileError: what the sweep measured does not make a profile (say, an engine so fast
+        # that every latency is zero); the message says which series.
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
     except grpc.aio.AioRpcError as exc:
