@@ -75,7 +75,21 @@ def settings_config(service: str) -> SettingsConfigDict:
     )
 
 
-class ServiceSettings(BaseSettings):
+class TlsSettings(BaseSettings):
+    """The mTLS files of a process that serves or dials services: the services themselves and the
+    tools that call them (``tokenyard status``, ``probe``, ``profile``)."""
+
+    tls_ca: str = tls_field("ca")
+    tls_cert: str = tls_field("cert")
+    tls_key: str = tls_field("key")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shared_tls_env(cls, data: Any) -> Any:
+        return with_shared_env(data)
+
+
+class _ServiceBasics(BaseSettings):
     """Knobs every service has: where it listens, how it is found, how it logs and stops."""
 
     model_config = settings_config("service")
@@ -107,14 +121,6 @@ class ServiceSettings(BaseSettings):
     )
     log_level: LogLevel = Field(default=LogLevel.INFO, description="Log level.")
     log_format: LogFormat = Field(default=LogFormat.TEXT, description="Log format: text or json lines.")
-    tls_ca: str = tls_field("ca")
-    tls_cert: str = tls_field("cert")
-    tls_key: str = tls_field("key")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _shared_tls_env(cls, data: Any) -> Any:
-        return with_shared_env(data)
 
     @field_validator("host", "advertise_host")
     @classmethod
@@ -130,6 +136,13 @@ class ServiceSettings(BaseSettings):
         if self.host in ("0.0.0.0", "::", ""):
             return socket.gethostname()
         return self.host
+
+
+class ServiceSettings(TlsSettings, _ServiceBasics):
+    """Knobs every service has, its mTLS files last in ``--help`` (bases' fields come first in
+    reverse order: the basics, then TLS)."""
+
+    model_config = settings_config("service")
 
 
 class MetricsPortSettings(BaseSettings):

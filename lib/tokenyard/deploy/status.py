@@ -6,20 +6,19 @@ import asyncio
 import json
 import sys
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings
+from pydantic import Field
 
 from tokenyard.common.cli_settings import parse_settings
 from tokenyard.common.discovery import DiscoveryError, Instance, open_discovery
-from tokenyard.common.settings import default_discovery_url, settings_config, tls_field, with_shared_env
+from tokenyard.common.settings import TlsSettings, default_discovery_url, settings_config
 from tokenyard.common.tls import MTLS_SERVERS, PLAINTEXT, Tls, TlsError
 
 
-class StatusSettings(BaseSettings):
+class StatusSettings(TlsSettings):
     model_config = settings_config("status")
     service_name: ClassVar[str] = "status"
 
@@ -27,15 +26,6 @@ class StatusSettings(BaseSettings):
     service: str = Field(default="", description="Only list instances of this service.")
     timeout: float = Field(default=1.0, gt=0, le=60, description="Seconds to wait for each health check.")
     json_output: bool = Field(default=False, description="Print JSON lines instead of a table.")
-    # With mTLS on, health checks need a certificate of the deployment's CA (admin's, or any).
-    tls_ca: str = tls_field("ca")
-    tls_cert: str = tls_field("cert")
-    tls_key: str = tls_field("key")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _shared_tls_env(cls, data: Any) -> Any:
-        return with_shared_env(data)
 
 
 async def health_of(address: str, timeout: float, tls: Tls = PLAINTEXT, peer: str | None = None) -> str:

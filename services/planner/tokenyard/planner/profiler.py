@@ -22,22 +22,21 @@ import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import grpc
 import numpy as np
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings
+from pydantic import Field
 
 from tokenyard.api.worker.v1 import worker_pb2, worker_pb2_grpc
 from tokenyard.common.cli_settings import parse_settings
-from tokenyard.common.settings import settings_config, tls_field, with_shared_env
+from tokenyard.common.settings import TlsSettings, settings_config
 from tokenyard.common.tls import Tls, TlsError
 from tokenyard.deploy.workers import WorkerLaunch, WorkerProcess, WorkerStartError, free_port
 from tokenyard.planner.profile import Profile, ProfileError
 
 
-class ProfileSettings(BaseSettings):
+class ProfileSettings(TlsSettings):
     model_config = settings_config("profile")
     service_name: ClassVar[str] = "profile"
 
@@ -69,15 +68,6 @@ class ProfileSettings(BaseSettings):
     ready_timeout: float = Field(
         default=300.0, gt=0, description="Seconds the started worker gets to be ready."
     )
-    # A worker of an mTLS deployment answers only peers with a certificate of its CA.
-    tls_ca: str = tls_field("ca")
-    tls_cert: str = tls_field("cert")
-    tls_key: str = tls_field("key")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _shared_tls_env(cls, data: Any) -> Any:
-        return with_shared_env(data)
 
 
 def _ints(text: str) -> list[int]:
