@@ -7,6 +7,10 @@ workers without it, measured in the same run.
   The engine's startup line splits it: when the engine began (the interpreter, imports and
   settings before it), the weights, the KV pools, when it was ready; SERVING minus ready is the
   server and discovery. Goal: with the gms at least 5x faster to SERVING.
+* Respawn: a worker run with ``--respawn`` (a template that has imported the engine forks it and
+  forks it again when it dies), with and without the gms, side by side: its worker is SIGKILLed,
+  and the time from the kill until the worker forked in its place is SERVING and gives its first
+  token. Both modes preload what their start imports (transformers and the model class for disk).
 * Takeover: an active worker and a standby (``--standby-lock``, weights mapped from the gms)
   share a lock file; the active one is SIGKILLed; time until the standby is SERVING.
 * Memory: two workers side by side, each after one request (every weight page touched), the
@@ -183,9 +187,10 @@ STARTUP_PHASES = ("engine_began_s", "weights_s", "kv_s", "engine_ready_s")
 
 
 def startup_phases(child: Child) -> dict[str, float]:
-    """The CPU engine's own startup line: when (after the process started) the engine began
-    loading, the weights, the KV pools, when it was ready; each in seconds."""
-    for line in child.output().splitlines():
+    """The CPU engine's own startup line (the last one: a template logs one per worker it forks):
+    when (after the process started) the engine began loading, the weights, the KV pools, when it
+    was ready; each in seconds."""
+    for line in reversed(child.output().splitlines()):
         if "CPU engine startup:" in line:
             text = line.split("CPU engine startup:", 1)[1]
             numbers = [float(word.rstrip("s,")) for word in text.split() if word.rstrip("s,")[:1].isdigit()]
@@ -291,6 +296,66 @@ def restarts(bench: Bench) -> dict[str, Any]:
         "speedup_weights": summary["disk"]["weights_s"] / summary["gms"]["weights_s"]
         if summary["gms"]["weights_s"]
         else float("nan"),
+    }
+
+
+def service_pid(template: Child) -> int:
+    """The worker a ``--respawn`` template forked (its one child)."""
+    assert template.proc is not None
+    pid = template.proc.pid
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        if len(children) == 1:
+            return int(children[0])
+        time.sleep(0.01)
+    raise RuntimeError(f"{template.name} has no single worker process")
+
+
+def respawns(bench: Bench) -> dict[str, Any]:
+    """``--respawn`` templates with and without the gms: each round starts one of each, SIGKILLs
+    its worker once it serves, and times the kill to SERVING and to the first token of the worker
+    forked in its place. A fresh template per round: a template replaces the first crash at once
+    and backs off from the second (a crash loop), which is not what is measured here."""
+    gms = bench.gms()
+    rows: dict[str, list[dict[str, float | None]]] = {"disk": [], "gms": []}
+    for i in range(bench.args.rounds):
+        for mode in (False, True):
+            key = "gms" if mode else "disk"
+            template = bench.worker(f"respawn-{key}-{i}", gms=mode, extra=["--respawn"])
+            wait_serving(template)
+            first_token(template, "warm")
+            os.kill(service_pid(template), signal.SIGKILL)
+            template.started = time.monotonic()
+            serving = wait_serving(template)
+            token = first_token(template, f"respawn{i}")
+            phases = startup_phases(template)
+            template.stop()
+            rows[key].append(
+                {
+                    "serving_s": serving,
+                    "first_token_s": token,
+                    "weights_s": phases.get("weights_s"),
+                    "engine_ready_s": phases.get("engine_ready_s"),
+                }
+            )
+            print(
+                f"  round {i} {key:<5} killed -> SERVING {serving * 1000:6.0f} ms  first token {token * 1000:6.0f} ms",
+                flush=True,
+            )
+    gms.stop()
+
+    def med(key: str, metric: str) -> float:
+        values = [v for r in rows[key] if (v := r[metric]) is not None]
+        return float(statistics.median(values)) if values else float("nan")
+
+    metrics = ("serving_s", "first_token_s", "weights_s", "engine_ready_s")
+    summary = {key: {metric: med(key, metric) for metric in metrics} for key in rows}
+    return {
+        "rounds": rows,
+        "median": summary,
+        "speedup_serving": summary["disk"]["serving_s"] / summary["gms"]["serving_s"],
+        "speedup_first_token": summary["disk"]["first_token_s"] / summary["gms"]["first_token_s"],
     }
 
 
@@ -401,7 +466,9 @@ def main() -> None:
     )
     parser.add_argument("--model-path", default="", help="--cpu-model-path (default: the shipped model)")
     parser.add_argument("--port-base", type=int, default=20100)
-    parser.add_argument("--skip", default="", help="comma-separated parts to skip: restart,takeover,memory")
+    parser.add_argument(
+        "--skip", default="", help="comma-separated parts to skip: restart,respawn,takeover,memory"
+    )
     parser.add_argument(
         "--make-bf16", metavar="DIR", help="write a bfloat16 copy of the model to DIR and exit"
     )
@@ -429,6 +496,9 @@ def main() -> None:
             if "restart" not in skip:
                 print("restarts (alternating):", flush=True)
                 results["restart"] = restarts(bench)
+            if "respawn" not in skip:
+                print("respawns from a template (--respawn):", flush=True)
+                results["respawn"] = respawns(bench)
             if "takeover" not in skip:
                 results["takeover"] = takeover(bench)
             if "memory" not in skip:
@@ -496,6 +566,23 @@ def report(r: dict[str, Any]) -> None:
             "(publishes the weights through a child process)"
         )
         print("goal: to SERVING at least 5x faster with the gms")
+    if "respawn" in r:
+        m = r["respawn"]["median"]
+        print(f"\n{'respawn from a template (median)':<34} {'disk':>8} {'gms':>8} {'ratio':>8}")
+        for metric, label in (
+            ("serving_s", "kill to SERVING"),
+            ("first_token_s", "kill to first token"),
+            ("weights_s", "  weights"),
+            ("engine_ready_s", "  engine ready after fork"),
+        ):
+            speed = m["disk"][metric] / m["gms"][metric] if m["gms"][metric] else float("nan")
+            print(f"{label:<34} {m['disk'][metric]:>7.3f}s {m['gms'][metric]:>7.3f}s {speed:>7.1f}x")
+        if "restart" in r:
+            cold = r["restart"]["median"]["disk"]["serving_s"]
+            print(
+                f"a cold restart (new process, weights from disk) {cold:.2f}s against a respawn with the "
+                f"gms {m['gms']['serving_s']:.3f}s: {cold / m['gms']['serving_s']:.1f}x"
+            )
     if "takeover" in r:
         t = r["takeover"]
         print(

@@ -116,3 +116,15 @@ def test_the_printed_examples_name_the_virtualenvs_binaries(
     assert f"{sys.executable} - <<'EOF'" in text
     assert f"{bin_dir / 'tokenyard'} status" in text and f"{bin_dir / 'tokenyard'} down" in text
     assert "\npython -" not in text
+
+
+def test_a_policy_that_restarts_the_first_crash_at_once_backs_off_from_the_second() -> None:
+    clock = Clock()
+    tracker = RestartTracker(
+        RestartPolicy(max_restarts=4, window=60, initial_backoff=0.5, max_backoff=1.5, first_at_once=True),
+        clock,
+    )
+    assert [tracker.next_delay() for _ in range(4)] == [0.0, 0.5, 1.0, 1.5]
+    assert tracker.next_delay() is None
+    clock.now += 61
+    assert tracker.next_delay() == 0.0

@@ -22,6 +22,10 @@ class RestartPolicy:
     window: float = 120.0
     initial_backoff: float = 0.5
     max_backoff: float = 30.0
+    first_at_once: bool = False
+    """Restart the first crash (within ``window``) without delay; the backoff starts at the second.
+    For a restart that costs next to nothing (a fork of a process that has imported everything),
+    where a crash that happens once should cost as little downtime as possible."""
 
 
 class RestartTracker:
@@ -44,7 +48,8 @@ class RestartTracker:
         p = self.policy
         if len(self._recent) >= p.max_restarts:
             return None
-        delay = min(p.max_backoff, p.initial_backoff * float(2 ** len(self._recent)))
+        exponent = len(self._recent) - 1 if p.first_at_once else len(self._recent)
+        delay = 0.0 if exponent < 0 else min(p.max_backoff, p.initial_backoff * float(2**exponent))
         self._recent.append(self._clock())
         self.total += 1
         return delay

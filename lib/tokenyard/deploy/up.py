@@ -271,7 +271,9 @@ def plan(s: UpSettings) -> list[Child]:
     state_dir = Path(s.state_dir).expanduser().resolve()
     gms_socket = str(state_dir / "gms-0.sock")
     if s.gms and s.engine == "cpu":
-        engine_flags += ["--cpu-gms", "--cpu-gms-socket", gms_socket]
+        # From a template (--respawn): a crashed worker maps the weights again in a fraction of a
+        # second, without importing PyTorch again; up restarts the template only if it dies too.
+        engine_flags += ["--cpu-gms", "--cpu-gms-socket", gms_socket, "--respawn"]
     children = [
         Child(
             "router",

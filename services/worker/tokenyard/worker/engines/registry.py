@@ -9,6 +9,8 @@ dependency becomes a one-line error that says what to install.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING
@@ -48,18 +50,34 @@ ENGINES: dict[EngineKind, EngineEntry] = {
 
 def create_engine(settings: WorkerSettings) -> Engine:
     """The engine ``settings`` ask for, not started yet; StartupError names what to fix."""
-    kind = EngineKind(settings.engine)
-    entry = ENGINES[kind]
-    try:
-        module = importlib.import_module(entry.module)
+    with _missing_packages_explained(settings):
+        module = importlib.import_module(ENGINES[EngineKind(settings.engine)].module)
         engine: Engine = module.create(settings)
+    return engine
+
+
+def preload_engine(settings: WorkerSettings) -> None:
+    """Import what creating and starting the engine of ``settings`` will import, without starting
+    anything (no thread, no connection): for a template process that forks workers
+    (``--respawn``). An engine package may define ``preload(settings)`` for what it imports late."""
+    with _missing_packages_explained(settings):
+        module = importlib.import_module(ENGINES[EngineKind(settings.engine)].module)
+        hook = getattr(module, "preload", None)
+        if hook is not None:
+            hook(settings)
+
+
+@contextmanager
+def _missing_packages_explained(settings: WorkerSettings) -> Iterator[None]:
+    kind = EngineKind(settings.engine)
+    try:
+        yield
     except ImportError as exc:
         missing = exc.name or str(exc)
         raise StartupError(
             f"the {kind.value} engine (--engine / TOKENYARD_WORKER_ENGINE) needs the Python package "
-            f"{missing!r}, which is not installed in {_prefix()}: {entry.install}"
+            f"{missing!r}, which is not installed in {_prefix()}: {ENGINES[kind].install}"
         ) from None
-    return engine
 
 
 def _prefix() -> str:

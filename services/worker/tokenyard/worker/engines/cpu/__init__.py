@@ -19,3 +19,12 @@ def create(settings: WorkerSettings) -> Engine:
     from tokenyard.worker.engines.cpu.engine import CpuEngine
 
     return CpuEngine(settings.cpu, role=settings.role)
+
+
+def preload(settings: WorkerSettings) -> None:
+    """For a template process (``--respawn``): PyTorch, the engine, and what loading its weights
+    will import (transformers and the model's class from disk; our own Llama from the gms)."""
+    import tokenyard.worker.engines.cpu.engine  # noqa: F401
+    from tokenyard.worker.engines.cpu.model import preload_loader
+
+    preload_loader(settings.cpu)

@@ -9,9 +9,11 @@ Hugging Face directory given directly is loaded as it is.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -98,6 +100,14 @@ def models_cache_root(explicit: Path | None = None) -> Path:
 
 
 def gguf_cache_key(path: Path) -> str:
+    stat = path.stat()
+    return _gguf_cache_key(path.resolve(), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _gguf_cache_key(path: Path, size: int, mtime_ns: int) -> str:
+    """Memoized by the file's size and modification time: a worker forked from a template
+    (``--respawn``) does not read the file's head again."""
     digest = hashlib.sha256()
     digest.update(f"tokenyard-gguf-model-v{CONVERTER_VERSION}\n".encode())
     # A new transformers major version may write a layout older ones cannot read, and vice versa.
@@ -105,7 +115,7 @@ def gguf_cache_key(path: Path) -> str:
     # the gms never imports transformers (seconds), yet names the weights by this key.
     version = importlib.metadata.version("transformers")
     digest.update(f"transformers-{version.split('.')[0]}\n".encode())
-    digest.update(str(path.stat().st_size).encode())
+    digest.update(str(size).encode())
     with path.open("rb") as f:
         digest.update(f.read(_KEY_HEAD_BYTES))
     return digest.hexdigest()[:16]
@@ -206,6 +216,33 @@ def use_attention(model: Any, name: str) -> None:
     if name == attention.ATTN_IMPLEMENTATION and not getattr(model, "paged_attention_built_in", False):
         attention.register()
     model.set_attn_implementation(name)
+
+
+def preload_loader(config: CpuEngineConfig) -> None:
+    """Import what :func:`load_model` will import for ``config``, and name its weights, loading
+    nothing: for a template process that forks workers (``--respawn``)."""
+    import torch  # noqa: F401
+
+    weights_dir, _ = resolve_weights(config)
+    model_config: dict[str, Any] | None = None
+    if (weights_dir / "config.json").is_file():
+        try:
+            model_config = json.loads((weights_dir / "config.json").read_text())
+        except (OSError, ValueError):
+            model_config = None
+    if config.gms:
+        from tokenyard.worker.engines.cpu import gms_weights, llama  # noqa: F401
+
+        if model_config is not None and llama.supports(model_config):
+            return  # mapped into our own Llama: transformers is never imported
+    from transformers import AutoConfig, AutoModelForCausalLM  # noqa: F401
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if model_config is not None:
+        try:  # the model's class lives in a module transformers imports on first use
+            MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(weights_dir))]
+        except (KeyError, OSError, ValueError) as exc:
+            log.debug("not preloading the model class of %s: %s", weights_dir, exc)
 
 
 def load_model(config: CpuEngineConfig, *, attn_implementation: str | None = None) -> LoadedModel:

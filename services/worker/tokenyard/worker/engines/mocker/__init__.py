@@ -26,3 +26,8 @@ def create(settings: WorkerSettings) -> Engine:
             f"cannot load the mocker perf model (--mocker-perf-model-path / "
             f"TOKENYARD_WORKER_MOCKER__PERF_MODEL_PATH): {exc}"
         ) from None
+
+
+def preload(settings: WorkerSettings) -> None:
+    """The engine's code, for a template process (``--respawn``)."""
+    import tokenyard.worker.engines.mocker.engine  # noqa: F401
