@@ -11,7 +11,15 @@ import pytest
 from tokenyard.frontend import main as frontend_main
 from tokenyard.frontend.tokenizer import Tokenizer, load_tokenizer
 from tokenyard.frontend.tokenizer.hf import HFTokenizer
-from tokenyard.frontend.tokenizer.large import LARGE_TEXT_CHARS, PIECE_CHARS, cuts_safely, pieces
+from tokenyard.frontend.tokenizer.large import (
+    CACHED_PIECE_CHARS,
+    CACHED_TEXT_CHARS,
+    LARGE_TEXT_CHARS,
+    PIECE_CHARS,
+    PieceCache,
+    cuts_safely,
+    pieces,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -91,3 +99,46 @@ def test_the_frontend_encodes_on_one_core_from_before_it_starts(monkeypatch: pyt
     argv: Sequence[str] = []
     assert frontend_main.main(argv) == 0
     assert seen == ["false"]
+
+
+@pytest.mark.parametrize("special", [False, True])
+def test_texts_that_share_a_prefix_encode_to_their_whole_ids_through_the_piece_cache(
+    smol: Tokenizer, special: bool
+) -> None:
+    assert isinstance(smol, HFTokenizer)
+    cache = PieceCache()
+    prefix = _text(6 * CACHED_PIECE_CHARS, 5)
+    texts = [prefix + _text(CACHED_PIECE_CHARS // 3 + i * 97, 10 + i) for i in range(6)]
+    texts += [prefix[: len(prefix) // 2 + i] for i in range(4)]  # cut anywhere, spaces included
+    for text in texts:
+        assert (
+            list(cache.encode(smol.backend, text, special))
+            == smol.backend.encode(text, add_special_tokens=special).ids
+        )
+    assert cache.hits > cache.misses  # the shared pieces were encoded once
+
+
+def test_the_piece_cache_keeps_within_its_bound_and_forgets_the_oldest(smol: Tokenizer) -> None:
+    assert isinstance(smol, HFTokenizer)
+    cache = PieceCache(max_chars=3 * CACHED_PIECE_CHARS)
+    first = _text(2 * CACHED_PIECE_CHARS, 6)
+    cache.encode(smol.backend, first, False)
+    for seed in range(7, 12):
+        text = _text(2 * CACHED_PIECE_CHARS, seed)
+        assert list(cache.encode(smol.backend, text, False)) == smol.backend.encode(text).ids
+        assert cache._chars <= cache.max_chars
+    hits = cache.hits
+    cache.encode(smol.backend, first, False)
+    assert cache.hits == hits  # long gone
+
+
+def test_prompts_of_a_few_thousand_characters_use_the_tokenizers_piece_cache(smol: Tokenizer) -> None:
+    assert isinstance(smol, HFTokenizer)
+    text = _text(CACHED_TEXT_CHARS + 10, 13)
+    misses = smol.pieces.misses
+    assert (
+        list(smol.encode(text, add_special_tokens=True))
+        == smol.backend.encode(text, add_special_tokens=True).ids
+    )
+    assert smol.pieces.misses > misses
+    assert list(smol.encode(text[:100])) == smol.backend.encode(text[:100], add_special_tokens=False).ids

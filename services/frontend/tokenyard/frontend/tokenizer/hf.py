@@ -13,7 +13,13 @@ from tokenizers import Tokenizer as Backend
 
 from tokenyard.frontend.tokenizer.chat_template import ChatTemplate
 from tokenyard.frontend.tokenizer.errors import ChatTemplateError, TokenizerError
-from tokenyard.frontend.tokenizer.large import LARGE_TEXT_CHARS, cuts_safely, encode_in_pieces
+from tokenyard.frontend.tokenizer.large import (
+    CACHED_TEXT_CHARS,
+    LARGE_TEXT_CHARS,
+    PieceCache,
+    cuts_safely,
+    encode_in_pieces,
+)
 from tokenyard.frontend.tokenizer.protocol import SpecialToken, SpecialTokens
 
 # Used when the files name no end-of-sequence token (a bare tokenizer.json); first match wins.
@@ -47,6 +53,7 @@ class HFTokenizer:
         self._vocab_size = backend.get_vocab_size(with_added_tokens=True)
         # Whether long texts may be encoded in pieces; probed on the first long text.
         self._cuts_safely: bool | None = None
+        self.pieces = PieceCache()
 
     @property
     def name(self) -> str:
@@ -85,11 +92,13 @@ class HFTokenizer:
         return None if self._template is None else self._template.source
 
     def encode(self, text: str, add_special_tokens: bool = False) -> Sequence[int]:
-        if len(text) >= LARGE_TEXT_CHARS:
+        if len(text) >= CACHED_TEXT_CHARS:
             if self._cuts_safely is None:
                 self._cuts_safely = cuts_safely(self._backend)
             if self._cuts_safely:
-                return encode_in_pieces(self._backend, text, add_special_tokens)
+                if len(text) >= LARGE_TEXT_CHARS:
+                    return encode_in_pieces(self._backend, text, add_special_tokens)
+                return self.pieces.encode(self._backend, text, add_special_tokens)
         ids: list[int] = self._backend.encode(text, add_special_tokens=add_special_tokens).ids
         return ids
 
