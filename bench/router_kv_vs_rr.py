@@ -125,6 +125,7 @@ def run_mode(
         )  # fmt: skip
         doc = dict(json.loads(out.read_text()))
         doc["router_metrics"] = _router_metrics(router.metrics_address)
+        doc["frontend_metrics"] = _frontend_metrics(frontend.metrics_address)
         return doc
     finally:
         for p in procs:
@@ -145,6 +146,9 @@ def _router_metrics(address: str) -> dict[str, float]:
         "tokenyard_router_kv_hit_rate_count": "decisions",
         "tokenyard_router_non_max_overlap_selections_total": "non_max_overlap",
         "tokenyard_router_overlap_blocks_lost_sum": "overlap_blocks_lost",
+        'tokenyard_router_overhead_seconds_sum{stage="total"}': "decision_seconds_sum",
+        "tokenyard_router_time_to_first_token_seconds_sum": "ttft_seconds_sum",
+        "tokenyard_router_time_to_first_token_seconds_count": "ttft_count",
     }
     out: dict[str, float] = {}
     for line in text.splitlines():
@@ -153,7 +157,24 @@ def _router_metrics(address: str) -> dict[str, float]:
             out[wanted[name]] = float(value)
     if out.get("decisions"):
         out["predicted_hit_rate"] = out.get("hit_rate_sum", 0.0) / out["decisions"]
+        out["decision_ms_mean"] = 1000 * out.get("decision_seconds_sum", 0.0) / out["decisions"]
+    if out.get("ttft_count"):
+        out["ttft_ms_mean"] = 1000 * out.get("ttft_seconds_sum", 0.0) / out["ttft_count"]
     return out
+
+
+def _frontend_metrics(address: str) -> dict[str, float]:
+    """The frontend's own TTFT (from a request's arrival to its first token): the load generator's
+    minus this is what the HTTP client and server add."""
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    sums = {"sum": 0.0, "count": 0.0}
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        for kind in sums:
+            if name.startswith(f"tokenyard_frontend_time_to_first_token_seconds_{kind}"):
+                sums[kind] += float(value)
+    return {"ttft_ms_mean": 1000 * sums["sum"] / sums["count"]} if sums["count"] else {}
 
 
 def _summary(doc: dict[str, Any]) -> dict[str, float]:
@@ -164,7 +185,9 @@ def _summary(doc: dict[str, Any]) -> dict[str, float]:
         "ttft_p90_ms": float(summary["ttft_ms"]["p90"]),
         "cache_hit_rate": float(summary["cache_hit_rate"]),
         "requests_failed": float(summary["requests_failed"]),
+        "ttft_mean_ms": float(summary["ttft_ms"]["mean"]),
         **{f"router_{k}": v for k, v in doc.get("router_metrics", {}).items()},
+        **{f"frontend_{k}": v for k, v in doc.get("frontend_metrics", {}).items()},
     }
 
 
@@ -224,6 +247,16 @@ def main() -> None:
         }
         rounds = ", ".join(f"{x['ttft_p50_ms']:.1f} ms / {x['cache_hit_rate']:.2f}" for x in s)
         print(f"{mode:>12} {ttft:>12.1f} {p90:>8.1f} {hit:>10.2f} {failed:>7.0f}   rounds: {rounds}")
+    print(
+        f"\n{'mode':>12} {'TTFT mean ms':>13} {'at the frontend':>16} {'after routing':>14} {'routing decision':>17}"
+        "   (last round; the services' means include the warm-up)"
+    )
+    for mode, docs in rows.items():
+        x = _summary(docs[-1])
+        print(
+            f"{mode:>12} {x['ttft_mean_ms']:>13.1f} {x.get('frontend_ttft_ms_mean', float('nan')):>16.1f} "
+            f"{x.get('router_ttft_ms_mean', float('nan')):>14.1f} {x.get('router_decision_ms_mean', float('nan')):>17.2f}"
+        )
     RESULTS.mkdir(exist_ok=True)
     name = "router_kv_vs_rr" if args.workload == "pressure" else f"router_kv_vs_rr_{args.workload}"
     out = RESULTS / f"{name}.json"
