@@ -137,6 +137,29 @@ async def test_real_time_mode_produces_the_same_tokens() -> None:
     assert [t for c in chunks for t in c.token_ids] == expected(request, 5)
 
 
+class Steady:
+    """Every step that prefills takes 40 ms, every decode-only step 5 ms."""
+
+    def prefill_ms(self, batch_size: int, mean_isl: float, mean_prefix: float) -> float:
+        return 40.0
+
+    def decode_ms(
+        self, batch_size: int, active_kv_tokens: int, mean_context_len: float, total_kv_tokens: int
+    ) -> float:
+        return 0.0
+
+
+async def test_a_request_after_a_short_idle_spell_takes_its_whole_step() -> None:
+    # The deadlines of a busy rank are chained (a late wake-up does not add up); once it has run
+    # out of work, the next step starts when it is planned, not where the last one ended.
+    async with MockerEngine(MockerConfig(speedup_ratio=1.0), perf_model=Steady()) as engine:
+        await collect(engine, req("a", range(64), max_tokens=1))
+        await asyncio.sleep(0.03)
+        started = asyncio.get_running_loop().time()
+        await collect(engine, req("b", range(1000, 1064), max_tokens=1))
+        assert asyncio.get_running_loop().time() - started >= 0.039
+
+
 async def test_leaving_the_stream_aborts_and_frees_blocks() -> None:
     async with MockerEngine(FAST) as engine:
         stream = engine.generate(req("r", range(1000), max_tokens=10_000))

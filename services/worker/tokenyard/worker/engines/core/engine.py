@@ -438,6 +438,7 @@ class BatchingEngine:
         try:
             while True:
                 if not sched.has_work:
+                    self.executor.idle(rank.dp_rank)
                     rank.wake.clear()
                     await rank.wake.wait()
                     continue

@@ -50,6 +50,11 @@ class StepExecutor(Protocol):
         """Seconds a finished request's last chunk waits (a modelled KV hand-off); 0 for none."""
         ...
 
+    def idle(self, dp_rank: int) -> None:
+        """``dp_rank`` ran out of work: its next step begins when work arrives, not when its last
+        step ended (an executor that keeps a clock of its own restarts it)."""
+        ...
+
     async def close(self) -> None: ...
 
 

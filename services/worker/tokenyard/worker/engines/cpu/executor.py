@@ -193,6 +193,9 @@ class CpuExecutor:
     def finish_delay_s(self, seq: SequenceState) -> float:
         return 0.0
 
+    def idle(self, dp_rank: int) -> None:
+        """Real time: nothing to restart."""
+
     async def close(self) -> None:
         if self._thread is not None:
             # Let a forward pass still running finish before anything is torn down.

@@ -161,6 +161,13 @@ class MockerExecutor:
         await asyncio.sleep(max(0.0, start + seconds - loop.time()))
         return step.tokens
 
+    def idle(self, dp_rank: int) -> None:
+        """The chain of deadlines ends with the work: a step after an idle spell starts when it
+        is planned. (Chained from the last deadline, a request arriving up to ``_MAX_LAG_S``
+        after the rank went idle would be served as if it had arrived then: sooner than the
+        model allows.)"""
+        self._due[dp_rank] = None
+
     def finish_delay_s(self, seq: SequenceState) -> float:
         """A prefill-only request's one token waits for its KV to reach the decode worker:
         ``prompt tokens * kv_bytes_per_token / bandwidth``, divided by the speedup ratio."""
