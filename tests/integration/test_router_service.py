@@ -456,6 +456,32 @@ async def test_replicas_share_predicted_load(discovery_url: str) -> None:
         )
 
 
+async def test_replicas_share_session_bindings_and_what_workers_keep(discovery_url: str) -> None:
+    async with (
+        running_router(discovery_url, replica_sync=True) as a,
+        running_router(discovery_url, replica_sync=True) as b,
+        scripted_worker(discovery_url) as (_w1, first),
+        scripted_worker(discovery_url) as (_w2, second),
+    ):
+        await eventually(
+            lambda: a.router.hub.subscribers == 1 and b.router.hub.subscribers == 1,
+            "replicas subscribed",
+        )
+        await eventually(lambda: len(b.router.workers) == 2, "b sees both workers")
+        turn1 = await a.route([11, 12, 13], rid="t1", hints=router_pb2.RouteHints(session_id="chat-9"))
+        chosen = turn1.worker_id
+        await eventually(lambda: b.router.active.get("t1") is not None, "b learned a's route")
+        # b counts t1's load on the chosen worker, so on load alone it would pick the other one;
+        # the session follows the conversation there instead.
+        turn2 = await b.route([21, 22], rid="t2", hints=router_pb2.RouteHints(session_id="chat-9"))
+        assert turn2.worker_id == chosen
+        other = await b.route([31, 32], rid="t3")
+        assert other.worker_id != chosen and other.worker_id in {first.instance_id, second.instance_id}
+        # And b's forecast of what the chosen worker keeps holds the prompt a routed there.
+        kept = {rank.worker_id for rank in b.router.scheduler.forecast.ranks}
+        assert chosen in kept
+
+
 # -- the notification stream ------------------------------------------------------------------------
 
 

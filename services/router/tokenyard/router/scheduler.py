@@ -242,6 +242,7 @@ class Scheduler:
                         cached_tokens,
                         hints.expected_output_tokens,
                         q.pool,
+                        hints.session_id or "",
                     )
                 )
         chosen_worker = self.workers.get(chosen.worker_id)
@@ -420,6 +421,16 @@ class Scheduler:
                 )
                 out.append(Candidate(w.worker_id, rank, w.instance.address, state))
         return out
+
+    def learn_from_peer(self, event: Routed) -> None:
+        """A peer router's decision, beyond the load it adds (which the active-request tracking
+        applies): the worker it chose now holds the prompt's blocks most recently (the keep
+        forecast), and the request's session follows it there."""
+        rank = WorkerRank(event.worker_id, event.dp_rank)
+        if event.sequence_hashes:
+            self.forecast.touch(rank, event.sequence_hashes)
+        if event.session_id:
+            self.sessions.bind(event.session_id, rank)
 
     def _observe(
         self,

@@ -110,7 +110,14 @@ class Router:
         )
         self.watch = WorkerWatch(runtime.discovery, self.workers)
         self.peers = (
-            PeerSync(runtime.discovery, str(runtime.instance_id), self.active, self.metrics, runtime.tls)
+            PeerSync(
+                runtime.discovery,
+                str(runtime.instance_id),
+                self.active,
+                self.metrics,
+                runtime.tls,
+                on_routed=self.scheduler.learn_from_peer,
+            )
             if s.replica_sync
             else None
         )

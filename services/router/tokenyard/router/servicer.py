@@ -89,6 +89,7 @@ def replica_event_to_pb(item: ReplicaEvent) -> router_pb2.SubscribeReplicaEvents
         if event.expected_output_tokens is not None:
             routed.expected_output_tokens = event.expected_output_tokens
         routed.pool = POOL_ENUMS.get(event.pool, router_pb2.WORKER_POOL_UNSPECIFIED)
+        routed.session_id = event.session_id
     elif isinstance(event, FirstToken):
         msg.first_token.request_id = event.request_id
     else:

@@ -759,6 +759,7 @@ class ReplicaRouted(_message.Message):
     CACHED_TOKENS_FIELD_NUMBER: _builtins.int
     EXPECTED_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     POOL_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     worker_id: _builtins.int
     dp_rank: _builtins.int
@@ -768,6 +769,10 @@ class ReplicaRouted(_message.Message):
     expected_output_tokens: _builtins.int
     pool: Global___WorkerPool.ValueType
     """The pool it was routed in: what its load counts as (the origin's RouteRequest.pool)."""
+    session_id: _builtins.str
+    """The request's session (RouteHints.session_id), "" for none: the subscriber binds the session
+    to the same worker, so that the conversation's next turn follows it whichever replica routes.
+    """
     @_builtins.property
     def sequence_hashes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Sequence hashes of the prompt's complete blocks."""
@@ -783,10 +788,11 @@ class ReplicaRouted(_message.Message):
         cached_tokens: _builtins.int = ...,
         expected_output_tokens: _builtins.int | None = ...,
         pool: Global___WorkerPool.ValueType = ...,
+        session_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_output_tokens", b"_expected_output_tokens", "expected_output_tokens", b"expected_output_tokens"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_output_tokens", b"_expected_output_tokens", "cached_tokens", b"cached_tokens", "dp_rank", b"dp_rank", "expected_output_tokens", b"expected_output_tokens", "isl_tokens", b"isl_tokens", "pool", b"pool", "request_id", b"request_id", "sequence_hashes", b"sequence_hashes", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_output_tokens", b"_expected_output_tokens", "cached_tokens", b"cached_tokens", "dp_rank", b"dp_rank", "expected_output_tokens", b"expected_output_tokens", "isl_tokens", b"isl_tokens", "pool", b"pool", "request_id", b"request_id", "sequence_hashes", b"sequence_hashes", "session_id", b"session_id", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__expected_output_tokens: _TypeAlias = _typing.Literal["expected_output_tokens"]  # noqa: Y015
     _WhichOneofArgType__expected_output_tokens: _TypeAlias = _typing.Literal["_expected_output_tokens", b"_expected_output_tokens"]  # noqa: Y015

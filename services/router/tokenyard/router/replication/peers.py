@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import random
+from collections.abc import Callable
 
 import grpc
 
@@ -45,6 +46,7 @@ def replica_event_from_pb(msg: router_pb2.SubscribeReplicaEventsResponse) -> Lif
             cached_tokens=r.cached_tokens,
             expected_output_tokens=r.expected_output_tokens if r.HasField("expected_output_tokens") else None,
             pool=POOL_NAMES.get(r.pool, ""),
+            session_id=r.session_id,
         )
     if which == "first_token":
         return FirstToken(msg.first_token.request_id)
@@ -61,8 +63,12 @@ class PeerSync:
         active: ActiveRequests,
         metrics: RouterMetrics | None,
         tls: Tls = PLAINTEXT,
+        on_routed: Callable[[Routed], None] | None = None,
     ) -> None:
+        """``on_routed``: what else a peer's decision teaches this router (the scheduler's
+        forecast of what each worker keeps, and session bindings)."""
         self._tls = tls
+        self._on_routed = on_routed
         self._discovery = discovery
         self._router_id = router_id
         self._active = active
@@ -136,6 +142,8 @@ class PeerSync:
                         continue
                     # Requests are attributed to the peer's registration, so they go when it leaves.
                     apply_peer_event(self._active, str(peer.instance_id), event)
+                    if isinstance(event, Routed) and self._on_routed is not None:
+                        self._on_routed(event)
                     self._count("received", kind(event))
             finally:
                 call.cancel()

@@ -31,6 +31,8 @@ class Routed:
     expected_output_tokens: int | None = None
     # The pool it was routed in ("" the default): what its load counts as.
     pool: str = ""
+    # The request's session hint ("" none): peers bind it to the same worker.
+    session_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
