@@ -14,9 +14,12 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.fixtures.processes import ServiceProcessFactory, wait_for_instance
+from tokenyard.frontend.server import READY_HEALTH_SERVICE
 
 pytestmark = pytest.mark.e2e
 
@@ -51,6 +54,15 @@ def _mocker(discovery: str) -> list[str]:
     ]
 
 
+def _grpc_health(address: str, service: str = "") -> str:
+    """What `tokenyard probe` (and a Kubernetes gRPC probe) sees: the status's name."""
+    with grpc.insecure_channel(address) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=10
+        )
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+
 def test_ready_follows_the_router_and_the_workers_live_does_not(
     spawn: ServiceProcessFactory, tmp_path: Path
 ) -> None:
@@ -61,9 +73,13 @@ def test_ready_follows_the_router_and_the_workers_live_does_not(
     frontend = asyncio.run(wait_for_instance(discovery, "frontend"))
     base = f"http://{frontend.metrics_address}"
     _until(lambda: _get(base + "/health/ready")[0] == 200, "ready with a router and a worker")
+    assert _grpc_health(frontend.address, READY_HEALTH_SERVICE) == "SERVING"
 
     router.terminate()
     _until(lambda: _get(base + "/health/ready")[0] == 503, "not ready without a router")
+    # The gRPC probes see the same: readiness follows, liveness (the whole server) does not.
+    _until(lambda: _grpc_health(frontend.address, READY_HEALTH_SERVICE) == "NOT_SERVING", "gRPC not ready")
+    assert _grpc_health(frontend.address) == "SERVING"
     _, doc = _get(base + "/health/ready")
     assert doc["ready"] is False and "router" in str(doc["reason"])
     assert _get(base + "/health/live") == (200, {"status": "live"})
@@ -71,6 +87,7 @@ def test_ready_follows_the_router_and_the_workers_live_does_not(
 
     spawn(["router", "--port", "0", "--metrics-port", "0", "--discovery", discovery])
     _until(lambda: _get(base + "/health/ready")[0] == 200, "ready again with a new router")
+    _until(lambda: _grpc_health(frontend.address, READY_HEALTH_SERVICE) == "SERVING", "gRPC ready again")
 
     worker.terminate()
     _until(lambda: _get(base + "/health/ready")[0] == 503, "not ready without a worker")

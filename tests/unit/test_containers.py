@@ -31,6 +31,7 @@ import pytest
 import yaml
 
 from tokenyard.common.tls import TlsFiles
+from tokenyard.frontend.server import READY_HEALTH_SERVICE
 
 pytestmark = pytest.mark.unit
 
@@ -282,7 +283,15 @@ def test_workers_run_as_replicas_without_a_fixed_advertised_address() -> None:
 def test_every_tokenyard_service_has_a_probe_healthcheck_on_its_own_address() -> None:
     for name, svc in tokenyard_services().items():
         assert "healthcheck" in svc, f"{name} has no healthcheck"
-        assert svc["healthcheck"]["test"] == ["CMD", "tokenyard", "probe", grpc_address(name, svc)], name
+        # The frontend is healthy once ready (a router and a worker answer): its own health name.
+        service = ["--service", READY_HEALTH_SERVICE] if name == "frontend" else []
+        assert svc["healthcheck"]["test"] == [
+            "CMD",
+            "tokenyard",
+            "probe",
+            *service,
+            grpc_address(name, svc),
+        ], name
 
 
 def test_dependencies_exist_and_health_conditions_have_healthchecks() -> None:

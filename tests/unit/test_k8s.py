@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from tokenyard.common.tls import MTLS_SERVERS
+from tokenyard.frontend.server import READY_HEALTH_SERVICE
 
 pytestmark = pytest.mark.unit
 
@@ -219,7 +220,11 @@ def test_probes_ask_the_grpc_health_service_on_the_services_own_port() -> None:
                 else:
                     port = env_value(container, prefix + "PORT")
                     assert port is not None, where
-                    assert spec["grpc"] == {"port": int(port)}, f"{where} {probe}"
+                    expected: dict[str, object] = {"port": int(port)}
+                    if service == "frontend" and probe == "readinessProbe":
+                        # Readiness is the frontend's own health name: a router and a worker answer.
+                        expected["service"] = READY_HEALTH_SERVICE
+                    assert spec["grpc"] == expected, f"{where} {probe}"
                     grpc_ports = {p["containerPort"] for p in container["ports"] if p["name"] == "grpc"}
                     assert grpc_ports == {int(port)}, where
 

@@ -148,7 +148,7 @@ class ServiceRuntime:
         # Later options win: a service may override the shared defaults (message sizes).
         self._server_options = merged_options(SERVER_OPTIONS, server_options)
         self._servicers: list[tuple[AddServicer, Any, str]] = []
-        self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self._health = _Health()
         self._server: grpc.aio.Server | None = None
         self._stop = asyncio.Event()
         self._closers: list[Callable[[], Awaitable[None]]] = []
@@ -261,8 +261,15 @@ class ServiceRuntime:
         else:
             log.info("deregistered %s %d", self.service, instance.instance_id)
 
+    def add_health_check(self, name: str, check: Callable[[], Awaitable[bool]]) -> None:
+        """A health service ``name`` whose status is ``check()``, evaluated when asked (and
+        NOT_SERVING whenever the whole server is): for a probe that asks more than whether the
+        process serves, as the frontend's readiness does."""
+        self._health.dynamic[name] = check
+
     def set_serving(self, serving: bool) -> None:
         """Health means ready: flip every service of this process at once."""
+        self._health.serving = serving
         status = (
             health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         )
@@ -271,7 +278,7 @@ class ServiceRuntime:
         task.add_done_callback(_log_task_error)
 
     async def _set_all(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
-        for name in ("", *self.service_names):
+        for name in ("", *self.service_names, *self._health.dynamic):
             await self._health.set(name, status)
 
     def request_shutdown(self) -> None:
@@ -287,6 +294,7 @@ class ServiceRuntime:
         log.info("shutting down %s (grace %.1fs)", self.service, self.settings.grace_period)
 
     async def _teardown(self, grace: float | None) -> None:
+        self._health.serving = False
         if self._server is not None:
             await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
             self.metrics.up.labels(self.service).set(0)
@@ -332,3 +340,24 @@ def _bind_reason(exc: RuntimeError) -> str:
 def _log_task_error(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("health update failed: %s", task.exception())
+
+
+class _Health(health.aio.HealthServicer):  # type: ignore[misc,name-defined]  # grpc_health leaves it untyped
+    """gRPC health with, beside the statuses set, names whose status is computed when checked."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dynamic: dict[str, Callable[[], Awaitable[bool]]] = {}
+        self.serving = False
+
+    async def Check(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> health_pb2.HealthCheckResponse:
+        check = self.dynamic.get(request.service)
+        if check is None:
+            return await super().Check(request, context)
+        ok = self.serving and await check()
+        status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+        # Watchers of the name see what the last check found.
+        await self.set(request.service, status)
+        return health_pb2.HealthCheckResponse(status=status)

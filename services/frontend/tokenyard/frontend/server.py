@@ -36,6 +36,10 @@ from tokenyard.frontend.servicer import SERVICE_NAME, KServeServicer
 
 log = logging.getLogger(__name__)
 
+READY_HEALTH_SERVICE = "tokenyard.frontend.Ready"
+"""gRPC health name that answers what ``/health/ready`` answers: SERVING while some router and
+some worker answer (readiness probes); the whole server's status ("") stays liveness."""
+
 
 class DiscoveryFeed:
     """One discovery watch feeding the model registry (workers) and, unless the router addresses
@@ -173,6 +177,8 @@ class FrontendServer:
             self._worker_addresses,
             lambda address, service: self.runtime.tls.channel(address, service),
         )
+        # /health/ready for probes that speak gRPC (Kubernetes, compose): the same answer.
+        self.runtime.add_health_check(READY_HEALTH_SERVICE, self._ready_now)
         self._runner = web.AppRunner(
             build_app(
                 self.frontend,
@@ -197,6 +203,9 @@ class FrontendServer:
             self.runtime.discovery, self.models, None if settings.router else self.router
         )
         self._http_closing: asyncio.Task[None] | None = None
+
+    async def _ready_now(self) -> bool:
+        return (await self.readiness.state()).ready
 
     def _worker_addresses(self) -> list[str]:
         """Workers that serve clients (not prefill-only ones), of every model."""
