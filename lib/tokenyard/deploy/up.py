@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import os
 import shlex
 import signal
@@ -257,6 +258,18 @@ def vllm_core_sets(workers: int) -> list[str]:
     return [",".join(str(c) for c in cores[i * per : (i + 1) * per]) for i in range(workers)]
 
 
+def planner_predictor_flags() -> list[str]:
+    """The planner's default predictor (ARIMA) needs the ``planner`` extra; without it the
+    deployment's planner predicts with the Kalman filter instead of failing to start."""
+    if importlib.util.find_spec("statsmodels") is not None:
+        return []
+    print(
+        "statsmodels is not installed (pip install 'tokenyard[planner]'): the planner predicts with kalman",
+        file=sys.stderr,
+    )
+    return ["--throughput-predictor", "kalman"]
+
+
 def plan(s: UpSettings) -> list[Child]:
     """Every process of the deployment, in start order (the frontend last)."""
     base = [sys.executable, "-m", "tokenyard.cli"]
@@ -313,6 +326,7 @@ def plan(s: UpSettings) -> list[Child]:
                 str(state_dir / "planner-workers"),
                 "--local-worker-args",
                 shlex.join(engine_flags),
+                *planner_predictor_flags(),
             ],
             f"{s.host}:{s.planner_port}",
         ),

@@ -26,10 +26,12 @@ from pydantic import Field
 from pydantic_settings import BaseSettings
 
 from tokenyard.common.cli_settings import parse_settings
+from tokenyard.common.service import StartupError
 from tokenyard.common.settings import settings_config
 from tokenyard.planner.budget import Budget
 from tokenyard.planner.config import BudgetSettings, PredictorKind, ReplicaSettings, SlaSettings
 from tokenyard.planner.decide import Policy, hold, throughput_tick
+from tokenyard.planner.extras import require, require_for
 from tokenyard.planner.perf import PerfModel, ProfilePerfModel
 from tokenyard.planner.pools import Mode, Pool
 from tokenyard.planner.predictors import new_predictor
@@ -310,6 +312,12 @@ def write_report(report: Report, output: str | Path, *, profile: str = "") -> tu
 def main(argv: Sequence[str]) -> int:
     prog = "tokenyard planner dry-run"
     settings, _ = parse_settings(DryRunSettings, argv, prog, __doc__ or "")
+    try:
+        require("matplotlib", f"{prog} (its report's chart)")
+        require_for(settings.predictor, predictor_flag="--predictor")
+    except StartupError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
     try:
         model = ProfilePerfModel(load_profile(settings.profile))
         trace = load_trace(settings.trace, settings.interval)

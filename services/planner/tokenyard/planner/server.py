@@ -17,6 +17,7 @@ from tokenyard.planner.clients import FrontendScraper, StepSubscriber, WorkerLim
 from tokenyard.planner.config import ConnectorKind, PlannerSettings
 from tokenyard.planner.connectors import Connector, ConnectorError, NoConnector
 from tokenyard.planner.decide import Policy
+from tokenyard.planner.extras import require_for
 from tokenyard.planner.load import Limits
 from tokenyard.planner.metrics import PlannerMetrics
 from tokenyard.planner.perf import PerfModel, ProfilePerfModel
@@ -135,6 +136,7 @@ def perf_model_of(s: PlannerSettings) -> tuple[PerfModel | None, str]:
 
 
 async def serve(settings: PlannerSettings) -> None:
+    require_for(settings.throughput.predictor, settings.connector)
     model, model_error = perf_model_of(settings)
     async with ServiceRuntime(settings, service="planner", metrics_port=settings.metrics_port) as runtime:
         metrics = PlannerMetrics(runtime.metrics.registry)
