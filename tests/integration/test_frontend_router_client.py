@@ -21,6 +21,7 @@ from tests.fixtures.worker import MODEL
 from tests.integration.test_router_service import RouterClient as RouterProbe
 from tests.integration.test_router_service import eventually, running_router, scripted_worker
 from tokenyard.api.router.v1 import router_pb2, router_pb2_grpc
+from tokenyard.common.errors import Unavailable
 from tokenyard.frontend.clients import RouterClient
 from tokenyard.frontend.generation import Outcome
 
@@ -182,3 +183,44 @@ async def test_a_router_without_the_stream_gets_unary_notifications() -> None:
             await client.close()
         assert old.unary == [("first_token", "y"), ("finished", "y"), ("finished", "z")]
         assert old.streamed == []
+
+
+async def test_an_unreachable_router_is_logged_once_then_once_a_minute_and_when_it_is_back(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"  # nothing listens once it closes
+    client = RouterClient([address], down_for=0.0, route_timeout=2.0)
+    caplog.set_level("INFO", logger="tokenyard.frontend.clients")
+    try:
+        for i in range(4):
+            with pytest.raises(Unavailable):
+                await client.route(request_id=f"u{i}", model=MODEL, block_hashes=[1], isl_tokens=16)
+        warnings = [
+            r.getMessage() for r in caplog.records if r.levelname == "WARNING" and address in r.getMessage()
+        ]
+        assert len(warnings) == 1 and "unreachable" in warnings[0], warnings
+        # The router comes back at that address: one line says so.
+        servicer = ScriptedRouter()  # type: ignore[abstract]  # serves only what the client calls
+        server = grpc.aio.server()
+        router_pb2_grpc.add_RouterServiceServicer_to_server(servicer, server)
+        server.add_insecure_port(address)
+        await server.start()
+        try:
+            # The channel reconnects with its own backoff: the first calls may still fail.
+            for attempt in range(40):
+                try:
+                    await client.route(
+                        request_id=f"back{attempt}", model=MODEL, block_hashes=[1], isl_tokens=16
+                    )
+                    break
+                except Unavailable:
+                    await asyncio.sleep(0.25)
+        finally:
+            await server.stop(0)
+        assert any("answers again" in r.getMessage() for r in caplog.records)
+    finally:
+        await client.close()

@@ -59,6 +59,8 @@ NOTIFY_BATCH_SECONDS = 0.005
 # default), after which it takes a client without a call for dead and releases its requests.
 REOPEN_FIRST_SECONDS = 0.05
 REOPEN_MAX_SECONDS = 2.0
+# While a router stays unreachable, how often to say so again (the first failure is logged at once).
+STILL_UNREACHABLE_LOG_SECONDS = 60.0
 
 _OUTCOME = {
     Outcome.FINISHED: router_pb2.REQUEST_OUTCOME_FINISHED,
@@ -82,7 +84,7 @@ class _Router:
     """One router replica: its channel, its notification stream, and until when it counts as down
     after a failed call."""
 
-    __slots__ = ("address", "channel", "down_until", "notes", "stub")
+    __slots__ = ("address", "channel", "down_until", "notes", "stub", "unreachable_since", "warned_at")
 
     def __init__(self, address: str, client: RouterClient) -> None:
         self.address = address
@@ -90,7 +92,21 @@ class _Router:
         self.channel = client.tls.channel(address, "router", CHANNEL_OPTIONS)
         self.stub: router_pb2_grpc.RouterServiceAsyncStub = router_pb2_grpc.RouterServiceStub(self.channel)
         self.down_until = 0.0
+        # Since when calls to it fail as unreachable (None: it answered last), and when that was
+        # last logged: one warning when it goes, a reminder a minute, one line when it is back.
+        self.unreachable_since: float | None = None
+        self.warned_at = 0.0
         self.notes = _NotificationStream(self, client)
+
+    def answered(self) -> None:
+        """A call to it succeeded."""
+        if self.unreachable_since is not None:
+            log.info(
+                "router %s answers again after %.1fs unreachable",
+                self.address,
+                time.monotonic() - self.unreachable_since,
+            )
+            self.unreachable_since = None
 
 
 class _NotificationStream:
@@ -270,6 +286,7 @@ class _NotificationStream:
         timeout = self._client._notify_timeout
         unacked = self._unacked
         async for reply in call:
+            self.router.answered()
             for _ in range(reply.handled - self._acked):
                 unacked.popleft()
             self._acked = reply.handled
@@ -400,8 +417,17 @@ class RouterClient:
 
     def _mark_down(self, router: _Router, exc: grpc.RpcError) -> None:
         now = time.monotonic()
-        if router.down_until <= now:
+        if router.unreachable_since is None:
+            router.unreachable_since = router.warned_at = now
             log.warning("router %s unreachable (%s); trying the others", router.address, exc.code())
+        elif now - router.warned_at >= STILL_UNREACHABLE_LOG_SECONDS:
+            router.warned_at = now
+            log.warning(
+                "router %s still unreachable after %.0fs (%s)",
+                router.address,
+                now - router.unreachable_since,
+                exc.code(),
+            )
         router.down_until = now + self._down_for
 
     def _route_order(self) -> list[_Router]:
@@ -478,6 +504,7 @@ class RouterClient:
                     timed_out.append(router)
                 continue
             self._owners[request_id] = router.address
+            router.answered()
             router.notes.keep_open()
             return RouteDecision(
                 reply.worker_id,
@@ -585,6 +612,7 @@ class RouterClient:
             router = routers[attempt % len(routers)]
             try:
                 await send(router.stub)
+                router.answered()
                 return
             except grpc.RpcError as exc:
                 if attempt == attempts - 1 or not _unreachable(exc):
