@@ -130,3 +130,61 @@ async def test_killing_the_prefill_worker_loses_no_request(
         # Both stages of every request were notified (or dropped with the dead worker): nothing leaks.
         await eventually_true(router_idle, "the router tracks no request", 15)
     await client.close()
+
+
+async def test_a_dead_prefill_worker_s_requests_are_prefilled_by_another(
+    spawn: ServiceProcessFactory, tmp_path: Path
+) -> None:
+    url = f"dir://{tmp_path / 'discovery'}"
+    common = ["--port", "0", "--metrics-port", "0", "--discovery", url, "--discovery-ttl", "3"]
+    mocker = ["--mocker-speedup-ratio", "1", "--mocker-block-size", "16"]
+    slow_handoff = ["--mocker-kv-bytes-per-token", "131072", "--mocker-kv-transfer-bandwidth-gbps", "0.05"]
+    prefill = [spawn(["worker", *common, "--role", "prefill", *mocker, *slow_handoff]) for _ in range(2)]
+    decode_proc = spawn(["worker", *common, "--role", "decode", *mocker])
+    router_proc = spawn(router_argv(url, "--mode", "kv"))
+    frontend_proc = spawn(
+        ["frontend", "--port", "0", "--http-port", "0", "--discovery", url, "--disagg-policy", "always"]
+    )
+    procs = [*prefill, decode_proc, router_proc, frontend_proc]
+    await instances(url, "worker", 3, procs)
+    router: Instance = (await instances(url, "router", 1, procs))[0]
+    frontend: Instance = (await instances(url, "frontend", 1, procs))[0]
+    fe = frontend.metrics_address
+    client = openai.AsyncOpenAI(base_url=f"http://{fe}/v1", api_key="unused", max_retries=0, timeout=60)
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+
+        async def prefilled_remotely() -> bool:
+            try:
+                await client.completions.create(model=MODEL, prompt="warm up", max_tokens=1)
+            except openai.APIError:
+                return False
+            return await _sample(session, fe, "tokenyard_frontend_disagg_prefill_seconds_count") > 0
+
+        await eventually_true(prefilled_remotely, "a request is prefilled remotely", 60)
+        before = await _sample(session, fe, "tokenyard_frontend_disagg_prefill_seconds_count")
+        streams = 16
+        tasks = [asyncio.create_task(_complete(client, i)) for i in range(streams)]
+
+        async def all_in_prefill() -> bool:
+            active = await _sample(
+                session, router.metrics_address, "tokenyard_router_pool_active_requests", pool="prefill"
+            )
+            return active >= streams
+
+        await eventually_true(all_in_prefill, f"{streams} requests in the prefill stage", 20)
+        prefill[0].kill()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        failures = [r for r in results if isinstance(r, BaseException)]
+        assert not failures, (
+            f"{len(failures)} requests failed, first: {failures[0]!r}\n{frontend_proc.output()}"
+        )
+        assert results == [(MAX_TOKENS, "length")] * streams
+        retried = await _sample(session, fe, "tokenyard_frontend_disagg_prefill_retries_total")
+        lost = await _sample(session, fe, "tokenyard_frontend_disagg_prefill_failures_total")
+        handed_off = await _sample(session, fe, "tokenyard_frontend_disagg_prefill_seconds_count") - before
+        print(f"{retried:.0f} prefill stages moved to the other prefill worker")
+        # The dead worker's requests moved to the live prefill worker, none to their decode worker.
+        assert retried >= 1 and lost == retried
+        assert handed_off == streams
+    await client.close()

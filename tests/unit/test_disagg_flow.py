@@ -317,6 +317,72 @@ async def test_a_prefill_worker_that_dies_before_the_handoff_leaves_the_prompt_t
     assert _sample(metrics, "tokenyard_frontend_disagg_prefill_seconds_count") == 0
 
 
+PREFILL_2 = RouteDecision(21, 0, "p:2", 0, max_num_batched_tokens=8192)
+TRANSFER_2 = KvTransfer(21, 0, "p:2", "t-2", (11, 12), 11)
+TWO_PREFILL = (*SPLIT, (21, "prefill", "p:2"))
+
+
+async def test_a_prefill_worker_that_dies_is_replaced_by_another_prefill_worker() -> None:
+    dead = FakeStream([], Unavailable("Socket closed"))
+    router = FakeRouter(decode=DECODE, prefill=[PREFILL, PREFILL_2])
+    workers = FakeWorkers(d_1=[_continued()], p_1=[dead], p_2=[_prefilled(transfer=TRANSFER_2)])
+    frontend, metrics = _frontend(router, workers, models=_models(*TWO_PREFILL))
+
+    text, last = await _run(frontend)
+
+    assert text == "abc"
+    # The decode worker imports the KV from the second prefill worker.
+    assert workers.to("d:1")[0].kv_transfer == TRANSFER_2
+    assert dead.cancelled
+    prefill_routes = [r for r in router.routes if r.get("pool") == "prefill"]
+    assert len(prefill_routes) == 2
+    assert prefill_routes[1]["allowed_worker_ids"] == [21]
+    assert router.finished == [
+        ("rid:prefill", Outcome.FAILED),
+        ("rid:prefill", Outcome.FINISHED),
+        ("rid", Outcome.FINISHED),
+    ]
+    assert _failures(metrics, "unavailable") == 1
+    assert _sample(metrics, "tokenyard_frontend_disagg_prefill_retries_total") == 1
+    assert _sample(metrics, "tokenyard_frontend_disagg_prefill_seconds_count") == 1
+
+
+async def test_a_retried_prefill_that_fails_again_leaves_the_prompt_to_the_decode_worker() -> None:
+    router = FakeRouter(decode=DECODE, prefill=[PREFILL, PREFILL_2])
+    dead_1 = FakeStream([], Unavailable("Socket closed"))
+    dead_2 = FakeStream([], Unavailable("draining"))
+    workers = FakeWorkers(d_1=[_decoded()], p_1=[dead_1], p_2=[dead_2])
+    frontend, metrics = _frontend(router, workers, models=_models(*TWO_PREFILL))
+
+    text, _ = await _run(frontend)
+
+    assert text == "abc"
+    assert workers.to("d:1")[0].kv_transfer is None
+    # One retry: the second failure goes to the decode worker, not back to the first.
+    assert len([r for r in router.routes if r.get("pool") == "prefill"]) == 2
+    assert _failures(metrics, "unavailable") == 2
+    assert _sample(metrics, "tokenyard_frontend_disagg_prefill_retries_total") == 1
+
+
+async def test_a_prefill_that_times_out_is_not_retried() -> None:
+    router = FakeRouter(decode=DECODE, prefill=[PREFILL, PREFILL_2])
+    slow = FakeStream([], hang=True)
+    workers = FakeWorkers(d_1=[_decoded()], p_1=[slow], p_2=[_prefilled(transfer=TRANSFER_2)])
+    frontend, metrics = _frontend(
+        router,
+        workers,
+        models=_models(*TWO_PREFILL),
+        disagg=DisaggConfig(policy=DisaggPolicy.ALWAYS, prefill_timeout=0.05),
+    )
+
+    text, _ = await _run(frontend)
+
+    assert text == "abc"
+    assert len([r for r in router.routes if r.get("pool") == "prefill"]) == 1
+    assert _failures(metrics, "timeout") == 1
+    assert _sample(metrics, "tokenyard_frontend_disagg_prefill_retries_total") == 0
+
+
 @pytest.mark.parametrize(
     ("stream", "reason"),
     [

@@ -47,6 +47,8 @@ from tokenyard.frontend.clients import RouterClient, WorkerClients
 from tokenyard.frontend.disagg import (
     DisaggConfig,
     DisaggPolicy,
+    PrefillAttempt,
+    PrefillOpener,
     SplitStream,
     after_prefill_route,
     decide,
@@ -560,11 +562,34 @@ class Frontend:
             ignore_eos=stop.ignore_eos,
         )
 
-        def open_prefill(timeout: float) -> TokenStream:
-            return self._generate(
-                request, prefill_id, prompt, sampling, prefill_stop, prefill, deadline,
-                prefill_only=True, timeout_cap=timeout,
-            )  # fmt: skip
+        def opener(worker: RouteDecision) -> PrefillOpener:
+            def open_prefill(timeout: float) -> TokenStream:
+                return self._generate(
+                    request, prefill_id, prompt, sampling, prefill_stop, worker, deadline,
+                    prefill_only=True, timeout_cap=timeout,
+                )  # fmt: skip
+
+            return open_prefill
+
+        async def retry(avoid: frozenset[int]) -> PrefillAttempt | None:
+            served = self.models.get(request.model)
+            allowed = [w for w in (served.prefill if served is not None else {}) if w not in avoid]
+            if not allowed:
+                return None
+            try:
+                again = await self._router.route(
+                    request_id=prefill_id,
+                    model=request.model,
+                    block_hashes=prepared.block_hashes,
+                    isl_tokens=len(prompt),
+                    priority=request.priority,
+                    pool="prefill",
+                    allowed_worker_ids=allowed,
+                )
+            except TokenyardError as exc:
+                log.info("request %s: no other prefill worker to retry on: %s", request_id, exc)
+                return None
+            return PrefillAttempt(again.worker_id, opener(again), RequestLifecycle(self._router, prefill_id))
 
         def open_decode(transfer: KvTransfer | None, emitted: Sequence[int]) -> TokenStream:
             n = len(emitted)
@@ -579,7 +604,7 @@ class Frontend:
             )
 
         return SplitStream(
-            open_prefill,
+            opener(prefill),
             open_decode,
             RequestLifecycle(self._router, prefill_id),
             self._metrics.disagg(request.model),
@@ -594,6 +619,7 @@ class Frontend:
             deadline=deadline,
             request_timeout=self.limits.request_timeout,
             spans=spans,
+            retry=retry,
         )
 
     async def _reroute(

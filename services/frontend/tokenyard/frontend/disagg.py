@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol
@@ -68,8 +68,12 @@ REMOTE_REASONS = ("always", "uncached", "prefill_free", "decode_busy")
 # Local: the policy never disaggregates; the prompt is mostly cached on the decode worker; the
 # prefill worker (or every one, as the router found) is busy; no prefill worker could be routed to.
 LOCAL_REASONS = ("never", "cached", "prefill_busy", "no_prefill_worker")
-# Why a prefill stage failed (its decode worker then computed the prompt itself).
+# Why a prefill stage failed (another prefill worker, or its decode worker, then took the prompt).
 FAILURE_REASONS = ("unavailable", "timeout", "error", "no_transfer")
+# The failures a prefill stage is tried again for on another prefill worker: the worker went
+# away, drains or broke its stream. A timeout has spent the time a retry would need, and an error
+# or a missing hand-off would most likely repeat.
+RETRIED_FAILURES = frozenset({"unavailable"})
 
 _ISL_POLICIES = (DisaggPolicy.ISL_BOUNDING, DisaggPolicy.ISL_OR_LOAD)
 _LOAD_POLICIES = (DisaggPolicy.PREFILL_LOAD, DisaggPolicy.ISL_OR_LOAD)
@@ -157,6 +161,19 @@ PrefillOpener = Callable[[float], "TokenStream"]
 DecodeOpener = Callable[[KvTransfer | None, Sequence[int]], "TokenStream"]
 
 
+@dataclass(frozen=True, slots=True)
+class PrefillAttempt:
+    """A prefill stage routed to a prefill worker: where, how to open it, and its router record."""
+
+    worker_id: int
+    open: PrefillOpener
+    lifecycle: RequestLifecycle
+
+
+# Routes the prefill stage again, to a prefill worker not in the set given; None when there is none.
+PrefillRetry = Callable[[frozenset[int]], Awaitable[PrefillAttempt | None]]
+
+
 class SplitStream:
     """A disaggregated request's worker stream as :class:`~tokenyard.frontend.core.Generation`
     consumes it: the prefill stage runs on the first read, then the decode worker's chunks follow.
@@ -170,7 +187,9 @@ class SplitStream:
 
     The prefill stage is a request of its own at the router (its own id, see
     :func:`prefill_request_id`): it is told how the stage ended exactly once, whatever happens
-    (handed off, failed, cancelled). Cancelling cancels whichever call is open. The usage of the
+    (handed off, failed, cancelled). A prefill worker that goes away before the hand-off (see
+    :data:`RETRIED_FAILURES`) is replaced by another prefill worker, routed through ``retry``, up
+    to ``max_retries`` times; only then does the decode worker compute the prompt itself. Cancelling cancels whichever call is open. The usage of the
     last chunk counts the client's prompt and every output token, and the prompt tokens the
     *prefill* worker found cached (the decode worker counts every imported token as cached, which
     says nothing about the prefix cache).
@@ -191,10 +210,13 @@ class SplitStream:
         "_prompt_tokens",
         "_request_id",
         "_request_timeout",
+        "_retries_left",
+        "_retry",
         "_series",
         "_spans",
         "_started",
         "_timeout",
+        "_tried",
         "decoded",
         "transfer",
     )
@@ -215,6 +237,8 @@ class SplitStream:
         deadline: float | None = None,
         request_timeout: float = 0.0,
         spans: StageSpans | None = None,
+        retry: PrefillRetry | None = None,
+        max_retries: int = 1,
     ) -> None:
         self._open_prefill = open_prefill
         self._open_decode = open_decode
@@ -230,6 +254,10 @@ class SplitStream:
         self._deadline = deadline
         self._request_timeout = request_timeout
         self._spans = spans
+        self._retry = retry
+        self._retries_left = max_retries if retry is not None else 0
+        # Prefill workers this stage failed on.
+        self._tried: set[int] = set()
         self._started = False
         self._prefill: TokenStream | None = None
         self._decode: TokenStream | None = None
@@ -306,8 +334,17 @@ class SplitStream:
         """Run the prefill stage. Returns the chunk to stream first (the prefill's token; final
         when it completes the request), or None: the decode worker goes on (with ``transfer`` set
         after a hand-off, or computing the prompt after a failure)."""
-        handed = await self._run_prefill()
+        while True:
+            handed, failure = await self._run_prefill()
+            if handed is not None or not await self._next_prefill_worker(failure):
+                break
         if handed is None:
+            log.warning(
+                "request %s: its decode worker computes the prompt (prefill on worker %d: %s)",
+                self._request_id,
+                self._prefill_worker,
+                failure,
+            )
             return None
         self.transfer, last = handed
         if not self._emit_first or not last.token_ids:
@@ -325,12 +362,37 @@ class SplitStream:
         self.decoded = True
         return TokenChunk(self._emitted, finish, Usage(self._prompt_tokens, n, self._cached or 0))
 
-    async def _run_prefill(self) -> tuple[KvTransfer | None, TokenChunk] | None:
+    async def _next_prefill_worker(self, failure: str) -> bool:
+        """After a failed attempt: route the stage to another prefill worker when the failure is
+        worth a retry and retries are left; whether it was (the next attempt is set up)."""
+        if failure.split(":", 1)[0] not in RETRIED_FAILURES or self._retries_left <= 0 or self._retry is None:
+            return False
+        self._retries_left -= 1
+        self._tried.add(self._prefill_worker)
+        attempt = await self._retry(frozenset(self._tried))
+        if attempt is None:
+            return False
+        log.info(
+            "request %s: prefill on worker %d failed (%s); trying prefill worker %d",
+            self._request_id,
+            self._prefill_worker,
+            failure,
+            attempt.worker_id,
+        )
+        self._series.retries.inc()
+        self._prefill_worker = attempt.worker_id
+        self._open_prefill = attempt.open
+        self._lifecycle = attempt.lifecycle
+        self._prefill = None
+        return True
+
+    async def _run_prefill(self) -> tuple[tuple[KvTransfer | None, TokenChunk] | None, str]:
+        """One attempt at the prefill stage: (the hand-off and the prefill's last chunk, "") or
+        (None, "reason: detail") after a failure."""
         began = time.perf_counter()
         limit, bound_by_request = self._limit()
         if limit <= 0:
-            self._fail("timeout", "no time left", bound_by_request)
-            return None
+            return None, self._fail("timeout", "no time left", bound_by_request)
         if self._spans is not None:
             with trace.use_span(self._spans.open_prefill(self._prefill_worker), end_on_exit=False):
                 stream = self._prefill = self._open_prefill(limit)
@@ -344,23 +406,19 @@ class SplitStream:
                         last = chunk
                         break
         except TimeoutError:
-            self._fail("timeout", f"no hand-off within {limit:.3g}s", bound_by_request)
-            return None
+            return None, self._fail("timeout", f"no hand-off within {limit:.3g}s", bound_by_request)
         except TokenyardError as exc:
             if exc.code is grpc.StatusCode.DEADLINE_EXCEEDED:
-                self._fail("timeout", str(exc), bound_by_request)
-            elif exc.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL):
+                return None, self._fail("timeout", str(exc), bound_by_request)
+            if exc.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL):
                 # The worker went away, drains, or its stream broke.
-                self._fail("unavailable", str(exc))
-            else:
-                self._fail("error", str(exc))
-            return None
+                return None, self._fail("unavailable", str(exc))
+            return None, self._fail("error", str(exc))
         except asyncio.CancelledError:
             self.cancel()
             raise
         if last is None:
-            self._fail("unavailable", "the prefill worker ended the stream without finishing")
-            return None
+            return None, self._fail("unavailable", "the prefill worker ended the stream without finishing")
         # A first token that ends the request (end of sequence, or all it asked for): nothing to
         # hand over.
         n = len(last.token_ids)
@@ -375,18 +433,19 @@ class SplitStream:
         if last.finish_reason not in (FinishReason.STOP, FinishReason.LENGTH) or (
             last.kv_transfer is None and not complete
         ):
-            self._fail("no_transfer", f"finished with {last.finish_reason} and no transfer parameters")
-            return None
+            return None, self._fail(
+                "no_transfer", f"finished with {last.finish_reason} and no transfer parameters"
+            )
         self._lifecycle.finish(Outcome.FINISHED, len(last.token_ids))
         self._series.prefill_seconds.observe(time.perf_counter() - began)
         if self._spans is not None:
             self._spans.end_prefill(None)
         self._cached = last.usage.cached_tokens if last.usage is not None else 0
-        return last.kv_transfer, last
+        return (last.kv_transfer, last), ""
 
-    def _fail(self, reason: str, detail: str, fatal: bool = False) -> None:
-        """The prefill stage is over without a hand-off: the decode worker computes the prompt,
-        unless the request's own deadline ran out (then the request fails as any other would)."""
+    def _fail(self, reason: str, detail: str, fatal: bool = False) -> str:
+        """This attempt is over without a hand-off: ends it at the router and counts it; returns
+        "reason: detail". Fails the request instead when its own deadline ran out."""
         if self._prefill is not None:
             self._prefill.cancel()
         self._lifecycle.finish(Outcome.FAILED, 0)
@@ -395,10 +454,4 @@ class SplitStream:
         if fatal:
             raise self._timed_out()
         self._series.failures[reason].inc()
-        log.warning(
-            "request %s: prefill on worker %d failed (%s: %s); its decode worker computes the prompt",
-            self._request_id,
-            self._prefill_worker,
-            reason,
-            detail,
-        )
+        return f"{reason}: {detail}"

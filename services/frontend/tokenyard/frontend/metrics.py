@@ -48,6 +48,7 @@ class DisaggSeries:
     decisions: dict[tuple[bool, str], Counter]
     prefill_seconds: Histogram
     failures: dict[str, Counter]
+    retries: Counter
 
     def decided(self, remote: bool, reason: str) -> None:
         self.decisions[(remote, reason)].inc()
@@ -202,9 +203,16 @@ class FrontendMetrics:
         )
         self._disagg_failures = Counter(
             "tokenyard_frontend_disagg_prefill_failures_total",
-            "Prefill stages that ended without a hand-off (reason: unavailable, timeout, error, "
-            "no_transfer); the decode worker computed those prompts itself.",
+            "Prefill attempts that ended without a hand-off (reason: unavailable, timeout, error, "
+            "no_transfer); another prefill worker (unavailable only, see _retries_total) or the "
+            "decode worker then took the prompt.",
             ["model", "reason"],
+            registry=registry,
+        )
+        self._disagg_retries = Counter(
+            "tokenyard_frontend_disagg_prefill_retries_total",
+            "Prefill stages tried again on another prefill worker after theirs went away.",
+            ["model"],
             registry=registry,
         )
         self._disagg: dict[str, DisaggSeries] = {}
@@ -241,6 +249,7 @@ class FrontendMetrics:
                 decisions,
                 self._disagg_prefill.labels(model),
                 {reason: self._disagg_failures.labels(model, reason) for reason in FAILURE_REASONS},
+                self._disagg_retries.labels(model),
             )
         return series
 
