@@ -18,7 +18,6 @@ PERMISSION_DENIED, both with a message naming the RPC and the identities it acce
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
@@ -27,6 +26,7 @@ import grpc
 from grpc.aio import ServicerContext
 
 from tokenyard.common.certs import ADMIN
+from tokenyard.common.handlers import rebuild
 from tokenyard.common.tls import peer_identity
 
 log = logging.getLogger(__name__)
@@ -124,9 +124,6 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             return run
 
         def stream_response(behavior: Callable[..., Any]) -> Callable[..., Any]:
-            if not inspect.isasyncgenfunction(behavior):
-                return unary_response(behavior)
-
             async def run_gen(
                 request_or_iterator: Any, context: ServicerContext[Any, Any]
             ) -> AsyncIterator[Any]:
@@ -136,17 +133,4 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
             return run_gen
 
-        serde = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(unary_response(handler.unary_unary), **serde)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(stream_response(handler.unary_stream), **serde)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(unary_response(handler.stream_unary), **serde)
-        return grpc.stream_stream_rpc_method_handler(
-            stream_response(handler.stream_stream),  # type: ignore[arg-type]
-            **serde,
-        )
+        return rebuild(handler, unary_response, stream_response)

@@ -13,7 +13,6 @@ and map exceptions to gRPC statuses:
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import time
 import uuid
@@ -27,6 +26,7 @@ from opentelemetry.trace import SpanKind
 
 from tokenyard.common import tracing
 from tokenyard.common.errors import TokenyardError, status_of
+from tokenyard.common.handlers import rebuild
 from tokenyard.common.logs import request_id_var
 from tokenyard.common.metrics import Metrics
 
@@ -138,49 +138,23 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             return run
 
         def stream_response(behavior: Callable[..., Any]) -> Callable[..., Any]:
-            if inspect.isasyncgenfunction(behavior):
+            async def run_gen(
+                request_or_iterator: Any, context: ServicerContext[Any, Any]
+            ) -> AsyncIterator[Any]:
+                call = _Call(method, details, metrics, service)
+                try:
+                    async for item in behavior(request_or_iterator, context):
+                        yield item
+                except AbortError:
+                    raise
+                except Exception as exc:
+                    await call.fail(exc, context)
+                finally:
+                    call.finish(context)
 
-                async def run_gen(
-                    request_or_iterator: Any, context: ServicerContext[Any, Any]
-                ) -> AsyncIterator[Any]:
-                    call = _Call(method, details, metrics, service)
-                    try:
-                        async for item in behavior(request_or_iterator, context):
-                            yield item
-                    except AbortError:
-                        raise
-                    except Exception as exc:
-                        await call.fail(exc, context)
-                    finally:
-                        call.finish(context)
+            return run_gen
 
-                return run_gen
-            # A handler that writes with context.write() and returns a coroutine.
-            return unary_response(behavior)
-
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                unary_response(handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                stream_response(handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                unary_response(handler.stream_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return grpc.stream_stream_rpc_method_handler(
-            stream_response(handler.stream_stream),  # type: ignore[arg-type]
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return rebuild(handler, unary_response, stream_response)
 
 
 def outgoing_metadata() -> tuple[tuple[str, str], ...]:

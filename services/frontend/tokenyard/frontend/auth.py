@@ -16,6 +16,7 @@ import grpc
 from aiohttp import web
 
 from tokenyard.common.api_keys import ApiKeys
+from tokenyard.common.handlers import rebuild
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +99,4 @@ def _refusal(handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, _MESSAGE)
         yield  # pragma: no cover - abort raises
 
-    serde = {"request_deserializer": None, "response_serializer": handler.response_serializer}
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(deny, **serde)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(deny_stream, **serde)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(deny, **serde)
-    return grpc.stream_stream_rpc_method_handler(deny_stream, **serde)
+    return rebuild(handler, lambda _: deny, lambda _: deny_stream, parse_requests=False)
