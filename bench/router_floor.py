@@ -38,10 +38,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tokenyard.worker.engines.base import EngineRequest
-from tokenyard.worker.engines.core.block_pool import BlockPool
-from tokenyard.worker.engines.core.scheduler import Scheduler, SchedulerConfig
+from tokenyard.worker.engines.core.scheduler import Scheduler
 from tokenyard.worker.engines.mocker.config import MockerConfig
-from tokenyard.worker.engines.mocker.executor import MockerExecutor
+from tokenyard.worker.engines.mocker.executor import MockerExecutor, rank_by_hand
 
 WORKERS = 4
 KV_BLOCKS = 256
@@ -86,21 +85,8 @@ class Sim:
 
     def __post_init__(self) -> None:
         cfg = MockerConfig(num_gpu_blocks=KV_BLOCKS, speedup_ratio=1.0)
-        core = cfg.core_config()
         for _ in range(WORKERS):
-            pool = BlockPool(cfg.num_gpu_blocks, core.block_size, enable_prefix_caching=True)
-            scheduler = Scheduler(
-                pool,
-                SchedulerConfig(
-                    max_num_seqs=core.max_num_seqs,
-                    max_num_batched_tokens=core.max_num_batched_tokens,
-                    max_model_len=cfg.max_sequence_len,
-                    eos_token_ids=(),
-                    enable_chunked_prefill=core.enable_chunked_prefill,
-                    preemption_mode=core.preemption_mode,
-                ),
-            )
-            self.ranks.append(Rank(scheduler, MockerExecutor(cfg)))
+            self.ranks.append(Rank(*rank_by_hand(cfg)))
 
     def _push(self, at: float, kind: str, who: int) -> None:
         self._seq += 1

@@ -328,7 +328,7 @@ async def test_a_prefill_worker_that_dies_is_replaced_by_another_prefill_worker(
     workers = FakeWorkers(d_1=[_continued()], p_1=[dead], p_2=[_prefilled(transfer=TRANSFER_2)])
     frontend, metrics = _frontend(router, workers, models=_models(*TWO_PREFILL))
 
-    text, last = await _run(frontend)
+    text, _ = await _run(frontend)
 
     assert text == "abc"
     # The decode worker imports the KV from the second prefill worker.

@@ -18,10 +18,16 @@ from hypothesis import strategies as st
 from tokenyard.common.hashing import block_hashes, chain_hash
 from tokenyard.worker.engines.base import EngineRequest
 from tokenyard.worker.engines.core.block_pool import BlockPool, BlockTable
-from tokenyard.worker.engines.core.scheduler import Scheduler, SchedulerConfig
+from tokenyard.worker.engines.core.scheduler import Scheduler
 from tokenyard.worker.engines.mocker.config import MockerConfig, PreemptionMode
 from tokenyard.worker.engines.mocker.engine import MockerEngine
-from tokenyard.worker.engines.mocker.executor import MockerExecutor, pseudo_token, request_seed, step_by_hand
+from tokenyard.worker.engines.mocker.executor import (
+    MockerExecutor,
+    pseudo_token,
+    rank_by_hand,
+    request_seed,
+    step_by_hand,
+)
 from tokenyard.worker.engines.mocker.perf_model import PolynomialPerfModel
 from tokenyard.worker.kv_events import (
     KvCleared,
@@ -116,22 +122,7 @@ def make_request(
 
 def build(config: MockerConfig, sink: Callable[[KvEventData], object]) -> tuple[Scheduler, MockerExecutor]:
     """One rank of the simulated engine, built as the engine builds it."""
-    core = config.core_config()
-    pool = BlockPool(
-        config.num_gpu_blocks, core.block_size, enable_prefix_caching=core.enable_prefix_caching, sink=sink
-    )
-    scheduler = Scheduler(
-        pool,
-        SchedulerConfig(
-            max_num_seqs=core.max_num_seqs,
-            max_num_batched_tokens=core.max_num_batched_tokens,
-            max_model_len=config.max_sequence_len,
-            eos_token_ids=() if config.eos_token_id is None else (config.eos_token_id,),
-            enable_chunked_prefill=core.enable_chunked_prefill,
-            preemption_mode=core.preemption_mode,
-        ),
-    )
-    return scheduler, MockerExecutor(config, perf_model=PolynomialPerfModel())
+    return rank_by_hand(config, perf_model=PolynomialPerfModel(), sink=sink)
 
 
 def held_blocks(s: Scheduler) -> int:

@@ -37,9 +37,15 @@ from dataclasses import dataclass
 import xxhash
 
 from tokenyard.worker.engines.base import EngineRequest, EngineRole
-from tokenyard.worker.engines.core.block_pool import BlockPool
+from tokenyard.worker.engines.core.block_pool import BlockPool, KvEventSink
 from tokenyard.worker.engines.core.executor import ExecutorSpec
-from tokenyard.worker.engines.core.scheduler import Scheduled, Scheduler, SequenceState, TokenOutput
+from tokenyard.worker.engines.core.scheduler import (
+    Scheduled,
+    Scheduler,
+    SchedulerConfig,
+    SequenceState,
+    TokenOutput,
+)
 from tokenyard.worker.engines.mocker.config import MockerConfig
 from tokenyard.worker.engines.mocker.perf_model import PerfModel, load_perf_model
 
@@ -197,6 +203,33 @@ class StepResult:
     num_running: int
     outputs: tuple[TokenOutput, ...]
     preempted: tuple[str, ...]
+
+
+def rank_by_hand(
+    config: MockerConfig,
+    *,
+    role: EngineRole = EngineRole.AGGREGATED,
+    perf_model: PerfModel | None = None,
+    sink: KvEventSink | None = None,
+) -> tuple[Scheduler, MockerExecutor]:
+    """One rank of the simulated engine, built as the engine builds it, to step with
+    :func:`step_by_hand` (tests, calibration, simulations)."""
+    core = config.core_config()
+    pool = BlockPool(
+        config.num_gpu_blocks, core.block_size, enable_prefix_caching=core.enable_prefix_caching, sink=sink
+    )
+    scheduler = Scheduler(
+        pool,
+        SchedulerConfig(
+            max_num_seqs=core.max_num_seqs,
+            max_num_batched_tokens=core.max_num_batched_tokens,
+            max_model_len=config.max_sequence_len,
+            eos_token_ids=() if config.eos_token_id is None else (config.eos_token_id,),
+            enable_chunked_prefill=core.enable_chunked_prefill,
+            preemption_mode=core.preemption_mode,
+        ),
+    )
+    return scheduler, MockerExecutor(config, role=role, perf_model=perf_model)
 
 
 def step_by_hand(scheduler: Scheduler, executor: MockerExecutor) -> StepResult:
