@@ -15,13 +15,12 @@ from tokenyard.worker.engines.base import (
     SamplingParams,
     Usage,
 )
-from tokenyard.worker.engines.core.block_pool import BlockPool
-from tokenyard.worker.engines.core.scheduler import Scheduler, SchedulerConfig, TokenOutput
+from tokenyard.worker.engines.core.scheduler import TokenOutput
 from tokenyard.worker.engines.mocker.config import EngineRole, MockerConfig, PreemptionMode
 from tokenyard.worker.engines.mocker.executor import (
-    MockerExecutor,
     StepResult,
     pseudo_token,
+    rank_by_hand,
     request_seed,
     step_by_hand,
 )
@@ -36,23 +35,8 @@ class Sim:
     """One rank of the simulated engine, built as the engine builds it, stepped synchronously."""
 
     def __init__(self, role: EngineRole = EngineRole.AGGREGATED, **overrides: Any) -> None:
-        cfg = MockerConfig(**overrides)
-        core = cfg.core_config()
-        self.pool = BlockPool(
-            cfg.num_gpu_blocks, core.block_size, enable_prefix_caching=core.enable_prefix_caching
-        )
-        self.scheduler = Scheduler(
-            self.pool,
-            SchedulerConfig(
-                max_num_seqs=core.max_num_seqs,
-                max_num_batched_tokens=core.max_num_batched_tokens,
-                max_model_len=cfg.max_sequence_len,
-                eos_token_ids=() if cfg.eos_token_id is None else (cfg.eos_token_id,),
-                enable_chunked_prefill=core.enable_chunked_prefill,
-                preemption_mode=core.preemption_mode,
-            ),
-        )
-        self.executor = MockerExecutor(cfg, role=role, perf_model=PERF)
+        self.scheduler, self.executor = rank_by_hand(MockerConfig(**overrides), role=role, perf_model=PERF)
+        self.pool = self.scheduler.pool
 
     def add(self, request_id: str, prompt: Iterable[int], *, seed: int | None = None, **kw: Any) -> None:
         request = EngineRequest(request_id, tuple(prompt), sampling=SamplingParams(seed=seed), **kw)
