@@ -39,6 +39,7 @@ from tokenyard.deploy.state import READY_FILE
 pytestmark = pytest.mark.e2e
 
 MODEL = "SmolLM2-135M-Instruct"
+UNLISTED_MODEL = "impostor-model"
 API_KEY = "sk-tokenyard-test-0123456789"
 CHATS = 8
 ROUTES = 12
@@ -52,6 +53,7 @@ class Deployment:
     workers: list[Instance]
     impostor: Instance
     plaintext: Instance
+    unlisted: Instance
     planner: Instance
     frontend: Instance
     procs: dict[str, ServiceProcess]
@@ -144,6 +146,13 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         plaintext = next(
             w for w in asyncio.run(_wait(discovery, "worker", 4, everyone)) if w.instance_id not in known
         )
+        # An impostor whose record names a model no real worker serves: it must not be listed.
+        start("unlisted", [*worker, "--model", UNLISTED_MODEL, *_tls_flags(certs, "frontend")])
+        everyone = list(procs.values())
+        known.add(plaintext.instance_id)
+        unlisted = next(
+            w for w in asyncio.run(_wait(discovery, "worker", 5, everyone)) if w.instance_id not in known
+        )
         d = Deployment(
             certs,
             discovery,
@@ -151,6 +160,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
             workers,
             impostor,
             plaintext,
+            unlisted,
             asyncio.run(_wait(discovery, "planner", 1, everyone))[0],
             asyncio.run(_wait(discovery, "frontend", 1, everyone))[0],
             procs,
@@ -363,6 +373,17 @@ def test_a_worker_record_without_a_worker_certificate_gets_no_requests(deploymen
     # Round robin over what the router honours: both real workers, never an impostor.
     assert set(chosen) == {w.instance_id for w in d.workers}
     assert "proved its identity" in d.procs["router"].output()
+
+
+def test_a_model_only_unproven_records_name_is_not_listed(deployment: Deployment) -> None:
+    d = deployment
+    with d.openai(API_KEY) as client:
+        listed = {m.id for m in client.models.list()}
+        assert listed == {MODEL}
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model=UNLISTED_MODEL, prompt="hi", max_tokens=1)
+    assert "has not proven its record" in d.procs["frontend"].output()
+    assert _counter(d.unlisted.metrics_address, "tokenyard_worker_requests_total") == 0
 
 
 def test_drain_needs_the_admin_identity(deployment: Deployment) -> None:

@@ -21,6 +21,7 @@ from tokenyard.common.api_keys import ApiKeyError, ApiKeys
 from tokenyard.common.discovery import Discovery, DiscoveryError, Instance, WatchEventKind
 from tokenyard.common.metrics import Metrics
 from tokenyard.common.service import ServiceRuntime, StartupError
+from tokenyard.common.tls import PLAINTEXT, Tls
 from tokenyard.frontend.auth import ApiKeyInterceptor, http_middleware
 from tokenyard.frontend.clients import RouterClient, WorkerClients
 from tokenyard.frontend.config import FrontendSettings, WorkerTransport
@@ -33,6 +34,7 @@ from tokenyard.frontend.models import ModelRegistry
 from tokenyard.frontend.preprocess import Preprocessor
 from tokenyard.frontend.readiness import Readiness
 from tokenyard.frontend.servicer import SERVICE_NAME, KServeServicer
+from tokenyard.frontend.worker_proof import WorkerProof
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +47,14 @@ class DiscoveryFeed:
     """One discovery watch feeding the model registry (workers) and, unless the router addresses
     are fixed, the router client (every router registered)."""
 
-    def __init__(self, discovery: Discovery, models: ModelRegistry, router: RouterClient | None) -> None:
+    def __init__(
+        self, discovery: Discovery, models: ModelRegistry, router: RouterClient | None, tls: Tls = PLAINTEXT
+    ) -> None:
         self._discovery = discovery
         self._models = models
         self._router = router
+        # With mTLS a worker's record reaches the model registry once the worker proved it.
+        self._proof = WorkerProof(tls, models.apply) if tls.enabled else None
         self._routers: dict[int, str] = {}
         self._task: asyncio.Task[None] | None = None
 
@@ -60,10 +66,15 @@ class DiscoveryFeed:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self._proof is not None:
+            await self._proof.close()
 
     def apply(self, kind: WatchEventKind, instance: Instance) -> None:
         if instance.service == "worker":
-            self._models.apply(kind, instance)
+            if self._proof is not None:
+                self._proof.on_event(kind, instance)
+            else:
+                self._models.apply(kind, instance)
         elif instance.service == "router" and self._router is not None:
             old = self._routers.pop(instance.instance_id, None)
             if kind is not WatchEventKind.REMOVED:
@@ -200,7 +211,7 @@ class FrontendServer:
             access_log=None,
         )
         self._feed = DiscoveryFeed(
-            self.runtime.discovery, self.models, None if settings.router else self.router
+            self.runtime.discovery, self.models, None if settings.router else self.router, self.runtime.tls
         )
         self._http_closing: asyncio.Task[None] | None = None
 
