@@ -128,6 +128,18 @@ async def test_a_worker_that_fails_its_startup_is_not_respawned(
     assert "respawning" not in out
 
 
+async def test_a_cpu_worker_without_its_model_fails_once_with_the_reason(
+    spawn: ServiceProcessFactory, tmp_path: Path
+) -> None:
+    url = f"dir://{tmp_path / 'discovery'}"
+    template = spawn(_worker_argv(url, "--engine", "cpu", "--cpu-model-path", str(tmp_path / "missing")))
+    code = await asyncio.to_thread(template.proc.wait, 120)
+    out = template.output()
+    assert code == 1, out
+    assert out.count("no such file or directory") == 1 and "Traceback" not in out, out
+    assert "respawning" not in out
+
+
 async def test_a_killed_template_takes_its_worker_with_it(
     spawn: ServiceProcessFactory, tmp_path: Path
 ) -> None:

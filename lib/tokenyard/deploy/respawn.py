@@ -77,7 +77,11 @@ def run_template(
     """Preload, then run ``run`` in a forked process until it stops cleanly or the template is
     asked to stop; respawn it when it dies. Returns the exit status for the template."""
     started = time.perf_counter()
-    preload()
+    try:
+        preload()
+    except Exception:
+        # Preloading only saves time: the worker imports whatever it still needs when it starts.
+        log.exception("%s: preloading failed; each worker imports what it needs when it starts", name)
     log.info("%s: template ready in %.2fs (imports preloaded)", name, time.perf_counter() - started)
     signals = _Signals()
     signals.install()

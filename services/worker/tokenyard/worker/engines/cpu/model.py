@@ -220,10 +220,15 @@ def use_attention(model: Any, name: str) -> None:
 
 def preload_loader(config: CpuEngineConfig) -> None:
     """Import what :func:`load_model` will import for ``config``, and name its weights, loading
-    nothing: for a template process that forks workers (``--respawn``)."""
+    nothing: for a template process that forks workers (``--respawn``). Never fails on the
+    settings: a worker that cannot find its weights says so when it starts."""
     import torch  # noqa: F401
 
-    weights_dir, _ = resolve_weights(config)
+    try:
+        weights_dir, _ = resolve_weights(config)
+    except ModelLoadError:
+        # The worker reports it when it starts, as a worker without a template would.
+        weights_dir = Path("/nonexistent")
     model_config: dict[str, Any] | None = None
     if (weights_dir / "config.json").is_file():
         try:
