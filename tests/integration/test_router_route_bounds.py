@@ -88,6 +88,8 @@ async def test_a_route_beyond_the_model_card_is_refused_and_recorded_nowhere() -
         hints = router_pb2.RouteHints(expected_output_tokens=10 * CONTEXT)
         assert "expected_output_tokens" in await _refused(stub, route("long-output", 1, BS, hints=hints))
         assert "request_id" in await _refused(stub, route("x" * 5000, 1, BS))
+        long_session = router_pb2.RouteHints(session_id="s" * 5000)
+        assert "session_id" in await _refused(stub, route("long-session", 1, BS, hints=long_session))
         assert s.active == 0
         # The largest prompt the card allows is routed and counted.
         reply = await stub.Route(route("fits", CONTEXT // BS, CONTEXT), timeout=10)

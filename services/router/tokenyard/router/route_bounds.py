@@ -20,6 +20,10 @@ MAX_REQUEST_ID = 1024
 def check_route_bounds(query: RouteQuery, workers: WorkerSet) -> None:
     if len(query.request_id) > MAX_REQUEST_ID:
         raise InvalidArgument(f"request_id: at most {MAX_REQUEST_ID} characters, got {len(query.request_id)}")
+    session = query.hints.session_id or ""
+    if len(session) > MAX_REQUEST_ID:
+        # A session id is a key of the session table (and of every replica's).
+        raise InvalidArgument(f"hints.session_id: at most {MAX_REQUEST_ID} characters, got {len(session)}")
     cards = [
         c for w in workers.for_model(query.model, query.pool) if (c := w.instance.model_card) is not None
     ]
