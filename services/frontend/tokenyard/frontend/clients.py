@@ -213,9 +213,13 @@ class _NotificationStream:
         task = self._task
         if task is None:
             return
-        if await self.drain(timeout) and self._call is not None:
-            with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
-                await self._call.done_writing()
+        call = self._call
+        if await self.drain(timeout) and call is not None and not call.done():
+            try:
+                await call.done_writing()
+            except Exception as exc:
+                # The call ended meanwhile: grpc raises its internal ExecuteBatchError then.
+                log.debug("notification stream to %s ended before its half-close: %r", self.router.address, exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(task), timeout)
         task.cancel()
