@@ -382,7 +382,10 @@ def test_a_model_only_unproven_records_name_is_not_listed(deployment: Deployment
         assert listed == {MODEL}
         with pytest.raises(openai.NotFoundError):
             client.completions.create(model=UNLISTED_MODEL, prompt="hi", max_tokens=1)
-    assert "has not proven its record" in d.procs["frontend"].output()
+    deadline = time.monotonic() + 20
+    while "has not proven its record" not in d.procs["frontend"].output():
+        assert time.monotonic() < deadline, d.procs["frontend"].output()
+        time.sleep(0.1)
     assert _counter(d.unlisted.metrics_address, "tokenyard_worker_requests_total") == 0
 
 
