@@ -219,7 +219,9 @@ class _NotificationStream:
                 await call.done_writing()
             except Exception as exc:
                 # The call ended meanwhile: grpc raises its internal ExecuteBatchError then.
-                log.debug("notification stream to %s ended before its half-close: %r", self.router.address, exc)
+                log.debug(
+                    "notification stream to %s ended before its half-close: %r", self.router.address, exc
+                )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(task), timeout)
         task.cancel()
