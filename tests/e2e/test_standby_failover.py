@@ -18,9 +18,8 @@ import aiohttp
 import pytest
 
 from tests.e2e.test_router_kv import eventually_true, instances, router_argv
-from tests.fixtures.gms import short_dir
 from tests.fixtures.http import counter_total, frontend_serves
-from tests.fixtures.processes import ServiceProcess, ServiceProcessFactory
+from tests.fixtures.processes import ServiceProcess, ServiceProcessFactory, gms_process
 from tokenyard.common.discovery import open_discovery
 from tokenyard.common.gms import LockState, get_info
 
@@ -159,11 +158,8 @@ async def test_the_standby_takes_over_and_no_stream_fails(
 async def test_a_cpu_standby_with_gms_weights_takes_over_under_load(
     spawn: ServiceProcessFactory, tmp_path: Path
 ) -> None:
-    with short_dir() as folder:
-        gms_socket = str(folder / "gms.sock")
-        url = f"dir://{tmp_path / 'discovery'}"
-        gms = spawn(["gms", "--socket", gms_socket, "--metrics-port", "0", "--discovery", url])
-        await instances(url, "gms", 1, [gms])
+    url = f"dir://{tmp_path / 'discovery'}"
+    async with gms_process(spawn, url) as gms_socket:
         worker_argv = [
             "worker",
             "--engine",

@@ -21,8 +21,7 @@ import grpc
 import pytest
 
 from tests.e2e.test_router_kv import eventually_true, instances
-from tests.fixtures.gms import short_dir
-from tests.fixtures.processes import ServiceProcess, ServiceProcessFactory
+from tests.fixtures.processes import ServiceProcess, ServiceProcessFactory, gms_process
 from tokenyard.api.worker.v1 import worker_pb2, worker_pb2_grpc
 from tokenyard.common.discovery import Instance, open_discovery
 from tokenyard.common.gms import LockState, get_info
@@ -161,11 +160,8 @@ async def test_a_killed_template_takes_its_worker_with_it(
 async def test_a_respawned_cpu_worker_maps_its_weights_from_the_gms_again(
     spawn: ServiceProcessFactory, tmp_path: Path
 ) -> None:
-    with short_dir() as folder:
-        gms_socket = str(folder / "gms.sock")
-        url = f"dir://{tmp_path / 'discovery'}"
-        gms = spawn(["gms", "--socket", gms_socket, "--metrics-port", "0", "--discovery", url])
-        await instances(url, "gms", 1, [gms])
+    url = f"dir://{tmp_path / 'discovery'}"
+    async with gms_process(spawn, url) as gms_socket:
         cpu = ["--engine", "cpu", "--cpu-gms", "--cpu-gms-socket", gms_socket]
         template = spawn(_worker_argv(url, *cpu, "--cpu-num-threads", "1", "--cpu-num-kv-blocks", "256"))
         first = (await instances(url, "worker", 1, [template], timeout=300))[0]

@@ -94,6 +94,17 @@ class CoreConfig:
         names = [f.name for f in dataclasses.fields(cls)]
         return cls(**{name: getattr(settings, name) for name in names if hasattr(settings, name)})
 
+    def scheduler_config(self, max_model_len: int, eos_token_ids: tuple[int, ...]) -> SchedulerConfig:
+        """The scheduler of each rank, for sequences of at most ``max_model_len`` tokens."""
+        return SchedulerConfig(
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            max_model_len=max_model_len,
+            eos_token_ids=eos_token_ids,
+            enable_chunked_prefill=self.enable_chunked_prefill,
+            preemption_mode=self.preemption_mode,
+        )
+
 
 @dataclass(slots=True)
 class _Stream:
@@ -177,14 +188,7 @@ class BatchingEngine:
         context = min(spec.context_length, spec.num_blocks * cfg.block_size)
         if cfg.max_model_len is not None:
             context = min(context, cfg.max_model_len)
-        sched_config = SchedulerConfig(
-            max_num_seqs=cfg.max_num_seqs,
-            max_num_batched_tokens=cfg.max_num_batched_tokens,
-            max_model_len=context,
-            eos_token_ids=spec.eos_token_ids,
-            enable_chunked_prefill=cfg.enable_chunked_prefill,
-            preemption_mode=cfg.preemption_mode,
-        )
+        sched_config = cfg.scheduler_config(context, spec.eos_token_ids)
         executor = self.executor
         if self._ranks:
             # Started again after a stop: the new pools start empty, and routers must know.

@@ -42,7 +42,6 @@ from tokenyard.worker.engines.core.executor import ExecutorSpec
 from tokenyard.worker.engines.core.scheduler import (
     Scheduled,
     Scheduler,
-    SchedulerConfig,
     SequenceState,
     TokenOutput,
 )
@@ -218,17 +217,8 @@ def rank_by_hand(
     pool = BlockPool(
         config.num_gpu_blocks, core.block_size, enable_prefix_caching=core.enable_prefix_caching, sink=sink
     )
-    scheduler = Scheduler(
-        pool,
-        SchedulerConfig(
-            max_num_seqs=core.max_num_seqs,
-            max_num_batched_tokens=core.max_num_batched_tokens,
-            max_model_len=config.max_sequence_len,
-            eos_token_ids=() if config.eos_token_id is None else (config.eos_token_id,),
-            enable_chunked_prefill=core.enable_chunked_prefill,
-            preemption_mode=core.preemption_mode,
-        ),
-    )
+    eos = () if config.eos_token_id is None else (config.eos_token_id,)
+    scheduler = Scheduler(pool, core.scheduler_config(config.max_sequence_len, eos))
     return scheduler, MockerExecutor(config, role=role, perf_model=perf_model)
 
 
