@@ -24,7 +24,10 @@ folder (float32 safetensors, which transformers maps from the file as they are: 
 the gms share them through the page cache; a copy, so that no other process on the machine
 shares those pages and shrinks the PSS measured), or, for instance, a bfloat16 copy
 (``--make-bf16 DIR`` writes one), which the engine converts to float32 at load, so that each
-worker without the gms holds a private copy.
+worker without the gms holds a private copy. ``--make-model DIR [--shape smollm2-1.7b]`` writes
+a bfloat16 checkpoint of a larger member of the same family (its published shape, the shipped
+tokenizer, random weights: no larger model can be fetched here, and loading does not depend on
+the values), the size at which weights, not imports, dominate a start.
 
 Prints tables and writes JSON to bench/results/gms.json (or ``--out``).
 """
@@ -429,17 +432,84 @@ def make_bf16(target: Path) -> None:
     print(f"wrote a bfloat16 copy of {source.name} to {target}")
 
 
-def private_copy(target: Path) -> Path:
-    """The shipped model's converted folder, copied (converting the GGUF file first if needed)."""
-    import shutil
+SHAPES: dict[str, dict[str, int]] = {
+    # SmolLM2-1.7B's published configuration (the family's largest; the same tokenizer).
+    "smollm2-1.7b": {
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "max_position_embeddings": 8192,
+        "rope_theta": 130000,
+    },
+    "smollm2-360m": {
+        "hidden_size": 960,
+        "intermediate_size": 2560,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 15,
+        "num_key_value_heads": 5,
+        "max_position_embeddings": 8192,
+        "rope_theta": 100000,
+    },
+}
 
+
+def make_model(target: Path, shape: str) -> None:
+    """A bfloat16 checkpoint of a larger member of the shipped model's family, with random weights
+    (no larger model can be fetched here): what a restart loads does not depend on the values.
+    The shipped model's configuration and tokenizer, with the shape of ``SHAPES[shape]``."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    source = private_copy_source()
+    config: Any = AutoConfig.from_pretrained(source)
+    for key, value in SHAPES[shape].items():
+        setattr(config, key, value)
+    rope = getattr(config, "rope_parameters", None)
+    if isinstance(rope, dict):  # where recent transformers reads the RoPE base from
+        rope["rope_theta"] = float(SHAPES[shape]["rope_theta"])
+    config.head_dim = config.hidden_size // config.num_attention_heads
+    config.dtype = torch.bfloat16
+    config._name_or_path = config._model_name_or_path = f"{shape} (random weights)"
+    with torch.device("meta"):
+        skeleton: Any = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]  # transformers leaves it unannotated
+    generator = torch.Generator().manual_seed(0)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, param in skeleton.state_dict().items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # tied to the embedding, as in the published checkpoints
+        if name.endswith("norm.weight"):
+            tensors[name] = torch.ones(param.shape, dtype=torch.bfloat16)
+        else:
+            tensors[name] = (torch.randn(param.shape, generator=generator) * 0.02).to(torch.bfloat16)
+    target.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(target / "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(target)
+    AutoTokenizer.from_pretrained(source).save_pretrained(target)
+    params = sum(t.numel() for t in tensors.values())
+    print(
+        f"wrote a {shape} checkpoint ({params / 1e9:.2f}B parameters, bfloat16, random weights) to {target}"
+    )
+
+
+def private_copy_source() -> Path:
+    """The shipped model's converted folder (converting the GGUF file first if needed)."""
     from tokenyard.worker.engines.cpu.config import CpuEngineConfig
     from tokenyard.worker.engines.cpu.model import load_model, resolve_weights
 
     source, _ = resolve_weights(CpuEngineConfig())
     if not (source / "config.json").is_file():
         load_model(CpuEngineConfig())
-    shutil.copytree(source, target)
+    return source
+
+
+def private_copy(target: Path) -> Path:
+    """The shipped model's converted folder, copied (converting the GGUF file first if needed)."""
+    import shutil
+
+    shutil.copytree(private_copy_source(), target)
     return target
 
 
@@ -472,10 +542,19 @@ def main() -> None:
     parser.add_argument(
         "--make-bf16", metavar="DIR", help="write a bfloat16 copy of the model to DIR and exit"
     )
+    parser.add_argument(
+        "--make-model",
+        metavar="DIR",
+        help="write a bfloat16 checkpoint of --shape (random weights, the shipped tokenizer) to DIR and exit",
+    )
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="smollm2-1.7b", help="for --make-model")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.make_bf16:
         make_bf16(Path(args.make_bf16))
+        return
+    if args.make_model:
+        make_model(Path(args.make_model), args.shape)
         return
     skip = set(filter(None, args.skip.split(",")))
     results: dict[str, Any] = {
