@@ -71,6 +71,20 @@ def test_a_chain_is_evicted_leaves_first_like_an_engine_does() -> None:
     assert f.doomed(A, [1, 2, 3, 4]) == 3
 
 
+def test_doomed_counts_within_the_overlap_and_the_evicted_record_stays_bounded() -> None:
+    f = KeepForecast(lambda rank: 4)
+    f.touch(A, [1, 2, 3, 4])
+    f.touch(A, [9, 8])  # evicts the leaves 4 and 3
+    r = f.ranks[A]
+    assert r.doomed([1, 2, 3, 4]) == 2
+    assert r.doomed([1, 2, 3, 4], 3) == 1  # of the first three blocks, only 3 is gone
+    assert r.doomed([1, 2, 3, 4], 2) == 0
+    assert r.doomed([1, 2, 3, 4], 10) == 2  # a length past the chain is the whole chain
+    for start in range(100, 200, 2):
+        f.touch(A, [start, start + 1])
+    assert len(r.gone) <= r.capacity  # what it evicted, about as much as the rank holds
+
+
 # -- decisions ------------------------------------------------------------------------------------
 
 

@@ -223,6 +223,18 @@ def test_dp_ranks_are_separate_targets() -> None:
     assert env.route(PROMPT, hints=RouteHints(dp_rank=0))[1].dp_rank == 0
 
 
+def test_ranks_follow_a_worker_that_describes_more_of_them_after_routing_began() -> None:
+    env = Env(n=1)
+    state = env.workers.get(1)
+    assert state is not None
+    assert env.route(PROMPT)[1].dp_rank == 0  # undescribed: rank 0 only
+    state.details = WorkerDetails(dp_size=3)
+    env.cache(1, PROMPT, rank=2)
+    assert env.route(PROMPT)[1].dp_rank == 2
+    state.details = WorkerDetails(dp_size=1)  # restarted with fewer ranks
+    assert env.route(PROMPT)[1].dp_rank == 0
+
+
 def test_modes() -> None:
     env = Env(n=3)
     rr = [env.route([i], hints=RouteHints(mode="round-robin"))[1].worker_id for i in range(6)]

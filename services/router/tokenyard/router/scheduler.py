@@ -195,14 +195,13 @@ class Scheduler:
         if session is not None:
             workers = [w for w in workers if w.worker_id == session.worker_id]
             dp_rank = session.dp_rank
-        candidates = self._candidates(workers, dp_rank, overlaps, active_overlap)
         block_size = workers[0].block_size or 1
         isl = q.isl_tokens or len(prompt) * block_size
         # This request's own output, when it says how long (future decode load, kv mode).
         output_blocks = (hints.expected_output_tokens or 0) / block_size
         ctx = RoutingContext(isl, block_size, -(-isl // block_size), knobs, output_blocks)
-        if getattr(policy, "uses_pressure", False):
-            self._forecast_pressure(candidates, chain, ctx)
+        pressure = chain if getattr(policy, "uses_pressure", False) else None
+        candidates = self._candidates(workers, dp_rank, overlaps, active_overlap, ctx, pressure)
         chosen = policy.select(candidates, ctx)
         t3 = time.perf_counter()
 
@@ -284,31 +283,6 @@ class Scheduler:
                 return rank
         return None
 
-    def _forecast_pressure(
-        self, candidates: list[Candidate], chain: Sequence[int], ctx: RoutingContext
-    ) -> None:
-        """Fill the cache-pressure fields of each candidate's state (the kv mode). Runs for every
-        candidate of every decision, hence the local names."""
-        forecasts, bs = self.forecast.ranks, ctx.block_size
-        loads = self.active.loads()
-        own = ctx.request_blocks + ctx.output_blocks
-        for c in candidates:
-            s = c.state
-            rank = WorkerRank(c.worker_id, c.dp_rank)
-            load = loads.get(rank)
-            if load is not None:
-                # What the active requests said they will generate.
-                s.output_blocks = load.expected_output_tokens / bs
-            f = forecasts.get(rank)
-            if f is None:
-                continue
-            s.capacity_blocks = f.capacity
-            overlap = s.device_overlap
-            if overlap and f.gone:
-                s.doomed_overlap = doomed = f.doomed(chain[:overlap])
-                overlap -= doomed
-            s.evicted_hot_blocks = f.evicted_hot(own - overlap)
-
     def check(self, q: RouteQuery) -> None:
         """Raise what :meth:`route` would for ``q``, except that every worker is busy (a request
         about to wait in the queue learns at once that it is malformed or has no worker)."""
@@ -388,38 +362,69 @@ class Scheduler:
         dp_rank: int | None,
         overlaps: dict[Tier, dict[WorkerRank, int]],
         active_overlap: dict[WorkerRank, int],
+        ctx: RoutingContext,
+        pressure_chain: Sequence[int] | None,
     ) -> list[Candidate]:
+        """One candidate per eligible rank with what the cost function needs; with
+        ``pressure_chain`` (the prompt's chain, for the kv mode) also the cache-pressure forecast.
+
+        Runs for every rank of every decision (64 and more), so it reads each source once per
+        decision and keeps names local: it is most of a decision's cost."""
         device = overlaps.get(Tier.DEVICE, {})
         host = overlaps.get(Tier.HOST_PINNED, {})
         disk = overlaps.get(Tier.DISK, {})
         external = overlaps.get(Tier.EXTERNAL, {})
         loads = self.active.loads()
+        forecasts = self.forecast.ranks if pressure_chain is not None else {}
+        stale_before = self._clock() - self.config.load_report_max_age
+        bs = ctx.block_size
+        own = ctx.request_blocks + ctx.output_blocks
         out: list[Candidate] = []
         for w in workers:
-            ranks = (dp_rank,) if dp_rank is not None else range(w.dp_size)
-            for rank in ranks:
-                key = WorkerRank(w.worker_id, rank)
-                load = loads.get(key)
-                report = self._fresh(w.loads.get(rank))
+            keys = w.rank_keys()
+            if dp_rank is not None:
+                if dp_rank >= len(keys):
+                    continue
+                keys = keys[dp_rank : dp_rank + 1]
+            address = w.instance.address
+            reports = w.loads
+            for key in keys:
                 state = RankState(
-                    active_prefill_tokens=max(
-                        load.active_prefill_tokens if load else 0,
-                        report.active_prefill_tokens if report else 0,
-                    ),
-                    active_blocks=max(
-                        load.active_blocks if load else 0, report.active_blocks if report else 0
-                    ),
-                    active_requests=max(
-                        load.active_requests if load else 0,
-                        report.running_requests + report.waiting_requests if report else 0,
-                    ),
                     device_overlap=device.get(key, 0),
-                    host_overlap=host.get(key, 0),
-                    disk_overlap=disk.get(key, 0),
-                    external_overlap=external.get(key, 0),
+                    host_overlap=host.get(key, 0) if host else 0,
+                    disk_overlap=disk.get(key, 0) if disk else 0,
+                    external_overlap=external.get(key, 0) if external else 0,
                     active_overlap=active_overlap.get(key, 0),
                 )
-                out.append(Candidate(w.worker_id, rank, w.instance.address, state))
+                load = loads.get(key)
+                if load is not None:
+                    state.active_prefill_tokens = load.active_prefill_tokens
+                    state.active_blocks = load.active_blocks
+                    state.active_requests = load.active_requests
+                    # What the active requests said they will generate (the kv mode's decode term).
+                    state.output_blocks = (
+                        load.expected_output_tokens / bs if pressure_chain is not None else 0.0
+                    )
+                report = reports.get(key.dp_rank) if reports else None
+                if report is not None and report.received_at >= stale_before:
+                    # The larger of the router's prediction and the worker's fresh report.
+                    if report.active_prefill_tokens > state.active_prefill_tokens:
+                        state.active_prefill_tokens = report.active_prefill_tokens
+                    if report.active_blocks > state.active_blocks:
+                        state.active_blocks = report.active_blocks
+                    reported = report.running_requests + report.waiting_requests
+                    if reported > state.active_requests:
+                        state.active_requests = reported
+                f = forecasts.get(key) if forecasts else None
+                if f is not None:
+                    assert pressure_chain is not None
+                    state.capacity_blocks = f.capacity
+                    overlap = state.device_overlap
+                    if overlap and f.gone:
+                        state.doomed_overlap = doomed = f.doomed(pressure_chain, overlap)
+                        overlap -= doomed
+                    state.evicted_hot_blocks = f.evicted_hot(own - overlap)
+                out.append(Candidate(key.worker_id, key.dp_rank, address, state))
         return out
 
     def learn_from_peer(self, event: Routed) -> None:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tokenyard.common.discovery import Discovery, DiscoveryError, Instance, WatchEventKind
+from tokenyard.router.index import WorkerRank
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,19 @@ class WorkerState:
     # With mTLS, set once a call to the worker passed the handshake with a worker certificate:
     # until then its discovery record is a claim, and it gets no requests.
     proven: bool = False
+    # rank_keys()'s answer, kept while dp_size stays the same (every decision asks for it).
+    _rank_keys: tuple[WorkerRank, ...] = field(default=(), init=False, repr=False, compare=False)
 
     @property
     def worker_id(self) -> int:
         return self.instance.instance_id
+
+    def rank_keys(self) -> tuple[WorkerRank, ...]:
+        """``WorkerRank`` of each of the worker's data-parallel ranks, in order."""
+        keys, size = self._rank_keys, self.dp_size
+        if len(keys) != size or (keys and keys[0].worker_id != self.instance.instance_id):
+            keys = self._rank_keys = tuple(WorkerRank(self.instance.instance_id, r) for r in range(size))
+        return keys
 
     @property
     def dp_size(self) -> int:

@@ -67,17 +67,19 @@ class RankForecast:
                     break
         return ready[min(evicted, len(ready) - 1)]
 
-    def doomed(self, chain: Sequence[int]) -> int:
-        """Of ``chain``'s blocks, how many the forecast evicted from this rank (work routed here
-        since pushed them out): the index may still list them, but they will be gone when this
-        request runs. Blocks the forecast never saw (another router's) are not claimed."""
+    def doomed(self, chain: Sequence[int], length: int | None = None) -> int:
+        """Of the first ``length`` (default: all) of ``chain``'s blocks, how many the forecast
+        evicted from this rank (work routed here since pushed them out): the index may still
+        list them, but they will be gone when this request runs. Blocks the forecast never saw
+        (another router's) are not claimed."""
         gone = self.gone
         if not gone:
             return 0
         # Chains are touched leaves first, so evictions take their tails first (as engines do):
         # count from the tail while the blocks are gone.
+        end = len(chain) if length is None else min(length, len(chain))
         n = 0
-        for i in range(len(chain) - 1, -1, -1):
+        for i in range(end - 1, -1, -1):
             if chain[i] not in gone:
                 break
             n += 1
@@ -115,9 +117,9 @@ class KeepForecast:
                 move(h)
         for _ in range(len(lru) - capacity):
             gone[lru.popitem(last=False)[0]] = None
-        if len(gone) > 2 * capacity:  # trimmed in bulk: a touch stays a few dict operations a block
-            for _ in range(len(gone) - capacity):
-                gone.popitem(last=False)
+        # Trimmed as it grows, by what this touch evicted at most: no touch pays for others'.
+        for _ in range(len(gone) - capacity):
+            gone.popitem(last=False)
 
     def release(self, rank: WorkerRank, chain: Sequence[int]) -> None:
         """The request that used ``chain`` ended: release order, without counting another use."""

@@ -142,46 +142,58 @@ def costs(
         raise ValueError("block_size must be positive")
     request_blocks = -(-isl_tokens // block_size)
     track_prefill = knobs.track_prefill_tokens
+    track_decode = knobs.track_active_blocks
+    decode_credit = knobs.decode_credit and not track_prefill
     decay_on = track_prefill and knobs.credit_decay > 0 and request_blocks > 0
     min_prefill = min((s.active_prefill_tokens for s in states), default=0.0) if decay_on else 0.0
+    # The knobs as locals: this loop runs for every candidate of every decision.
+    credit_weight, credit_decay = knobs.overlap_score_credit, knobs.credit_decay
+    host_w, disk_w = knobs.host_cache_hit_weight, knobs.disk_cache_hit_weight
+    shared_w, prefill_w = knobs.shared_cache_multiplier, knobs.prefill_load_scale
+    decode_w, eviction_w, overflow_w = knobs.decode_load_scale, knobs.eviction_weight, knobs.overflow_weight
+    request_w = knobs.active_request_weight
     out: list[float] = []
     for s in states:
-        raw_prefill = (s.active_prefill_tokens + isl_tokens) / block_size if track_prefill else 0.0
-        decay = 1.0
+        device = s.device_overlap - s.doomed_overlap if pressure else s.device_overlap
+        credit = credit_weight * device
         if decay_on:
             excess_blocks = (s.active_prefill_tokens - min_prefill) / block_size
-            decay = 1.0 / (1.0 + knobs.credit_decay * excess_blocks / request_blocks)
-        device = s.device_overlap - s.doomed_overlap if pressure else s.device_overlap
-        host_extra = max(0, s.host_overlap - device)
-        disk_extra = max(0, s.disk_overlap - max(device, s.host_overlap))
-        shared_extra = max(0, s.external_overlap - device)
-        credit = (
-            knobs.overlap_score_credit * decay * device
-            + knobs.host_cache_hit_weight * host_extra
-            + knobs.disk_cache_hit_weight * disk_extra
-            + knobs.shared_cache_multiplier * shared_extra
-        )
+            credit /= 1.0 + credit_decay * excess_blocks / request_blocks
+        # Lower tiers count only beyond what a faster tier holds (rarely any: skip the sums).
+        if s.host_overlap > device:
+            credit += host_w * (s.host_overlap - device)
+        if s.disk_overlap > device and s.disk_overlap > s.host_overlap:
+            credit += disk_w * (s.disk_overlap - max(device, s.host_overlap))
+        if s.external_overlap > device:
+            credit += shared_w * (s.external_overlap - device)
         decode = 0.0
-        if knobs.track_active_blocks:
-            decode = s.active_blocks + max(0, request_blocks - s.active_overlap)
+        new_blocks = request_blocks - s.active_overlap
+        if new_blocks < 0:
+            new_blocks = 0
+        if track_decode:
+            decode = s.active_blocks + new_blocks
             if pressure:
-                decode = knobs.decode_load_scale * (decode + s.output_blocks + output_blocks)
-        if knobs.decode_credit and not track_prefill:
-            load = max(0.0, decode - credit)
+                decode = decode_w * (decode + s.output_blocks + output_blocks)
+        if decode_credit:
+            load = decode - credit if decode > credit else 0.0
         else:
-            load = knobs.prefill_load_scale * max(0.0, raw_prefill - credit) + decode
+            raw_prefill = (s.active_prefill_tokens + isl_tokens) / block_size if track_prefill else 0.0
+            load = decode + (prefill_w * (raw_prefill - credit) if raw_prefill > credit else 0.0)
         if pressure:
-            load += knobs.eviction_weight * s.evicted_hot_blocks
+            load += eviction_w * s.evicted_hot_blocks
             if s.capacity_blocks:
                 needed = (
                     s.active_blocks
                     + s.output_blocks
                     + _PRIVATE_BLOCKS * (s.active_requests + 1)
-                    + max(0, request_blocks - s.active_overlap)
+                    + new_blocks
                     + output_blocks
                 )
-                load += knobs.overflow_weight * max(0.0, needed - s.capacity_blocks)
-        out.append(load + knobs.active_request_weight * s.active_requests)
+                if needed > s.capacity_blocks:
+                    load += overflow_w * (needed - s.capacity_blocks)
+        if request_w:
+            load += request_w * s.active_requests
+        out.append(load)
     return out
 
 
