@@ -20,6 +20,7 @@ that is re-tokenized). ``input_length`` cuts the last block short, as real promp
 
     .venv/bin/python -m bench.traces.conversations                # writes bench/traces/conversations.jsonl
     .venv/bin/python -m bench.traces.conversations --conversations 400 --seed 2 --output /tmp/c.jsonl
+    .venv/bin/python -m bench.traces.conversations --ceiling      # what 4 caches of 256 blocks can keep
 
 Replay it with the load generator (``--trace``; the session ids go out as routing hints), or
 through ``python -m bench.router_kv_vs_rr --workload conversations``.
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,6 +95,60 @@ def generate(shape: Shape, seed: int = 0) -> list[dict[str, object]]:
     return rows
 
 
+def replay_hit_rate(
+    rows: list[dict[str, object]],
+    placement: str,
+    *,
+    workers: int = 4,
+    capacity: int = 256,
+    warmup: int = 32,
+    limit: int = 432,
+) -> float:
+    """The prompt cache hit rate of replaying ``rows`` one at a time (no concurrency) through
+    ``workers`` LRU caches of ``capacity`` blocks each: a ceiling for what a router can reach on
+    this trace with those caches (the bench replays 32 warm-up turns and 400 measured ones).
+
+    ``placement``: ``affinity`` (a conversation's first turn goes where most of its prefix is
+    cached, ties to the emptier cache; its later turns follow it), ``round-robin``, or
+    ``unbounded`` (affinity, caches without a bound)."""
+    if placement not in ("affinity", "round-robin", "unbounded"):
+        raise ValueError(f"unknown placement {placement!r}")
+    bound = 2**62 if placement == "unbounded" else capacity
+    caches: list[OrderedDict[int, None]] = [OrderedDict() for _ in range(workers)]
+    homes: dict[str, int] = {}
+    hits = total = 0
+
+    def cached_prefix(cache: OrderedDict[int, None], blocks: list[int]) -> int:
+        n = 0
+        for b in blocks:
+            if b not in cache:
+                break
+            n += 1
+        return n
+
+    for i, row in enumerate(rows[:limit]):
+        blocks: list[int] = row["hash_ids"]  # type: ignore[assignment]
+        if placement == "round-robin":
+            w = i % workers
+        else:
+            session = str(row["session_id"])
+            if session not in homes:
+                homes[session] = max(
+                    range(workers), key=lambda k: (cached_prefix(caches[k], blocks), -len(caches[k]))
+                )
+            w = homes[session]
+        cache = caches[w]
+        if i >= warmup:
+            hits += cached_prefix(cache, blocks)
+            total += len(blocks)
+        for b in blocks:
+            cache[b] = None
+            cache.move_to_end(b)
+        while len(cache) > bound:
+            cache.popitem(last=False)
+    return hits / total if total else 0.0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -102,7 +158,19 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=Shape.block_size)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=OUTPUT)
+    parser.add_argument(
+        "--ceiling",
+        action="store_true",
+        help="print the hit rates of replaying --output one turn at a time through 4 caches of 256 "
+        "blocks (conversations pinned, round-robin, unbounded caches) instead of writing it",
+    )
     args = parser.parse_args()
+    if args.ceiling:
+        with args.output.open() as f:
+            trace = [json.loads(line) for line in f]
+        for placement in ("affinity", "round-robin", "unbounded"):
+            print(f"{placement:<12} hit rate {replay_hit_rate(trace, placement):.2f}")
+        return
     if args.conversations < 1 or args.system_prompts < 1 or args.block_size < 1:
         parser.error("--conversations, --system-prompts and --block-size must be at least 1")
     shape = Shape(
