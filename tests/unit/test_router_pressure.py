@@ -235,6 +235,29 @@ def test_follow_up_turns_go_where_the_history_is_unless_that_worker_is_busy() ->
     assert env.scheduler.sessions.get("s1") is None
 
 
+def test_a_turn_leaves_its_sessions_worker_when_that_cache_cannot_hold_it() -> None:
+    env = Env(n=2, total_blocks=40)
+    rid, first = env.route(prompt(100, 10), session_id="s1")
+    home = first.worker_id
+    env.scheduler.finish(rid)
+    rid, second = env.route(prompt(100, 12), session_id="s1")
+    assert second.worker_id == home
+    env.scheduler.finish(rid)
+    # Another request holds 24 of the home's 40 blocks while the next turn comes: that turn
+    # needs 24 + 14 of its own + 2 x 2 (the partial and output blocks of both) = 42.
+    env.route(prompt(900, 24), mode="direct", pinned_worker_id=home)
+    # The previous policy does not forecast capacity: the session follows whatever it costs.
+    rid, classic = env.route(prompt(100, 14), session_id="s1", mode="kv-classic")
+    assert classic.worker_id == home
+    env.scheduler.finish(rid)
+    _, moved = env.route(prompt(100, 14), session_id="s1")
+    assert moved.worker_id != home
+    assert env.sample("tokenyard_router_session_routes_total", {"outcome": "moved"}) == 1
+    _, after = env.route(prompt(100, 16), session_id="s1")
+    assert after.worker_id == moved.worker_id  # the session moved with it
+    assert env.sample("tokenyard_router_session_routes_total", {"outcome": "followed"}) == 3
+
+
 def test_session_ids_are_bounded() -> None:
     env = Env(n=1)
     with pytest.raises(InvalidArgument, match="session_id is longer than 256"):

@@ -84,7 +84,8 @@ class RouterMetrics:
         )
         self.session_routes = Counter(
             "tokenyard_router_session_routes_total",
-            "Requests with a session id: followed (to the worker holding its history), placed "
+            "Requests with a session id: followed (to the worker holding its history), moved "
+            "(its worker's KV cache could not hold the turn beside its running requests), placed "
             "(a new session, or its worker busy or gone).",
             ["outcome"],
             registry=r,

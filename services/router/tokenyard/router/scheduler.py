@@ -32,7 +32,7 @@ from tokenyard.router.index.recency import KeepForecast
 from tokenyard.router.index.tiers import Tier, TieredIndex
 from tokenyard.router.metrics import RouterMetrics
 from tokenyard.router.policies import Candidate, RoutingContext, RoutingMode, RoutingPolicy, make_policy
-from tokenyard.router.policies.cost import CostKnobs, RankState
+from tokenyard.router.policies.cost import CostKnobs, RankState, overflow_blocks
 from tokenyard.router.replication.replicas import FirstToken, Freed, LifecycleEvent, Routed
 from tokenyard.router.sessions import MAX_SESSION_ID, SessionTable
 from tokenyard.router.workers import LoadReport, WorkerSet, WorkerState
@@ -190,18 +190,26 @@ class Scheduler:
         active_overlap = self.active.overlap(chain) if len(prompt) else {}
         t2 = time.perf_counter()
 
-        dp_rank = hints.dp_rank
-        session = self._session_rank(q, workers, mode)
-        if session is not None:
-            workers = [w for w in workers if w.worker_id == session.worker_id]
-            dp_rank = session.dp_rank
         block_size = workers[0].block_size or 1
         isl = q.isl_tokens or len(prompt) * block_size
         # This request's own output, when it says how long (future decode load, kv mode).
         output_blocks = (hints.expected_output_tokens or 0) / block_size
         ctx = RoutingContext(isl, block_size, -(-isl // block_size), knobs, output_blocks)
         pressure = chain if getattr(policy, "uses_pressure", False) else None
-        candidates = self._candidates(workers, dp_rank, overlaps, active_overlap, ctx, pressure)
+        session = self._session_rank(q, workers, mode)
+        session_outcome = "placed"
+        candidates: list[Candidate] = []
+        if session is not None:
+            home = [w for w in workers if w.worker_id == session.worker_id]
+            candidates = self._candidates(home, session.dp_rank, overlaps, active_overlap, ctx, pressure)
+            session_outcome = "followed"
+            if candidates and overflow_blocks(candidates[0].state, ctx.request_blocks, output_blocks) > 0:
+                # Its history's rank cannot hold this turn beside its running requests (the kv
+                # mode's forecast of its capacity): the turn would wait there, or preempt one.
+                # Busy, then: routed as usual, and the session moves with it.
+                candidates, session_outcome = [], "moved"
+        if not candidates:
+            candidates = self._candidates(workers, hints.dp_rank, overlaps, active_overlap, ctx, pressure)
         chosen = policy.select(candidates, ctx)
         t3 = time.perf_counter()
 
@@ -250,7 +258,7 @@ class Scheduler:
             if chosen_worker is not None:
                 self.metrics.pool_decision(chosen_worker.role)
             if hints.session_id:
-                self.metrics.session_routes.labels("followed" if session is not None else "placed").inc()
+                self.metrics.session_routes.labels(session_outcome).inc()
             if getattr(policy, "uses_pressure", False):
                 self.metrics.evicted_hot_blocks.observe(chosen.state.evicted_hot_blocks)
         total_blocks, max_batched = self._capacity(chosen_worker, chosen.dp_rank)

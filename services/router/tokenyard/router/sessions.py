@@ -2,8 +2,9 @@
 
 A request that carries a session id (``RouteHints.session_id``) is bound to the rank it was routed
 to; the next turn of that session goes there again unless that worker is not eligible (left,
-filtered out by the request) or busy (a busy threshold), in which case it is routed as usual and
-the session moves with it. Bindings expire ``ttl`` seconds after their last use, and at most
+filtered out by the request) or busy (a busy threshold, or in the kv mode a KV cache that cannot
+hold the turn beside the requests running there), in which case it is routed as usual and the
+session moves with it. Bindings expire ``ttl`` seconds after their last use, and at most
 ``max_sessions`` are kept (least recently used go first), so a client inventing ids cannot grow
 the table without bound.
 """

@@ -182,19 +182,28 @@ def costs(
         if pressure:
             load += eviction_w * s.evicted_hot_blocks
             if s.capacity_blocks:
-                needed = (
-                    s.active_blocks
-                    + s.output_blocks
-                    + _PRIVATE_BLOCKS * (s.active_requests + 1)
-                    + new_blocks
-                    + output_blocks
-                )
-                if needed > s.capacity_blocks:
-                    load += overflow_w * (needed - s.capacity_blocks)
+                load += overflow_w * overflow_blocks(s, request_blocks, output_blocks)
         if request_w:
             load += request_w * s.active_requests
         out.append(load)
     return out
+
+
+def overflow_blocks(s: RankState, request_blocks: int, output_blocks: float) -> float:
+    """KV blocks the rank's running requests and a new one of ``request_blocks`` prompt blocks
+    (``output_blocks`` expected out) need beyond its capacity (0: they fit, or it is unknown).
+    Past its capacity, an engine makes a new request wait until a running one ends (or preempts
+    one, which computes its prompt again)."""
+    if not s.capacity_blocks:
+        return 0.0
+    needed = (
+        s.active_blocks
+        + s.output_blocks
+        + _PRIVATE_BLOCKS * (s.active_requests + 1)
+        + max(0, request_blocks - s.active_overlap)
+        + output_blocks
+    )
+    return needed - s.capacity_blocks if needed > s.capacity_blocks else 0.0
 
 
 def select(costs: Sequence[float], temperature: float, rng: random.Random) -> int:
