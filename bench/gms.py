@@ -463,7 +463,7 @@ def make_model(target: Path, shape: str) -> None:
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    source = private_copy_source()
+    source = shipped_model_dir()
     config: Any = AutoConfig.from_pretrained(source)
     for key, value in SHAPES[shape].items():
         setattr(config, key, value)
@@ -494,7 +494,7 @@ def make_model(target: Path, shape: str) -> None:
     )
 
 
-def private_copy_source() -> Path:
+def shipped_model_dir() -> Path:
     """The shipped model's converted folder (converting the GGUF file first if needed)."""
     from tokenyard.worker.engines.cpu.config import CpuEngineConfig
     from tokenyard.worker.engines.cpu.model import load_model, resolve_weights
@@ -509,7 +509,7 @@ def private_copy(target: Path) -> Path:
     """The shipped model's converted folder, copied (converting the GGUF file first if needed)."""
     import shutil
 
-    shutil.copytree(private_copy_source(), target)
+    shutil.copytree(shipped_model_dir(), target)
     return target
 
 
@@ -554,7 +554,10 @@ def main() -> None:
         make_bf16(Path(args.make_bf16))
         return
     if args.make_model:
-        make_model(Path(args.make_model), args.shape)
+        target = Path(args.make_model)
+        if target.exists() and (not target.is_dir() or any(target.iterdir())):
+            parser.error(f"--make-model: {target} exists and is not an empty folder")
+        make_model(target, args.shape)
         return
     skip = set(filter(None, args.skip.split(",")))
     results: dict[str, Any] = {

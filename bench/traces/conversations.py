@@ -95,6 +95,28 @@ def generate(shape: Shape, seed: int = 0) -> list[dict[str, object]]:
     return rows
 
 
+def read_trace(path: Path) -> list[dict[str, object]]:
+    """The rows of a trace file; ValueError naming the line that is not a turn."""
+    rows: list[dict[str, object]] = []
+    with path.open() as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{number}: not JSON ({exc.msg})") from None
+            if (
+                not isinstance(row, dict)
+                or not isinstance(row.get("hash_ids"), list)
+                or not all(isinstance(h, int) for h in row["hash_ids"])
+                or not isinstance(row.get("session_id"), str)
+            ):
+                raise ValueError(f"{path}:{number}: a turn needs hash_ids (integers) and a session_id")
+            rows.append(row)
+    return rows
+
+
 def replay_hit_rate(
     rows: list[dict[str, object]],
     placement: str,
@@ -166,8 +188,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.ceiling:
-        with args.output.open() as f:
-            trace = [json.loads(line) for line in f]
+        try:
+            trace = read_trace(args.output)
+        except (OSError, ValueError) as exc:
+            parser.error(f"--ceiling: {exc}")
         for placement in ("affinity", "round-robin", "unbounded"):
             print(f"{placement:<12} hit rate {replay_hit_rate(trace, placement):.2f}")
         return

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 
-from bench.traces.conversations import SYSTEM_ID_SPAN, Shape, generate, replay_hit_rate
+from bench.traces.conversations import SYSTEM_ID_SPAN, Shape, generate, read_trace, replay_hit_rate
 
 pytestmark = pytest.mark.unit
 
@@ -58,3 +59,20 @@ def test_on_the_checked_in_trace_pinning_beats_round_robin() -> None:
     rows = generate(Shape(), seed=0)
     pinned = replay_hit_rate(rows, "affinity")
     assert replay_hit_rate(rows, "round-robin") < pinned < replay_hit_rate(rows, "unbounded")
+
+
+def test_a_malformed_trace_is_refused_with_its_line(tmp_path: Path) -> None:
+    good = '{"hash_ids": [1, 2], "session_id": "a"}\n'
+    for bad, why in (
+        ("not json\n", "not JSON"),
+        ('{"hash_ids": "12", "session_id": "a"}\n', "hash_ids"),
+        ('{"hash_ids": [1, "x"], "session_id": "a"}\n', "hash_ids"),
+        ('{"hash_ids": [1]}\n', "session_id"),
+        ("[1, 2]\n", "hash_ids"),
+    ):
+        path = tmp_path / "t.jsonl"
+        path.write_text(good + "\n" + bad)
+        with pytest.raises(ValueError, match=rf"t\.jsonl:3: .*{why}"):
+            read_trace(path)
+    path.write_text(good + good)
+    assert len(read_trace(path)) == 2

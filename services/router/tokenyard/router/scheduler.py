@@ -339,8 +339,12 @@ class Scheduler:
             workers = free
         return workers
 
+    def _fresh_since(self) -> float:
+        """Load reports received before this time are stale (ignored)."""
+        return self._clock() - self.config.load_report_max_age
+
     def _fresh(self, report: LoadReport | None) -> LoadReport | None:
-        if report is None or self._clock() - report.received_at > self.config.load_report_max_age:
+        if report is None or report.received_at < self._fresh_since():
             return None
         return report
 
@@ -384,7 +388,7 @@ class Scheduler:
         external = overlaps.get(Tier.EXTERNAL, {})
         loads = self.active.loads()
         forecasts = self.forecast.ranks if pressure_chain is not None else {}
-        stale_before = self._clock() - self.config.load_report_max_age
+        fresh_since = self._fresh_since()
         bs = ctx.block_size
         own = ctx.request_blocks + ctx.output_blocks
         out: list[Candidate] = []
@@ -414,7 +418,7 @@ class Scheduler:
                         load.expected_output_tokens / bs if pressure_chain is not None else 0.0
                     )
                 report = reports.get(key.dp_rank) if reports else None
-                if report is not None and report.received_at >= stale_before:
+                if report is not None and report.received_at >= fresh_since:  # as in _fresh
                     # The larger of the router's prediction and the worker's fresh report.
                     if report.active_prefill_tokens > state.active_prefill_tokens:
                         state.active_prefill_tokens = report.active_prefill_tokens

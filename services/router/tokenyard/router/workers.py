@@ -65,7 +65,7 @@ class WorkerState:
     def rank_keys(self) -> tuple[WorkerRank, ...]:
         """``WorkerRank`` of each of the worker's data-parallel ranks, in order."""
         keys, size = self._rank_keys, self.dp_size
-        if len(keys) != size or (keys and keys[0].worker_id != self.instance.instance_id):
+        if len(keys) != size:  # the id never changes: a WorkerState is kept per instance id
             keys = self._rank_keys = tuple(WorkerRank(self.instance.instance_id, r) for r in range(size))
         return keys
 
